@@ -1,0 +1,94 @@
+"""Advantages and reward shaping, as pure tensor functions.
+
+Statistics are computed in float64 and cast back, so rewards of tiny or huge magnitude stay finite
+(squares of 1e30 overflow float32).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def group_baseline(
+    rewards: torch.Tensor,
+    group_ids: torch.Tensor,
+    valid: torch.Tensor | None = None,
+    leave_one_out: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample baseline and std from the sample's group (e.g. the n generations of one prompt).
+
+    With leave-one-out, a sample's statistics are over the *other* valid samples of its group; an invalid
+    sample never enters anyone's statistics. A group with fewer than two valid samples yields
+    baseline = the sample's own reward (or the lone valid reward) and std = 0: no signal, no advantage.
+    The std is the unbiased one, 0 where fewer than two values are available.
+    """
+    r = rewards.to(torch.float64)
+    valid = torch.ones_like(r, dtype=torch.bool) if valid is None else valid.bool()
+    baseline = r.clone()
+    std = torch.zeros_like(r)
+    for group in torch.unique(group_ids):
+        members = (group_ids == group).nonzero(as_tuple=True)[0]
+        member_valid = valid[members]
+        values = r[members][member_valid]
+        if values.numel() < 2:
+            if values.numel() == 1:
+                baseline[members] = values[0]
+            continue
+        if not leave_one_out:
+            baseline[members] = values.mean()
+            std[members] = values.std(unbiased=True)
+            continue
+        for position, index in enumerate(members.tolist()):
+            others_mask = member_valid.clone()
+            others_mask[position] = False
+            others = r[members][others_mask]
+            baseline[index] = others.mean()
+            std[index] = others.std(unbiased=True) if others.numel() > 1 else 0.0
+    return baseline.to(rewards.dtype), std.to(rewards.dtype)
+
+
+def grpo_advantages(
+    rewards: torch.Tensor,
+    group_ids: torch.Tensor,
+    valid: torch.Tensor | None = None,
+    leave_one_out: bool = True,
+    normalize: bool = True,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """A = r - group baseline, divided by (std + eps) only where the group has spread."""
+    baseline, std = group_baseline(rewards, group_ids, valid, leave_one_out)
+    advantages = rewards.to(torch.float64) - baseline.to(torch.float64)
+    if normalize:
+        std64 = std.to(torch.float64)
+        advantages = torch.where(std64 > 0, advantages / (std64 + eps), advantages)
+    return advantages.to(rewards.dtype)
+
+
+def reinforce_pp_advantages(
+    rewards: torch.Tensor, valid: torch.Tensor | None = None, eps: float = 1e-6
+) -> torch.Tensor:
+    """REINFORCE++: whiten rewards over the whole batch (valid samples set the statistics)."""
+    r = rewards.to(torch.float64)
+    valid = torch.ones_like(r, dtype=torch.bool) if valid is None else valid.bool()
+    values = r[valid]
+    if values.numel() < 2:
+        return torch.zeros_like(rewards)
+    return ((r - values.mean()) / (values.std(unbiased=True) + eps)).to(rewards.dtype)
+
+
+def scale_rewards(
+    rewards: torch.Tensor, source_min: float, source_max: float, target_min: float, target_max: float
+) -> torch.Tensor:
+    """Clamp to [source_min, source_max], then map linearly onto [target_min, target_max]."""
+    if source_max <= source_min:
+        raise ValueError("scale_rewards: source_max must be greater than source_min")
+    clamped = rewards.clamp(source_min, source_max)
+    return (clamped - source_min) / (source_max - source_min) * (target_max - target_min) + target_min
+
+
+def overlong_penalty(lengths: torch.Tensor, max_length: int, buffer: int, penalty: float) -> torch.Tensor:
+    """DAPO's soft length penalty: 0 up to max_length - buffer, then falling linearly to -penalty."""
+    if buffer <= 0:
+        raise ValueError("overlong_penalty: buffer must be positive")
+    excess = lengths.to(torch.float64) - (max_length - buffer)
+    return torch.clamp(-excess / buffer * penalty, max=0.0).to(torch.get_default_dtype())

@@ -1,0 +1,305 @@
+"""The configuration schema: the one home of every default.
+
+YAML files only override what is here. A file may name others under ``defaults:`` (paths relative to it,
+or names of files in ``configs/``), merged first and overridden by the file itself; ``--set a.b.c=value``
+overrides come last, values parsed as YAML and coerced by the schema. Unknown keys are rejected with their
+full dotted path and a did-you-mean; invalid values name the field and the rule.
+"""
+
+from __future__ import annotations
+
+import difflib
+import typing
+from pathlib import Path
+from typing import Any, Iterable, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from engine.errors import ConfigError
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TinyModelConfig(Section):
+    """A randomly initialised model and a locally trained byte-level BPE tokenizer (no hub needed)."""
+
+    arch: Literal["llama", "qwen2"] = "llama"
+    hidden_size: int = Field(128, gt=0)
+    num_layers: int = Field(2, gt=0)
+    num_heads: int = Field(4, gt=0)
+    num_kv_heads: int = Field(4, gt=0)
+    intermediate_size: int = Field(256, gt=0)
+    vocab_size: int = Field(384, ge=300, description="BPE vocabulary target, bytes and special tokens included")
+    max_position_embeddings: int = Field(512, gt=0)
+    tie_word_embeddings: bool = True
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> "TinyModelConfig":
+        if self.hidden_size % self.num_heads:
+            raise ValueError("hidden_size must be divisible by num_heads")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError("num_heads must be divisible by num_kv_heads")
+        return self
+
+
+class ModelConfig(Section):
+    name: str = Field(
+        "tiny", description="'tiny' (built locally), a Hugging Face hub name, a local path, or an s3:// / file:// URI"
+    )
+    tiny: TinyModelConfig = TinyModelConfig()
+
+
+class SyntheticDataConfig(Section):
+    """Arithmetic problems with verifiable answers; train and validation problems are disjoint."""
+
+    operations: list[Literal["+", "-", "*"]] = ["+"]
+    digits: int = Field(2, ge=1, le=6)
+    num_train: int = Field(3000, gt=0)
+    num_val: int = Field(256, gt=0)
+    num_wrong_answers: int = Field(2, ge=1, description="wrong-answer variants per problem (preference pairs)")
+    seed: int = 0
+
+
+class DataConfig(Section):
+    source: str = Field(
+        "synthetic", description="'synthetic', a hub dataset name, or a .jsonl/.json/.parquet file or URI"
+    )
+    val_source: str | None = Field(None, description="separate validation file/URI; else `val_split`")
+    split: str = "train"
+    val_split: str | None = Field(None, description="hub split for validation; else `val_fraction` of train")
+    val_fraction: float = Field(0.05, gt=0.0, lt=1.0)
+    prompt_field: str = "prompt"
+    response_field: str = "answer"
+    messages_field: str = "messages"
+    system_prompt: str | None = None
+    synthetic: SyntheticDataConfig = SyntheticDataConfig()
+
+
+class StorageConfig(Section):
+    root: str | None = Field(None, description="file:// path or s3://bucket/prefix; default <workdir>/store")
+    endpoint_url: str | None = Field(None, description="S3-compatible endpoint; credentials come from the AWS chain")
+    region: str | None = None
+
+
+class TrackingConfig(Section):
+    uri: str | None = Field(None, description="MLflow tracking URI; default sqlite:///<workdir>/mlflow.db")
+    experiment: str = "posttrain"
+    enabled: bool = True
+    flush_every: int = Field(10, gt=0, description="steps of metrics buffered per MLflow batch call")
+
+
+class RayConfig(Section):
+    address: str = Field("local", description="'local' starts Ray in-process; 'auto' or ray://host:port connect")
+    num_cpus: int = Field(4, gt=0, description="logical CPUs of the embedded cluster (may exceed the cores)")
+
+
+class OptimizerConfig(Section):
+    lr: float = Field(2e-3, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(1e-8, gt=0.0)
+    warmup_steps: int = Field(10, ge=0)
+    schedule: Literal["constant", "linear", "cosine"] = "cosine"
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
+    grad_clip: float | None = Field(1.0, gt=0.0)
+
+
+class PolicyConfig(Section):
+    backend: Literal["fsdp2"] = "fsdp2"
+    world_size: int = Field(2, gt=0, description="data-parallel FSDP2 ranks")
+    micro_batch_tokens: int = Field(2048, gt=0, description="padded-token budget of one micro-batch")
+    precision: Literal["fp32", "bf16"] = "fp32"
+    activation_checkpointing: bool = False
+    threads_per_worker: int = Field(1, gt=0)
+
+
+class SFTConfig(Section):
+    max_steps: int = Field(120, gt=0)
+    batch_size: int = Field(64, gt=0, description="sequences per optimizer step, over all ranks")
+    max_seq_len: int = Field(256, gt=0)
+    val_every: int = Field(20, gt=0)
+    val_size: int = Field(256, gt=0, description="validation sequences used per evaluation")
+    checkpoint_every: int = Field(40, gt=0)
+    optimizer: OptimizerConfig = OptimizerConfig()
+
+
+class PipelineConfig(Section):
+    """Everything one pipeline run needs. The Prefect UI renders it as a form."""
+
+    name: str = Field("sft", description="pipeline name, shown in MLflow and Prefect")
+    seed: int = 0
+    workdir: str = Field(".posttrain", description="local state: default store, MLflow db, caches")
+    resume: str = Field("auto", description="auto | never | <checkpoint URI>")
+    cache: bool = Field(True, description="skip a stage whose committed artifact already exists")
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    storage: StorageConfig = StorageConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    ray: RayConfig = RayConfig()
+    policy: PolicyConfig = PolicyConfig()
+    sft: SFTConfig = SFTConfig()
+
+    @field_validator("resume")
+    @classmethod
+    def _resume_form(cls, value: str) -> str:
+        if value in ("auto", "never") or "://" in value or value.startswith("/"):
+            return value
+        raise ValueError("must be 'auto', 'never' or a checkpoint URI")
+
+    @model_validator(mode="after")
+    def _fill_local_defaults(self) -> "PipelineConfig":
+        workdir = Path(self.workdir).expanduser().resolve()
+        if self.workdir != str(workdir):
+            self.workdir = str(workdir)
+        if self.storage.root is None:
+            self.storage.root = f"file://{workdir / 'store'}"
+        if self.tracking.uri is None:
+            self.tracking.uri = f"sqlite:///{workdir / 'mlflow.db'}"
+        return self
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    def section(self, *names: str) -> dict[str, Any]:
+        """The named sections as plain data: what a stage's cache key is computed from."""
+        return {name: getattr(self, name).model_dump(mode="json") for name in names}
+
+
+# ------------------------------------------------------------------------------------------ loading
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    return data
+
+
+def resolve_config_path(name: str | Path, relative_to: Path | None = None) -> Path:
+    """A path as given, relative to the including file, or a bare name from configs/."""
+    candidates = [Path(name)]
+    if relative_to is not None:
+        candidates.insert(0, relative_to / name)
+    stem = Path(name).name
+    candidates += [CONFIG_DIR / stem, CONFIG_DIR / f"{stem}.yaml"]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate.resolve()
+    raise ConfigError(f"config file not found: {name}")
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_yaml_with_defaults(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    if path in _seen:
+        raise ConfigError(f"config file {path} includes itself through `defaults:`")
+    data = _read_yaml(path)
+    parents = data.pop("defaults", None) or []
+    if isinstance(parents, str):
+        parents = [parents]
+    merged: dict[str, Any] = {}
+    for parent in parents:
+        parent_path = resolve_config_path(parent, relative_to=path.parent)
+        merged = deep_merge(merged, load_yaml_with_defaults(parent_path, _seen + (path,)))
+    return deep_merge(merged, data)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like a.b.c=value")
+    dotted, raw = text.split("=", 1)
+    keys = [k for k in dotted.strip().split(".")]
+    if not all(keys):
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return keys, value
+
+
+def set_dotted(data: dict[str, Any], keys: list[str], value: Any) -> None:
+    node = data
+    for key in keys[:-1]:
+        child = node.get(key)
+        if not isinstance(child, dict):
+            child = {}
+            node[key] = child
+        node = child
+    node[keys[-1]] = value
+
+
+def _section_type(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model inside a field annotation (plain or Optional), if any."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _section_type(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def check_known_keys(data: dict[str, Any], model: type[BaseModel], prefix: str = "") -> None:
+    """Reject unknown keys with the full dotted path and the closest known name."""
+    fields = model.model_fields
+    for key, value in data.items():
+        path = f"{prefix}{key}"
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.6)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+            raise ConfigError(f"unknown config key '{path}'{hint}")
+        sub = _section_type(fields[key].annotation)
+        if sub is not None and isinstance(value, dict):
+            check_known_keys(value, sub, prefix=f"{path}.")
+
+
+def _first_error_line(exc: ValidationError) -> str:
+    error = exc.errors()[0]
+    field = ".".join(str(part) for part in error["loc"]) or "config"
+    message = error["msg"].removeprefix("Value error, ")
+    got = error.get("input")
+    shown = "" if isinstance(got, dict) or got is None else f" (got {got!r})"
+    return f"invalid config value for '{field}': {message}{shown}"
+
+
+def validate_config(data: dict[str, Any]) -> PipelineConfig:
+    check_known_keys(data, PipelineConfig)
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_first_error_line(exc)) from None
+
+
+def load_config(
+    path: str | Path | None = None, overrides: Iterable[str] | dict[str, Any] = ()
+) -> PipelineConfig:
+    """Load a YAML file (with its `defaults:`), apply dotted overrides, and validate against the schema."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        data = load_yaml_with_defaults(resolve_config_path(path))
+    items = overrides.items() if isinstance(overrides, dict) else (parse_override(o) for o in overrides)
+    for keys, value in items:
+        if isinstance(keys, str):
+            keys = keys.split(".")
+        set_dotted(data, list(keys), value)
+    return validate_config(data)
