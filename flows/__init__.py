@@ -1,0 +1,1 @@
+"""Prefect @flow functions: one per pipeline and one per stage."""

@@ -1,0 +1,1 @@
+"""Prefect @task functions: thin, they resolve inputs, call the engine, and return artifact refs."""

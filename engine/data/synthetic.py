@@ -1,0 +1,70 @@
+"""A synthetic task with verifiable answers: "What is 37+45?" -> "82".
+
+Small enough that a 0.5 M-parameter model learns it on two CPU cores, hard enough that SFT leaves room
+for RL. Each problem carries wrong-answer variants, so the same data yields preference pairs (correct
+vs wrong) for reward models and DPO. Train and validation problems are disjoint by construction.
+"""
+
+from __future__ import annotations
+
+import operator
+import random
+from typing import Any
+
+from engine.config import SyntheticDataConfig
+from engine.errors import ConfigError
+
+TASK_NAME = "arithmetic"
+_OPS = {"+": operator.add, "-": operator.sub, "*": operator.mul}
+
+
+def _wrong_answers(rng: random.Random, answer: int, count: int) -> list[str]:
+    wrong: set[int] = set()
+    while len(wrong) < count:
+        offset = rng.choice([-1, 1]) * rng.choice([1, 2, 10, rng.randint(3, 20)])
+        wrong.add(answer + offset)
+    return [str(w) for w in sorted(wrong)]
+
+
+def problem_row(a: int, op: str, b: int, rng: random.Random, num_wrong: int) -> dict[str, Any]:
+    answer = _OPS[op](a, b)
+    return {
+        "task": TASK_NAME,
+        "prompt": f"What is {a}{op}{b}?",
+        "answer": str(answer),
+        "wrong_answers": _wrong_answers(rng, answer, num_wrong),
+    }
+
+
+def make_arithmetic(cfg: SyntheticDataConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(train rows, validation rows), disjoint, deterministic in ``cfg.seed``."""
+    low, high = 10 ** (cfg.digits - 1), 10**cfg.digits - 1
+    span = high - low + 1
+    needed = cfg.num_train + cfg.num_val
+    available = span * span * len(cfg.operations)
+    if needed > available:
+        raise ConfigError(
+            f"data.synthetic asks for {needed} problems but only {available} distinct {cfg.digits}-digit ones exist"
+        )
+    rng = random.Random(cfg.seed)
+    seen: set[tuple[int, str, int]] = set()
+    rows: list[dict[str, Any]] = []
+    while len(rows) < needed:
+        problem = (rng.randint(low, high), rng.choice(cfg.operations), rng.randint(low, high))
+        if problem in seen:
+            continue
+        seen.add(problem)
+        rows.append(problem_row(*problem, rng=rng, num_wrong=cfg.num_wrong_answers))
+    return rows[: cfg.num_train], rows[cfg.num_train :]
+
+
+def tokenizer_corpus(seed: int = 0, size: int = 4000) -> list[str]:
+    """Text the tiny tokenizer is trained on: task prompts, answers and chat scaffolding."""
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(size):
+        op = rng.choice(list(_OPS))
+        a, b = rng.randint(0, 999), rng.randint(0, 999)
+        lines.append(f"What is {a}{op}{b}? The answer is {_OPS[op](a, b)}.")
+    lines += ["system", "user", "assistant", "tool", "<calc>", "</calc>", "Answer:", "You are a helpful assistant."]
+    return lines

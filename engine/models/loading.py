@@ -1,0 +1,77 @@
+"""Where a model comes from: a local folder, the artifact store, any fsspec URI, or the Hugging Face hub.
+
+Every form resolves to a local Hugging Face folder (downloaded once into a cache), so trainers and
+generators only ever load from disk and real models work unchanged where a hub is reachable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import fsspec
+
+from engine.errors import ModelLoadError
+from engine.storage import ArtifactStore
+
+REQUIRED_FILES = ("config.json",)
+
+
+def _check_folder(path: Path, label: str) -> Path:
+    missing = [name for name in REQUIRED_FILES if not (path / name).is_file()]
+    if missing:
+        raise ModelLoadError(f"model {label} is not a Hugging Face model folder (missing {', '.join(missing)})")
+    return path
+
+
+def _download_uri(uri: str, cache_dir: Path, storage_options: dict[str, Any]) -> Path:
+    target = cache_dir / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    if (target / ".complete").exists():
+        return target
+    staging = cache_dir / f".{target.name}.{uuid.uuid4().hex[:8]}"
+    try:
+        fs, path = fsspec.core.url_to_fs(uri, **storage_options)
+        if not fs.isdir(path):
+            raise ModelLoadError(f"model not found: {uri}")
+        fs.get(path.rstrip("/") + "/", str(staging), recursive=True)
+    except ModelLoadError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - transport errors become one user-facing line
+        raise ModelLoadError(f"cannot download model {uri}: {str(exc).splitlines()[0]}") from None
+    _check_folder(staging, uri)
+    (staging / ".complete").touch()
+    shutil.rmtree(target, ignore_errors=True)
+    staging.rename(target)
+    return target
+
+
+def _download_hub(name: str, cache_dir: Path) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id=name, cache_dir=str(cache_dir / "hub")))
+    except Exception as exc:  # noqa: BLE001
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ModelLoadError(f"cannot load model {name!r} from the Hugging Face hub: {reason}") from None
+
+
+def resolve_model(name: str, store: ArtifactStore, cache_dir: Path) -> Path:
+    """A local folder holding the model named by ``name``.
+
+    Order: a committed artifact of the store (by URI); an existing local path; any other URI through
+    fsspec (with the store's S3 settings); otherwise a hub repo id.
+    """
+    if name.startswith(store.root + "/") and store.is_committed(name):
+        return _check_folder(store.download(name), name)
+    local = Path(name.removeprefix("file://")).expanduser()
+    if local.is_dir():
+        return _check_folder(local, name)
+    if "://" in name:
+        options = store.fs.storage_options if name.startswith("s3://") and store.root.startswith("s3://") else {}
+        return _download_uri(name, cache_dir / "models", options)
+    if name.startswith(("/", ".", "~")):
+        raise ModelLoadError(f"model folder not found: {name}")
+    return _download_hub(name, cache_dir)

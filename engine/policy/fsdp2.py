@@ -1,0 +1,208 @@
+"""The FSDP2 policy worker: one rank of a data-parallel trainer, run as a Ray actor.
+
+Each decoder layer and the root are ``fully_shard``-ed (gloo on CPU, NCCL on GPU). A training step
+runs the rank's micro-batches with gradient sync only on the last one; every loss is already divided by
+the step's *global* normalizer, so FSDP's reduce-scatter is set to sum (divide factor 1), not average:
+the step's gradient is then the same whatever the number of ranks or micro-batches.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+from engine.config import OptimizerConfig, PolicyConfig
+from engine.data.batching import MicroBatch
+from engine.policy.interfaces import LossFn
+from engine.policy.optim import build_optimizer
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("", 0))
+        return sock.getsockname()[1]
+
+
+def token_logprobs_from_logits(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """log p(token t+1 | tokens <= t) in fp32 (bf16 log_softmax is 5-10x less accurate)."""
+    logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    return logprobs.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+
+
+class FSDP2PolicyWorker:
+    def __init__(
+        self,
+        rank: int,
+        world_size: int,
+        model_path: str,
+        policy: dict[str, Any],
+        optimizer: dict[str, Any],
+        total_steps: int,
+        seed: int,
+    ):
+        self.rank, self.world_size = rank, world_size
+        self.model_path = model_path
+        self.policy = PolicyConfig.model_validate(policy)
+        self.optimizer_cfg = OptimizerConfig.model_validate(optimizer)
+        self.total_steps = total_steps
+        self.seed = seed
+        torch.set_num_threads(self.policy.threads_per_worker)
+
+    # ------------------------------------------------------------------------------ set-up
+
+    def rendezvous_address(self) -> tuple[str, int]:
+        import ray
+
+        return ray.util.get_node_ip_address(), _free_port()
+
+    def init_distributed(self, address: str, port: int) -> None:
+        os.environ.update(MASTER_ADDR=address, MASTER_PORT=str(port))
+        use_cuda = torch.cuda.is_available()
+        if use_cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+        self.device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
+        dist.init_process_group("nccl" if use_cuda else "gloo", rank=self.rank, world_size=self.world_size)
+        torch.manual_seed(self.seed)
+        self.model = self._build_model()
+        self.optimizer, self.scheduler = build_optimizer(
+            self.model.parameters(), self.optimizer_cfg, self.total_steps
+        )
+
+    def _build_model(self) -> torch.nn.Module:
+        from transformers import AutoModelForCausalLM
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch.float32).to(self.device)
+        if self.policy.activation_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+        mixed = (
+            MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+            if self.policy.precision == "bf16"
+            else MixedPrecisionPolicy()
+        )
+        for layer in model.model.layers:
+            fully_shard(layer, mp_policy=mixed)
+        fully_shard(model, mp_policy=mixed)
+        for module in model.modules():
+            if isinstance(module, FSDPModule):
+                module.set_gradient_divide_factor(1.0)
+                module.set_force_sum_reduction_for_comms(True)  # gloo has no PREMUL_SUM
+        model.train()
+        return model
+
+    # ------------------------------------------------------------------------------ compute
+
+    def _forward_logprobs(self, batch: MicroBatch) -> torch.Tensor:
+        input_ids = batch["input_ids"].to(self.device)
+        attention = batch["attention_mask"].to(self.device)
+        logits = self.model(input_ids=input_ids, attention_mask=attention).logits
+        return token_logprobs_from_logits(logits, input_ids)
+
+    def _on_device(self, batch: MicroBatch) -> MicroBatch:
+        return {key: value.to(self.device) for key, value in batch.items()}
+
+    def train_step(
+        self, micro_batches: list[MicroBatch], loss_fn: LossFn, normalizers: dict[str, float]
+    ) -> dict[str, float]:
+        """One optimizer step over this rank's micro-batches. Returns this rank's share of the loss
+        (the controller sums shares over ranks), the global grad norm and the learning rate used."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_share = 0.0
+        metric_sums: dict[str, float] = {}
+        for index, batch in enumerate(micro_batches):
+            self.model.set_requires_gradient_sync(index == len(micro_batches) - 1)
+            logprobs = self._forward_logprobs(batch)
+            loss, metrics = loss_fn(logprobs, self._on_device(batch), normalizers)
+            loss.backward()
+            loss_share += float(loss.detach())
+            for key, value in metrics.items():
+                metric_sums[key] = metric_sums.get(key, 0.0) + value
+        max_norm = self.optimizer_cfg.grad_clip if self.optimizer_cfg.grad_clip is not None else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        if hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        return {"loss_share": loss_share, "grad_norm": float(grad_norm), "lr": lr, **metric_sums}
+
+    @torch.no_grad()
+    def evaluate(
+        self, micro_batches: list[MicroBatch], loss_fn: LossFn, normalizers: dict[str, float]
+    ) -> dict[str, float]:
+        self.model.eval()
+        try:
+            loss_share = 0.0
+            for batch in micro_batches:
+                loss, _ = loss_fn(self._forward_logprobs(batch), self._on_device(batch), normalizers)
+                loss_share += float(loss)
+        finally:
+            self.model.train()
+        return {"loss_share": loss_share}
+
+    @torch.no_grad()
+    def token_logprobs(self, micro_batches: list[MicroBatch]) -> list[torch.Tensor]:
+        self.model.eval()
+        try:
+            return [self._forward_logprobs(batch).cpu() for batch in micro_batches]
+        finally:
+            self.model.train()
+
+    # ------------------------------------------------------------------------------ state
+
+    def save_checkpoint(self, directory: str) -> None:
+        """Model and optimizer shards through DCP, plus this rank's scheduler and RNG state."""
+        model_state, optim_state = get_state_dict(self.model, self.optimizer)
+        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(Path(directory) / "dcp"))
+        extra = {"scheduler": self.scheduler.state_dict(), "rng": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            extra["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+        torch.save(extra, Path(directory) / f"rank{self.rank}.pt")
+        dist.barrier()
+
+    def load_checkpoint(self, directory: str) -> None:
+        model_state, optim_state = get_state_dict(self.model, self.optimizer)
+        state = {"model": model_state, "optim": optim_state}
+        dcp.load(state, checkpoint_id=str(Path(directory) / "dcp"))
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        extra = torch.load(Path(directory) / f"rank{self.rank}.pt", weights_only=False)
+        self.scheduler.load_state_dict(extra["scheduler"])
+        torch.set_rng_state(extra["rng"])
+        if "cuda_rng" in extra:
+            torch.cuda.set_rng_state(extra["cuda_rng"], self.device)
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Unsharded weights on CPU (every rank takes part; rank 0 gets them)."""
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_model_state_dict(self.model, options=options)
+
+    def export_hf(self, directory: str) -> None:
+        """Full Hugging Face weights (config, safetensors) written by rank 0."""
+        state = self.full_state_dict()
+        if self.rank == 0:
+            self.model.save_pretrained(directory, state_dict=state)
+        dist.barrier()
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "device": str(self.device),
+            "backend": dist.get_backend(),
+            "parameters": sum(p.numel() for p in self.model.parameters()),
+        }

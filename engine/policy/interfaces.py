@@ -1,0 +1,36 @@
+"""What a controller may ask of a policy (trainer) worker, whatever its backend."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Protocol
+
+import torch
+
+from engine.data.batching import MicroBatch
+
+# loss_fn(token_logprobs [B, L-1], micro_batch, global normalizers) -> (loss, metrics)
+LossFn = Callable[[torch.Tensor, MicroBatch, dict[str, float]], tuple[torch.Tensor, dict[str, float]]]
+
+
+class PolicyWorker(Protocol):
+    def rendezvous_address(self) -> tuple[str, int]: ...
+
+    def init_distributed(self, address: str, port: int) -> None: ...
+
+    def train_step(
+        self, micro_batches: list[MicroBatch], loss_fn: LossFn, normalizers: dict[str, float]
+    ) -> dict[str, float]: ...
+
+    def evaluate(
+        self, micro_batches: list[MicroBatch], loss_fn: LossFn, normalizers: dict[str, float]
+    ) -> dict[str, float]: ...
+
+    def token_logprobs(self, micro_batches: list[MicroBatch]) -> list[torch.Tensor]: ...
+
+    def save_checkpoint(self, directory: str) -> None: ...
+
+    def load_checkpoint(self, directory: str) -> None: ...
+
+    def export_hf(self, directory: str) -> None: ...
+
+    def info(self) -> dict[str, Any]: ...

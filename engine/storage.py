@@ -1,0 +1,215 @@
+"""The artifact store: directories committed to object storage through fsspec.
+
+An artifact is a folder at ``<root>/<key>``. Its files go under a fresh upload prefix
+(``<key>/<upload-id>/...``) and its ``MANIFEST.json`` (file list, sizes, sha256, metadata) is written
+last, in one PUT. An artifact without its manifest does not exist: an upload cut short leaves only
+unreferenced files under an upload prefix, never a half-written artifact. This works the same on a
+local folder and on S3, which has no atomic rename.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import fsspec
+from pydantic import BaseModel
+
+from engine.config import StorageConfig
+from engine.errors import StorageError
+
+MANIFEST = "MANIFEST.json"
+
+
+class ArtifactRef(BaseModel):
+    """What stages hand each other: where an artifact is, which exact content it is, and a few metrics."""
+
+    uri: str
+    digest: str
+    metrics: dict[str, float] = {}
+
+
+class ManifestEntry(BaseModel):
+    path: str
+    size: int
+    sha256: str
+
+
+class Manifest(BaseModel):
+    upload_id: str
+    created: float
+    files: list[ManifestEntry]
+    metadata: dict[str, Any] = {}
+
+    def digest(self) -> str:
+        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _s3_options(cfg: StorageConfig) -> dict[str, Any]:
+    client_kwargs: dict[str, Any] = {}
+    if cfg.endpoint_url:
+        client_kwargs["endpoint_url"] = cfg.endpoint_url
+    if cfg.region:
+        client_kwargs["region_name"] = cfg.region
+    # Fail fast on an unreachable endpoint instead of botocore's long retry ladder.
+    config_kwargs = {"connect_timeout": 5, "read_timeout": 60, "retries": {"max_attempts": 3}}
+    return {"client_kwargs": client_kwargs, "config_kwargs": config_kwargs}
+
+
+class ArtifactStore:
+    def __init__(self, root: str, cache_dir: str | Path, storage_options: dict[str, Any] | None = None):
+        self.root = root.rstrip("/")
+        self.cache_dir = Path(cache_dir)
+        try:
+            self.fs, self._root_path = fsspec.core.url_to_fs(self.root, **(storage_options or {}))
+        except (ImportError, ValueError) as exc:
+            raise StorageError(f"cannot open storage root {self.root}: {exc}") from None
+
+    @classmethod
+    def from_config(cls, cfg: StorageConfig, workdir: str | Path) -> "ArtifactStore":
+        assert cfg.root is not None, "PipelineConfig fills storage.root"
+        options = _s3_options(cfg) if cfg.root.startswith("s3://") else {}
+        return cls(cfg.root, Path(workdir) / "cache" / "artifacts", options)
+
+    # ----------------------------------------------------------------------------- addressing
+
+    def uri(self, key: str) -> str:
+        return f"{self.root}/{key.strip('/')}"
+
+    def key_of(self, uri_or_key: str) -> str:
+        if uri_or_key.startswith(self.root + "/"):
+            return uri_or_key[len(self.root) + 1 :]
+        if "://" in uri_or_key:
+            raise StorageError(f"{uri_or_key} is not inside the store {self.root}")
+        return uri_or_key.strip("/")
+
+    def _path(self, key: str) -> str:
+        return f"{self._root_path.rstrip('/')}/{key}" if key else self._root_path
+
+    # ----------------------------------------------------------------------------- health
+
+    def check(self) -> None:
+        """Fail with one line naming the root if it cannot be reached or written."""
+        try:
+            if self.root.startswith("s3://"):
+                bucket = self._root_path.split("/", 1)[0]
+                if not self.fs.exists(bucket):
+                    raise StorageError(f"bucket not found or not accessible: s3://{bucket} (storage.root={self.root})")
+            else:
+                self.fs.makedirs(self._root_path, exist_ok=True)
+        except StorageError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any transport error is a user-facing reachability problem
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise StorageError(f"cannot reach storage root {self.root}: {reason}") from None
+
+    # ----------------------------------------------------------------------------- writing
+
+    def commit_dir(self, local_dir: str | Path, key: str, metadata: dict[str, Any] | None = None) -> ArtifactRef:
+        """Upload a local folder under a fresh prefix, then write its manifest: the commit point."""
+        local_dir = Path(local_dir)
+        key = key.strip("/")
+        upload_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
+        entries: list[ManifestEntry] = []
+        for file in sorted(p for p in local_dir.rglob("*") if p.is_file()):
+            rel = file.relative_to(local_dir).as_posix()
+            entries.append(ManifestEntry(path=rel, size=file.stat().st_size, sha256=sha256_file(file)))
+            remote = self._path(f"{key}/{upload_id}/{rel}")
+            self.fs.makedirs(remote.rsplit("/", 1)[0], exist_ok=True)
+            self.fs.put_file(str(file), remote)
+        manifest = Manifest(upload_id=upload_id, created=time.time(), files=entries, metadata=metadata or {})
+        self.fs.pipe_file(self._path(f"{key}/{MANIFEST}"), manifest.model_dump_json(indent=1).encode())
+        return ArtifactRef(uri=self.uri(key), digest=manifest.digest())
+
+    # ----------------------------------------------------------------------------- reading
+
+    def manifest(self, uri_or_key: str) -> Manifest | None:
+        path = self._path(f"{self.key_of(uri_or_key)}/{MANIFEST}")
+        try:
+            raw = self.fs.cat_file(path)
+        except FileNotFoundError:
+            return None
+        return Manifest.model_validate_json(raw)
+
+    def is_committed(self, uri_or_key: str) -> bool:
+        return self.manifest(uri_or_key) is not None
+
+    def ref(self, uri_or_key: str) -> ArtifactRef | None:
+        manifest = self.manifest(uri_or_key)
+        if manifest is None:
+            return None
+        return ArtifactRef(uri=self.uri(self.key_of(uri_or_key)), digest=manifest.digest())
+
+    def list(self, prefix: str) -> list[str]:
+        """Keys of the committed artifacts directly below ``prefix``, sorted by name."""
+        self.fs.invalidate_cache()
+        pattern = self._path(f"{prefix.strip('/')}/*/{MANIFEST}")
+        root = self._root_path.strip("/") + "/"
+        keys = [found.lstrip("/")[len(root) :].rsplit("/", 1)[0] for found in self.fs.glob(pattern)]
+        return sorted(keys)
+
+    def latest(self, prefix: str) -> str | None:
+        keys = self.list(prefix)
+        return keys[-1] if keys else None
+
+    def download(self, uri_or_key: str, verify: bool = True) -> Path:
+        """A local copy of a committed artifact, cached by content digest (downloaded once)."""
+        key = self.key_of(uri_or_key)
+        manifest = self.manifest(key)
+        if manifest is None:
+            raise StorageError(f"no committed artifact at {self.uri(key)} (its {MANIFEST} is missing)")
+        target = self.cache_dir / manifest.digest()
+        if (target / ".complete").exists():
+            return target
+        staging = self.cache_dir / f".{manifest.digest()}.{uuid.uuid4().hex[:8]}"
+        for entry in manifest.files:
+            local = staging / entry.path
+            local.parent.mkdir(parents=True, exist_ok=True)
+            self.fs.get_file(self._path(f"{key}/{manifest.upload_id}/{entry.path}"), str(local))
+            if verify and (local.stat().st_size != entry.size or sha256_file(local) != entry.sha256):
+                shutil.rmtree(staging, ignore_errors=True)
+                raise StorageError(f"artifact {self.uri(key)} is corrupt: {entry.path} does not match its manifest")
+        staging.mkdir(parents=True, exist_ok=True)
+        (staging / ".complete").touch()
+        try:
+            os.replace(staging, target)
+        except OSError:  # another process finished the same download first
+            shutil.rmtree(staging, ignore_errors=True)
+        return target
+
+    def verify(self, uri_or_key: str) -> bool:
+        """Re-hash every remote file of an artifact against its manifest."""
+        key = self.key_of(uri_or_key)
+        manifest = self.manifest(key)
+        if manifest is None:
+            return False
+        for entry in manifest.files:
+            data = self.fs.cat_file(self._path(f"{key}/{manifest.upload_id}/{entry.path}"))
+            if len(data) != entry.size or hashlib.sha256(data).hexdigest() != entry.sha256:
+                return False
+        return True
+
+    def open(self, uri_or_key: str, relpath: str, mode: str = "rb"):
+        key = self.key_of(uri_or_key)
+        manifest = self.manifest(key)
+        if manifest is None:
+            raise StorageError(f"no committed artifact at {self.uri(key)}")
+        return self.fs.open(self._path(f"{key}/{manifest.upload_id}/{relpath}"), mode)
+
+    def read_json(self, uri_or_key: str, relpath: str) -> Any:
+        with self.open(uri_or_key, relpath) as handle:
+            return json.load(handle)

@@ -1,0 +1,155 @@
+"""The `posttrain` command line.
+
+    posttrain run sft --config configs/sft_tiny.yaml --set sft.max_steps=20 [--json]
+    posttrain config show --config sft_tiny --set policy.world_size=1
+    posttrain make-tiny-model OUT --arch qwen2
+
+User errors (bad config, missing file, unreachable bucket, malformed row) print one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import Any, Callable
+
+for _key, _value in {
+    "DO_NOT_TRACK": "true",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "TOKENIZERS_PARALLELISM": "false",
+}.items():
+    os.environ.setdefault(_key, _value)
+
+from engine.errors import PosttrainError  # noqa: E402
+
+EXIT_USER_ERROR = 2
+
+
+def _pipelines() -> dict[str, Callable[..., dict[str, Any]]]:
+    from flows.sft import sft
+
+    return {"sft": sft}
+
+
+class _HideUserErrorTracebacks(logging.Filter):
+    """A user error is reported by the CLI in one line; Prefect need not print its traceback too."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], PosttrainError):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def _quiet_user_error_tracebacks() -> None:
+    user_filter = _HideUserErrorTracebacks()
+    for name in ("", "prefect", "prefect.flow_runs", "prefect.task_runs"):
+        for handler in logging.getLogger(name).handlers:
+            handler.addFilter(user_filter)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from engine.stages import Runtime
+    from flows.common import RunParameters
+
+    pipelines = _pipelines()
+    if args.pipeline not in pipelines:
+        raise PosttrainError(f"unknown pipeline {args.pipeline!r}; choose from {', '.join(sorted(pipelines))}")
+    params = RunParameters(
+        config=args.config or f"{args.pipeline.replace('-pipeline', '')}_tiny",
+        overrides=dict(_split_override(o) for o in args.set),
+        resume=args.resume,
+    )
+    cfg = params.resolve()  # fail on a bad config before any service starts
+    Runtime.open(cfg)  # ...and on an unreachable store
+    _quiet_user_error_tracebacks()
+    summary = pipelines[args.pipeline](params)
+    if args.json:
+        print(json.dumps(summary), flush=True)
+    else:
+        _print_summary(summary)
+    return 0
+
+
+def _split_override(text: str) -> tuple[str, Any]:
+    from engine.config import parse_override
+
+    keys, value = parse_override(text)
+    return ".".join(keys), value
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
+    print(f"{summary['pipeline']}: {summary['status']} in {summary['wall_seconds']:.1f}s "
+          f"(mlflow run {summary['mlflow_run_id']})")
+    for name, stage in summary["stages"].items():
+        metrics = ", ".join(f"{k}={v:.4g}" for k, v in stage["metrics"].items())
+        print(f"  {name:<12} {'cached' if stage['cached'] else 'ran':<6} {stage['artifact']}  {metrics}")
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    from engine.config import load_config
+
+    print(load_config(args.config, args.set).to_yaml(), end="")
+    return 0
+
+
+def cmd_make_tiny_model(args: argparse.Namespace) -> int:
+    from engine.config import TinyModelConfig
+    from engine.models.tiny import make_tiny_model
+
+    fields = {k: v for k, v in vars(args).items() if k in TinyModelConfig.model_fields and v is not None}
+    out = make_tiny_model(args.out, TinyModelConfig(**fields))
+    print(out)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="posttrain", description="Post-training pipelines on Prefect + Ray")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run a pipeline (as a Prefect flow)")
+    run.add_argument("pipeline", help="sft")
+    run.add_argument("--config", help="YAML file or name in configs/ (default: <pipeline>_tiny)")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted override, repeatable")
+    run.add_argument("--resume", help="auto | never | <checkpoint URI>")
+    run.add_argument("--json", action="store_true", help="print the run summary as JSON on the last line")
+    run.set_defaults(handler=cmd_run)
+
+    config = sub.add_parser("config", help="inspect configs")
+    config_sub = config.add_subparsers(dest="config_command", required=True)
+    show = config_sub.add_parser("show", help="print the resolved config")
+    show.add_argument("--config")
+    show.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    show.set_defaults(handler=cmd_config_show)
+
+    tiny = sub.add_parser("make-tiny-model", help="build a random-init model + BPE tokenizer in HF format")
+    tiny.add_argument("out")
+    tiny.add_argument("--arch", choices=["llama", "qwen2"])
+    tiny.add_argument("--hidden-size", dest="hidden_size", type=int)
+    tiny.add_argument("--layers", dest="num_layers", type=int)
+    tiny.add_argument("--heads", dest="num_heads", type=int)
+    tiny.add_argument("--kv-heads", dest="num_kv_heads", type=int)
+    tiny.add_argument("--intermediate-size", dest="intermediate_size", type=int)
+    tiny.add_argument("--vocab-size", dest="vocab_size", type=int)
+    tiny.add_argument("--seed", type=int)
+    tiny.set_defaults(handler=cmd_make_tiny_model)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except PosttrainError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
