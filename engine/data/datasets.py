@@ -79,6 +79,7 @@ def load_raw(source: str, split: str, cache_dir: Path, storage_options: dict[str
 def normalize_row(row: dict[str, Any], cfg: DataConfig, where: str) -> dict[str, Any]:
     """One row in posttrain's form: messages to train on, plus RL/preference fields when present."""
     out: dict[str, Any] = {}
+    row = {key: value for key, value in row.items() if value is not None}  # columnar formats fill gaps with None
     if cfg.prompt_field in row and cfg.response_field in row:
         prompt, answer = row[cfg.prompt_field], row[cfg.response_field]
         if not isinstance(prompt, str) or not isinstance(answer, (str, int, float)):

@@ -1,0 +1,30 @@
+# Set-up and the two commands of the README. torch goes in first and alone (STACK.md): a combined
+# install that fails resolution can otherwise fall back to a multi-GB CUDA wheel.
+PY ?= python3.11
+VENV := .venv
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: setup run test test-fast clean
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q "$(TORCH_SPEC)"
+	$(VENV)/bin/pip install -q -e '.[test]'
+	$(VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+run: setup
+	$(VENV)/bin/posttrain run sft
+
+test: setup
+	$(VENV)/bin/python -m pytest
+
+test-fast: setup
+	$(VENV)/bin/python -m pytest tests/unit
+
+clean:
+	rm -rf $(VENV) .posttrain

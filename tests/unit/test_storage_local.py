@@ -1,0 +1,83 @@
+"""The artifact store on a local folder: manifest-last commits, listing, verification, downloads."""
+
+import json
+
+import pytest
+
+from engine.errors import StorageError
+from engine.storage import MANIFEST, ArtifactStore
+
+
+@pytest.fixture
+def store(tmp_path):
+    return ArtifactStore(f"file://{tmp_path}/store", tmp_path / "cache")
+
+
+def make_dir(path, files):
+    path.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        (path / name).parent.mkdir(parents=True, exist_ok=True)
+        (path / name).write_text(text)
+    return path
+
+
+def test_commit_then_download_round_trip(store, tmp_path):
+    src = make_dir(tmp_path / "src", {"a.txt": "alpha", "sub/b.bin": "beta"})
+    ref = store.commit_dir(src, "models/m1", metadata={"step": 3})
+    assert ref.uri == store.uri("models/m1")
+    manifest = store.manifest(ref.uri)
+    assert {f.path for f in manifest.files} == {"a.txt", "sub/b.bin"}
+    assert manifest.metadata == {"step": 3} and ref.digest == manifest.digest()
+    local = store.download(ref.uri)
+    assert (local / "sub/b.bin").read_text() == "beta"
+    assert store.download("models/m1") == local  # cached by digest
+    assert store.verify(ref.uri)
+
+
+def test_upload_without_manifest_does_not_exist(store, tmp_path):
+    src = make_dir(tmp_path / "src", {"w.pt": "weights"})
+    store.commit_dir(src, "ckpt/step_000010")
+    # an upload cut short: files under an upload prefix, no manifest
+    partial = tmp_path / "store/ckpt/step_000020/20260101-deadbeef"
+    make_dir(partial, {"w.pt": "half"})
+    assert store.list("ckpt") == ["ckpt/step_000010"]
+    assert store.latest("ckpt") == "ckpt/step_000010"
+    assert not store.is_committed("ckpt/step_000020")
+    with pytest.raises(StorageError, match="MANIFEST.json is missing"):
+        store.download("ckpt/step_000020")
+
+
+def test_recommit_replaces_content_atomically(store, tmp_path):
+    store.commit_dir(make_dir(tmp_path / "v1", {"x": "one"}), "a")
+    ref2 = store.commit_dir(make_dir(tmp_path / "v2", {"x": "two"}), "a")
+    assert (store.download("a") / "x").read_text() == "two"
+    assert store.ref("a").digest == ref2.digest
+
+
+def test_corruption_is_detected(store, tmp_path):
+    ref = store.commit_dir(make_dir(tmp_path / "src", {"x": "good"}), "a")
+    manifest = store.manifest("a")
+    (tmp_path / "store/a" / manifest.upload_id / "x").write_text("evil")
+    assert not store.verify(ref.uri)
+    with pytest.raises(StorageError, match="corrupt"):
+        store.download(ref.uri)
+
+
+def test_manifest_is_the_last_write(store, tmp_path, monkeypatch):
+    order = []
+    real_put, real_pipe = store.fs.put_file, store.fs.pipe_file
+    monkeypatch.setattr(store.fs, "put_file", lambda *a, **k: (order.append("file"), real_put(*a, **k)))
+    monkeypatch.setattr(store.fs, "pipe_file", lambda p, *a, **k: (order.append(p.rsplit("/", 1)[-1]), real_pipe(p, *a, **k)))
+    store.commit_dir(make_dir(tmp_path / "src", {"a": "1", "b": "2"}), "z")
+    assert order == ["file", "file", MANIFEST]
+
+
+def test_open_and_read_json(store, tmp_path):
+    src = make_dir(tmp_path / "src", {"state.json": json.dumps({"step": 4})})
+    store.commit_dir(src, "s")
+    assert store.read_json("s", "state.json") == {"step": 4}
+
+
+def test_foreign_uri_is_rejected(store):
+    with pytest.raises(StorageError, match="not inside the store"):
+        store.key_of("s3://elsewhere/x")
