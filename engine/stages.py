@@ -10,17 +10,19 @@ from __future__ import annotations
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
 from engine.caching import stage_key
 from engine.config import PipelineConfig
-from engine.data.datasets import build_splits, write_jsonl
+from engine.data.datasets import FILE_FORMATS, build_splits, write_jsonl
+from engine.errors import DataError, ModelLoadError
 from engine.models.loading import resolve_model
-from engine.models.tiny import make_tiny_model
 from engine.storage import ArtifactRef, ArtifactStore
-from engine.tracking import Tracker
+
+if TYPE_CHECKING:
+    from engine.tracking import Tracker
 
 
 class StageResult(BaseModel):
@@ -36,13 +38,13 @@ class Runtime:
 
     cfg: PipelineConfig
     store: ArtifactStore
-    tracker: Tracker
+    tracker: "Tracker"
 
     @classmethod
     def open(cls, cfg: PipelineConfig) -> "Runtime":
-        store = ArtifactStore.from_config(cfg.storage, cfg.workdir)
-        store.check()
-        return cls(cfg, store, Tracker.from_config(cfg))
+        from engine.tracking import Tracker  # MLflow costs seconds to import: only where a stage runs
+
+        return cls(cfg, open_store(cfg), Tracker.from_config(cfg))
 
     @property
     def cache_dir(self) -> Path:
@@ -59,6 +61,27 @@ class Runtime:
         return StageResult(name=name, ref=ref, cached=True)
 
 
+def open_store(cfg: PipelineConfig) -> ArtifactStore:
+    store = ArtifactStore.from_config(cfg.storage, cfg.workdir)
+    store.check()
+    return store
+
+
+def preflight(cfg: PipelineConfig) -> None:
+    """Checks that fail fast, before any stage starts: the store is reachable, local inputs exist."""
+    open_store(cfg)
+    for field, source in (("data.source", cfg.data.source), ("data.val_source", cfg.data.val_source)):
+        if source and _names_local_file(source) and not Path(source.removeprefix("file://")).is_file():
+            raise DataError(f"dataset file not found: {source} ({field})")
+    if cfg.model.name.startswith(("/", "./", "~", "file://")):
+        if not Path(cfg.model.name.removeprefix("file://")).expanduser().is_dir():
+            raise ModelLoadError(f"model folder not found: {cfg.model.name} (model.name)")
+
+
+def _names_local_file(source: str) -> bool:
+    return source.startswith("file://") or ("://" not in source and Path(source).suffix in FILE_FORMATS)
+
+
 def prepare_model(rt: Runtime) -> StageResult:
     """The base model as a store artifact ('tiny' is built locally) or a resolvable external name."""
     model = rt.cfg.model
@@ -70,6 +93,8 @@ def prepare_model(rt: Runtime) -> StageResult:
     hit = rt.cached("model", key)
     if hit is not None:
         return hit
+    from engine.models.tiny import make_tiny_model  # transformers: imported only when a model is built
+
     with tempfile.TemporaryDirectory(prefix="tiny-model-") as tmp:
         make_tiny_model(tmp, model.tiny)
         ref = rt.store.commit_dir(tmp, key, metadata={"kind": "model", "tiny": model.tiny.model_dump(mode="json")})

@@ -107,8 +107,12 @@ class ArtifactStore:
         try:
             if self.root.startswith("s3://"):
                 bucket = self._root_path.split("/", 1)[0]
-                if not self.fs.exists(bucket):
-                    raise StorageError(f"bucket not found or not accessible: s3://{bucket} (storage.root={self.root})")
+                try:
+                    self.fs.ls(bucket)  # unlike exists(), raises on a transport error instead of saying False
+                except (FileNotFoundError, PermissionError):
+                    raise StorageError(
+                        f"bucket not found or not accessible: s3://{bucket} (storage.root={self.root})"
+                    ) from None
             else:
                 self.fs.makedirs(self._root_path, exist_ok=True)
         except StorageError:

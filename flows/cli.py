@@ -29,10 +29,14 @@ from engine.errors import PosttrainError  # noqa: E402
 EXIT_USER_ERROR = 2
 
 
-def _pipelines() -> dict[str, Callable[..., dict[str, Any]]]:
+PIPELINES = ("sft",)
+
+
+def _flow(pipeline: str) -> Callable[..., dict[str, Any]]:
+    """The pipeline's Prefect flow (imported late: Prefect and the trainers take seconds to import)."""
     from flows.sft import sft
 
-    return {"sft": sft}
+    return {"sft": sft}[pipeline]
 
 
 class _HideUserErrorTracebacks(logging.Filter):
@@ -52,21 +56,20 @@ def _quiet_user_error_tracebacks() -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from engine.stages import Runtime
-    from flows.common import RunParameters
+    from engine.config import RunParameters
+    from engine.stages import preflight
 
-    pipelines = _pipelines()
-    if args.pipeline not in pipelines:
-        raise PosttrainError(f"unknown pipeline {args.pipeline!r}; choose from {', '.join(sorted(pipelines))}")
+    if args.pipeline not in PIPELINES:
+        raise PosttrainError(f"unknown pipeline {args.pipeline!r}; choose from {', '.join(PIPELINES)}")
     params = RunParameters(
         config=args.config or f"{args.pipeline.replace('-pipeline', '')}_tiny",
         overrides=dict(_split_override(o) for o in args.set),
         resume=args.resume,
     )
-    cfg = params.resolve()  # fail on a bad config before any service starts
-    Runtime.open(cfg)  # ...and on an unreachable store
-    _quiet_user_error_tracebacks()
-    summary = pipelines[args.pipeline](params)
+    preflight(params.resolve())  # a bad config, store or input path fails here, before Prefect starts
+    flow = _flow(args.pipeline)
+    _quiet_user_error_tracebacks()  # after the import: Prefect installs its log handlers then
+    summary = flow(params)
     if args.json:
         print(json.dumps(summary), flush=True)
     else:

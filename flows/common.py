@@ -6,25 +6,9 @@ import time
 from typing import Any
 
 from prefect.runtime import flow_run
-from pydantic import BaseModel, Field
-
-from engine.config import PipelineConfig, load_config
+from engine.config import PipelineConfig
 from engine.stages import StageResult
 from engine.tracking import StageRun, Tracker
-
-
-class RunParameters(BaseModel):
-    """The form a pipeline run takes (the Prefect UI renders it): a config and overrides on top."""
-
-    config: str = Field("sft_tiny", description="a config file path, or the name of one in configs/")
-    overrides: dict[str, Any] = Field(default_factory=dict, description="dotted keys, e.g. {'sft.max_steps': 20}")
-    resume: str | None = Field(None, description="auto | never | <checkpoint URI>; default: the config's")
-
-    def resolve(self) -> PipelineConfig:
-        overrides = dict(self.overrides)
-        if self.resume is not None:
-            overrides["resume"] = self.resume
-        return load_config(self.config, overrides)
 
 
 class PipelineRun:

@@ -6,7 +6,9 @@ from typing import Any
 
 from prefect import flow
 
-from flows.common import PipelineRun, RunParameters
+from engine.config import RunParameters
+from engine.stages import preflight
+from flows.common import PipelineRun
 from tasks.prepare import prepare_data, prepare_model
 from tasks.train import train_sft
 
@@ -14,6 +16,7 @@ from tasks.train import train_sft
 @flow(name="sft", log_prints=True)
 def sft(params: RunParameters = RunParameters()) -> dict[str, Any]:
     cfg = params.resolve()
+    preflight(cfg)
     run = PipelineRun("sft", cfg)
     try:
         model = run.add(prepare_model(cfg))

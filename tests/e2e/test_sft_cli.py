@@ -1,0 +1,163 @@
+"""`posttrain run sft` end to end, as a user runs it: a Prefect flow, FSDP2 ranks on Ray, the store, MLflow."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from engine.config import StorageConfig
+from engine.storage import ArtifactStore
+from tests.conftest import POSTTRAIN, free_port, run_cli
+
+pytestmark = pytest.mark.slow
+
+
+def summary_of(result: subprocess.CompletedProcess) -> dict:
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def stage_runs(workdir: Path, stage: str = "sft") -> list:
+    client = MlflowClient(tracking_uri=f"sqlite:///{workdir}/.posttrain/mlflow.db")
+    experiment = client.get_experiment_by_name("posttrain")
+    runs = client.search_runs([experiment.experiment_id], f"tags.`posttrain.stage` = '{stage}'", order_by=["start_time ASC"])
+    return client, runs
+
+
+def loss_curve(client, run_id: str) -> dict[int, float]:
+    return {m.step: m.value for m in client.get_metric_history(run_id, "train/loss")}
+
+
+def check_committed_run(summary: dict, store: ArtifactStore, steps: int, checkpoint_every: int) -> None:
+    sft = summary["stages"]["sft"]
+    assert summary["status"] == "completed" and sft["cached"] is False
+    metrics = sft["metrics"]
+    assert metrics["val_loss_last"] <= 0.5 * metrics["val_loss_first"], metrics
+    assert store.is_committed(sft["artifact"]) and store.verify(sft["artifact"])
+    prefix = store.key_of(sft["artifact"]).rsplit("/", 1)[0]
+    expected = [f"{prefix}/checkpoints/step_{s:06d}" for s in range(checkpoint_every, steps, checkpoint_every)]
+    assert store.list(f"{prefix}/checkpoints") == expected
+    model_dir = store.download(sft["artifact"])
+    assert {"config.json", "model.safetensors", "tokenizer.json", "posttrain_config.yaml"} <= {
+        p.name for p in model_dir.iterdir()
+    }
+
+
+def test_tiny_sft_default_config_local_store(tmp_path):
+    started = time.monotonic()
+    result = run_cli(["run", "sft", "--json"], cwd=tmp_path)
+    wall = time.monotonic() - started
+    summary = summary_of(result)
+    assert wall < 180, f"the tiny default SFT took {wall:.0f}s"
+    store = ArtifactStore(f"file://{tmp_path}/.posttrain/store", tmp_path / "cache")
+    check_committed_run(summary, store, steps=120, checkpoint_every=40)
+
+    client, runs = stage_runs(tmp_path)
+    assert len(runs) == 1
+    stage = runs[0]
+    assert stage.data.tags["mlflow.parentRunId"] == summary["mlflow_run_id"]
+    assert len(loss_curve(client, stage.info.run_id)) == 120
+    assert stage.data.params["sft.max_steps"] == "120"
+    assert "sft" in result.stderr  # the progress bar
+
+    again = summary_of(run_cli(["run", "sft", "--json"], cwd=tmp_path))
+    assert again["stages"]["sft"]["cached"] is True
+    assert again["stages"]["sft"]["artifact"] == summary["stages"]["sft"]["artifact"]
+
+
+def test_tiny_sft_on_s3_store(tmp_path, s3_endpoint, s3_bucket):
+    root = f"s3://{s3_bucket}/posttrain"
+    result = run_cli(
+        ["run", "sft", "--json", "--set", f"storage.root={root}", "--set", f"storage.endpoint_url={s3_endpoint}",
+         "--set", "sft.max_steps=80"],
+        cwd=tmp_path,
+    )
+    summary = summary_of(result)
+    assert summary["stages"]["sft"]["artifact"].startswith(root)
+    store = ArtifactStore.from_config(StorageConfig(root=root, endpoint_url=s3_endpoint), tmp_path)
+    check_committed_run(summary, store, steps=80, checkpoint_every=40)
+    assert not (tmp_path / ".posttrain/store").exists()
+
+
+RESUME_ARGS = ["--set", "sft.max_steps=30", "--set", "sft.checkpoint_every=10", "--set", "sft.val_every=10"]
+
+
+def test_sigkill_then_resume_continues_the_same_curve(tmp_path):
+    reference_dir, killed_dir = tmp_path / "reference", tmp_path / "killed"
+    reference_dir.mkdir(), killed_dir.mkdir()
+    reference = summary_of(run_cli(["run", "sft", "--json", *RESUME_ARGS], cwd=reference_dir))
+
+    proc = subprocess.Popen(
+        [POSTTRAIN, "run", "sft", "--json", *RESUME_ARGS], cwd=killed_dir, start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    checkpoints = killed_dir / ".posttrain/store/stages/sft"
+    deadline = time.monotonic() + 300
+    while not list(checkpoints.glob("*/checkpoints/step_000010/MANIFEST.json")):
+        assert proc.poll() is None, "the run ended before its first checkpoint"
+        assert time.monotonic() < deadline, "no checkpoint within 300 s"
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    # an upload cut before its manifest: must be ignored by resume
+    (stage_dir,) = list(checkpoints.iterdir())
+    partial = stage_dir / "checkpoints/step_000025/20990101T000000-cut"
+    partial.mkdir(parents=True)
+    (partial / "trainer_state.json").write_text("{broken")
+
+    resumed = summary_of(run_cli(["run", "sft", "--json", *RESUME_ARGS], cwd=killed_dir))
+    client, runs = stage_runs(killed_dir)
+    resumed_from = int(runs[-1].data.tags["posttrain.resumed_from_step"])
+    assert resumed_from in (10, 20)
+
+    ref_client, ref_runs = stage_runs(reference_dir)
+    want = loss_curve(ref_client, ref_runs[-1].info.run_id)
+    got = loss_curve(client, runs[-1].info.run_id)
+    assert sorted(got) == list(range(resumed_from + 1, 31))
+    for step, value in got.items():
+        assert value == pytest.approx(want[step], abs=1e-5), step
+    for key in ("val_loss_first", "val_loss_last", "train_loss_last"):
+        assert resumed["stages"]["sft"]["metrics"][key] == pytest.approx(reference["stages"]["sft"]["metrics"][key], abs=1e-5)
+
+
+def _assert_one_line_error(result: subprocess.CompletedProcess, expected: str) -> None:
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and expected in errors[0], result.stderr[-2000:]
+
+
+@pytest.mark.parametrize(
+    "overrides,expected",
+    [
+        (["sft.max_step=3"], "unknown config key 'sft.max_step' (did you mean 'sft.max_steps'?)"),
+        (["sft.batch_size=many"], "invalid config value for 'sft.batch_size'"),
+        (["data.source=/nonexistent/train.jsonl"], "dataset file not found: /nonexistent/train.jsonl (data.source)"),
+        (["storage.root=s3://unreachable-bucket/x", "storage.endpoint_url=http://127.0.0.1:{dead}"],
+         "cannot reach storage root s3://unreachable-bucket/x"),
+    ],
+)
+def test_bad_input_fails_fast_with_one_line(tmp_path, overrides, expected):
+    dead = free_port()
+    args = ["run", "sft"] + [a for o in overrides for a in ("--set", o.format(dead=dead))]
+    started = time.monotonic()
+    result = run_cli(args, cwd=tmp_path, timeout=120)
+    _assert_one_line_error(result, expected)
+    assert time.monotonic() - started < 60
+    assert not (tmp_path / ".posttrain/store/stages").exists()
+
+
+def test_malformed_row_fails_with_one_line_and_commits_nothing(tmp_path):
+    data = tmp_path / "train.jsonl"
+    data.write_text(json.dumps({"prompt": "What is 1+1?", "answer": "2"}) + "\n" + json.dumps({"question": "?"}) + "\n")
+    result = run_cli(["run", "sft", "--set", f"data.source={data}"], cwd=tmp_path, timeout=300)
+    _assert_one_line_error(result, f"{data} row 1: row has neither 'messages' nor 'prompt' + 'answer' fields")
+    store = ArtifactStore(f"file://{tmp_path}/.posttrain/store", tmp_path / "cache")
+    assert store.list("datasets") == []
