@@ -31,7 +31,5 @@ def code_version() -> str:
 
 
 def stage_key(stage: str, config: dict[str, Any], inputs: dict[str, str]) -> str:
-    payload = json.dumps(
-        {"stage": stage, "config": config, "inputs": inputs, "code": code_version()}, sort_keys=True
-    )
+    payload = json.dumps({"stage": stage, "config": config, "inputs": inputs, "code": code_version()}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]

@@ -290,9 +290,7 @@ def validate_config(data: dict[str, Any]) -> PipelineConfig:
         raise ConfigError(_first_error_line(exc)) from None
 
 
-def load_config(
-    path: str | Path | None = None, overrides: Iterable[str] | dict[str, Any] = ()
-) -> PipelineConfig:
+def load_config(path: str | Path | None = None, overrides: Iterable[str] | dict[str, Any] = ()) -> PipelineConfig:
     """Load a YAML file (with its `defaults:`), apply dotted overrides, and validate against the schema."""
     data: dict[str, Any] = {}
     if path is not None:

@@ -134,4 +134,3 @@ class Tracker:
             return StageRun(None, None, self.cfg.flush_every)
         created = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
         return StageRun(self.client, created.info.run_id, self.cfg.flush_every)
-

@@ -6,6 +6,7 @@ import time
 from typing import Any
 
 from prefect.runtime import flow_run
+
 from engine.config import PipelineConfig
 from engine.stages import StageResult
 from engine.tracking import StageRun, Tracker

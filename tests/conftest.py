@@ -109,6 +109,10 @@ def ray_local():
 
 def run_cli(args: list[str], cwd: Path, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [POSTTRAIN, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+        [POSTTRAIN, *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
         env={**os.environ, **(env or {})},
     )

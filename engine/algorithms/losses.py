@@ -108,7 +108,9 @@ def _importance_weights(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Off-policy correction between the generator's and the trainer's old policy (always detached)."""
     w = torch.exp(prev_logprobs - generation_logprobs).detach()
-    low = torch.full_like(w, cfg.is_min if cfg.is_min is not None else (0.0 if cfg.importance_sampling == "tis" else -torch.inf))
+    low = torch.full_like(
+        w, cfg.is_min if cfg.is_min is not None else (0.0 if cfg.importance_sampling == "tis" else -torch.inf)
+    )
     high = torch.full_like(w, cfg.is_max if cfg.is_max is not None else torch.inf)
     out_of_bounds = (w < low) | (w > high)
     if cfg.importance_sampling == "tis":

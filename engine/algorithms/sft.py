@@ -31,8 +31,13 @@ from engine.policy.fsdp2 import FSDP2PolicyWorker
 from engine.storage import ArtifactRef, ArtifactStore
 from engine.tracking import StageRun
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json",
-                   "generation_config.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+    "special_tokens_map.json",
+    "generation_config.json",
+)
 
 
 def sft_loss(logprobs: torch.Tensor, batch: MicroBatch, normalizers: dict[str, float]) -> tuple[torch.Tensor, dict]:
@@ -95,10 +100,14 @@ class PolicyGroup:
         return sum(r["loss_share"] for r in results)
 
 
-def start_policy_group(cfg: PipelineConfig, model_dir: Path, optimizer: Any, total_steps: int, pad_id: int) -> PolicyGroup:
+def start_policy_group(
+    cfg: PipelineConfig, model_dir: Path, optimizer: Any, total_steps: int, pad_id: int
+) -> PolicyGroup:
     cluster.connect(cfg.ray)
     world_size = cfg.policy.world_size
-    virtual = cluster.VirtualCluster(world_size, cpus_per_bundle=1.0, gpus_per_bundle=1.0 if torch.cuda.is_available() else 0.0)
+    virtual = cluster.VirtualCluster(
+        world_size, cpus_per_bundle=1.0, gpus_per_bundle=1.0 if torch.cuda.is_available() else 0.0
+    )
     group = cluster.WorkerGroup(
         FSDP2PolicyWorker,
         virtual,
@@ -133,8 +142,13 @@ def run_sft(
 
     sft = cfg.sft
     tokenizer = AutoTokenizer.from_pretrained(base_model_dir)
-    train = [tokenize_conversation(tokenizer, r["messages"], sft.max_seq_len) for r in read_jsonl(dataset_dir / "train.jsonl")]
-    val = [tokenize_conversation(tokenizer, r["messages"], sft.max_seq_len) for r in read_jsonl(dataset_dir / "val.jsonl")]
+    train = [
+        tokenize_conversation(tokenizer, r["messages"], sft.max_seq_len)
+        for r in read_jsonl(dataset_dir / "train.jsonl")
+    ]
+    val = [
+        tokenize_conversation(tokenizer, r["messages"], sft.max_seq_len) for r in read_jsonl(dataset_dir / "val.jsonl")
+    ]
     val = val[: sft.val_size]
     sampler = StepSampler(len(train), sft.batch_size, cfg.seed)
 
@@ -153,7 +167,9 @@ def run_sft(
             run.log_metrics({"val/loss": val_history[-1][1]}, step=0)
 
         last_loss = float("nan")
-        progress = tqdm(range(start_step, sft.max_steps), initial=start_step, total=sft.max_steps, desc="sft", unit="step")
+        progress = tqdm(
+            range(start_step, sft.max_steps), initial=start_step, total=sft.max_steps, desc="sft", unit="step"
+        )
         for step in progress:
             examples = [train[i] for i in sampler.indices(step)]
             stats = policy.train(examples, sft_loss)
@@ -168,8 +184,13 @@ def run_sft(
             if done % sft.checkpoint_every == 0 and done < sft.max_steps:
                 staging = checkpointing.new_staging_dir("sft-ckpt-")
                 policy.group.call("save_checkpoint", str(staging))
-                state = {"step": done, "data_position": done * sft.batch_size, "val_history": val_history,
-                         "rng": checkpointing.capture_rng(), "config": cfg.model_dump(mode="json")}
+                state = {
+                    "step": done,
+                    "data_position": done * sft.batch_size,
+                    "val_history": val_history,
+                    "rng": checkpointing.capture_rng(),
+                    "config": cfg.model_dump(mode="json"),
+                }
                 checkpointing.commit_checkpoint(store, stage_prefix, done, staging, state)
                 shutil.rmtree(staging, ignore_errors=True)
         run.flush()

@@ -32,8 +32,10 @@ def validate_messages(messages: Any, where: str) -> list[dict[str, str]]:
     if not isinstance(messages, list) or not messages:
         raise DataError(f"{where}: 'messages' must be a non-empty list of {{role, content}}")
     for turn, message in enumerate(messages):
-        if not isinstance(message, dict) or message.get("role") not in ROLES or not isinstance(
-            message.get("content"), str
+        if (
+            not isinstance(message, dict)
+            or message.get("role") not in ROLES
+            or not isinstance(message.get("content"), str)
         ):
             raise DataError(f"{where}: message {turn} needs a role in {sorted(ROLES)} and a string content")
     if not any(m["role"] == "assistant" for m in messages):

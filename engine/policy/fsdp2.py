@@ -30,9 +30,9 @@ from engine.policy.interfaces import LossFn
 from engine.policy.optim import build_optimizer
 
 
-def _free_port() -> int:
+def _free_port(address: str) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("", 0))
+        sock.bind((address, 0))
         return sock.getsockname()[1]
 
 
@@ -66,7 +66,8 @@ class FSDP2PolicyWorker:
     def rendezvous_address(self) -> tuple[str, int]:
         import ray
 
-        return ray.util.get_node_ip_address(), _free_port()
+        address = ray.util.get_node_ip_address()
+        return address, _free_port(address)
 
     def init_distributed(self, address: str, port: int) -> None:
         os.environ.update(MASTER_ADDR=address, MASTER_PORT=str(port))
@@ -77,9 +78,7 @@ class FSDP2PolicyWorker:
         dist.init_process_group("nccl" if use_cuda else "gloo", rank=self.rank, world_size=self.world_size)
         torch.manual_seed(self.seed)
         self.model = self._build_model()
-        self.optimizer, self.scheduler = build_optimizer(
-            self.model.parameters(), self.optimizer_cfg, self.total_steps
-        )
+        self.optimizer, self.scheduler = build_optimizer(self.model.parameters(), self.optimizer_cfg, self.total_steps)
 
     def _build_model(self) -> torch.nn.Module:
         from transformers import AutoModelForCausalLM

@@ -27,7 +27,9 @@ def summary_of(result: subprocess.CompletedProcess) -> dict:
 def stage_runs(workdir: Path, stage: str = "sft") -> list:
     client = MlflowClient(tracking_uri=f"sqlite:///{workdir}/.posttrain/mlflow.db")
     experiment = client.get_experiment_by_name("posttrain")
-    runs = client.search_runs([experiment.experiment_id], f"tags.`posttrain.stage` = '{stage}'", order_by=["start_time ASC"])
+    runs = client.search_runs(
+        [experiment.experiment_id], f"tags.`posttrain.stage` = '{stage}'", order_by=["start_time ASC"]
+    )
     return client, runs
 
 
@@ -75,8 +77,17 @@ def test_tiny_sft_default_config_local_store(tmp_path):
 def test_tiny_sft_on_s3_store(tmp_path, s3_endpoint, s3_bucket):
     root = f"s3://{s3_bucket}/posttrain"
     result = run_cli(
-        ["run", "sft", "--json", "--set", f"storage.root={root}", "--set", f"storage.endpoint_url={s3_endpoint}",
-         "--set", "sft.max_steps=80"],
+        [
+            "run",
+            "sft",
+            "--json",
+            "--set",
+            f"storage.root={root}",
+            "--set",
+            f"storage.endpoint_url={s3_endpoint}",
+            "--set",
+            "sft.max_steps=80",
+        ],
         cwd=tmp_path,
     )
     summary = summary_of(result)
@@ -95,8 +106,11 @@ def test_sigkill_then_resume_continues_the_same_curve(tmp_path):
     reference = summary_of(run_cli(["run", "sft", "--json", *RESUME_ARGS], cwd=reference_dir))
 
     proc = subprocess.Popen(
-        [POSTTRAIN, "run", "sft", "--json", *RESUME_ARGS], cwd=killed_dir, start_new_session=True,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [POSTTRAIN, "run", "sft", "--json", *RESUME_ARGS],
+        cwd=killed_dir,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     checkpoints = killed_dir / ".posttrain/store/stages/sft"
     deadline = time.monotonic() + 300
@@ -124,7 +138,9 @@ def test_sigkill_then_resume_continues_the_same_curve(tmp_path):
     for step, value in got.items():
         assert value == pytest.approx(want[step], abs=1e-5), step
     for key in ("val_loss_first", "val_loss_last", "train_loss_last"):
-        assert resumed["stages"]["sft"]["metrics"][key] == pytest.approx(reference["stages"]["sft"]["metrics"][key], abs=1e-5)
+        assert resumed["stages"]["sft"]["metrics"][key] == pytest.approx(
+            reference["stages"]["sft"]["metrics"][key], abs=1e-5
+        )
 
 
 def _assert_one_line_error(result: subprocess.CompletedProcess, expected: str) -> None:
@@ -140,8 +156,10 @@ def _assert_one_line_error(result: subprocess.CompletedProcess, expected: str) -
         (["sft.max_step=3"], "unknown config key 'sft.max_step' (did you mean 'sft.max_steps'?)"),
         (["sft.batch_size=many"], "invalid config value for 'sft.batch_size'"),
         (["data.source=/nonexistent/train.jsonl"], "dataset file not found: /nonexistent/train.jsonl (data.source)"),
-        (["storage.root=s3://unreachable-bucket/x", "storage.endpoint_url=http://127.0.0.1:{dead}"],
-         "cannot reach storage root s3://unreachable-bucket/x"),
+        (
+            ["storage.root=s3://unreachable-bucket/x", "storage.endpoint_url=http://127.0.0.1:{dead}"],
+            "cannot reach storage root s3://unreachable-bucket/x",
+        ),
     ],
 )
 def test_bad_input_fails_fast_with_one_line(tmp_path, overrides, expected):

@@ -1,8 +1,6 @@
 """The FSDP2 worker group on real Ray actors with gloo: rank- and micro-batch invariance, checkpoint
 round trip and HF export."""
 
-import shutil
-
 import pytest
 import torch
 
@@ -28,14 +26,19 @@ def examples(tiny_model_dir):
 
 
 def make_policy(tiny_model_dir, pad_id, world_size, token_budget, **extra):
-    overrides = {"policy.world_size": world_size, "policy.micro_batch_tokens": token_budget,
-                 "sft.optimizer.warmup_steps": 0, "sft.optimizer.lr": 1e-2, **extra}
+    overrides = {
+        "policy.world_size": world_size,
+        "policy.micro_batch_tokens": token_budget,
+        "sft.optimizer.warmup_steps": 0,
+        "sft.optimizer.lr": 1e-2,
+        **extra,
+    }
     cfg = load_config(None, overrides)
     return start_policy_group(cfg, tiny_model_dir, cfg.sft.optimizer, total_steps=10, pad_id=pad_id)
 
 
 def train_curve(policy, examples, steps=STEPS):
-    return [policy.train(examples[s * BATCH:(s + 1) * BATCH], sft_loss) for s in range(steps)]
+    return [policy.train(examples[s * BATCH : (s + 1) * BATCH], sft_loss) for s in range(steps)]
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +89,7 @@ def test_checkpoint_round_trip_continues_the_same_curve(ray_local, tiny_model_di
     resumed = make_policy(tiny_model_dir, pad, world_size=2, token_budget=100_000)
     try:
         resumed.group.call("load_checkpoint", str(tmp_path / "ckpt"))
-        rest = [resumed.train(data[s * BATCH:(s + 1) * BATCH], sft_loss) for s in range(1, STEPS)]
+        rest = [resumed.train(data[s * BATCH : (s + 1) * BATCH], sft_loss) for s in range(1, STEPS)]
     finally:
         resumed.shutdown()
     assert_same_curve(first + rest, reference_curve)
@@ -120,11 +123,33 @@ def test_export_hf_matches_trained_logprobs(ray_local, tiny_model_dir, examples,
 
 def test_bf16_and_activation_checkpointing_train(ray_local, tiny_model_dir, examples):
     data, pad = examples
-    policy = make_policy(tiny_model_dir, pad, world_size=2, token_budget=100_000,
-                         **{"policy.precision": "bf16", "policy.activation_checkpointing": True})
+    policy = make_policy(
+        tiny_model_dir,
+        pad,
+        world_size=2,
+        token_budget=100_000,
+        **{"policy.precision": "bf16", "policy.activation_checkpointing": True},
+    )
     try:
         curve = train_curve(policy, data)
     finally:
         policy.shutdown()
     assert all(torch.isfinite(torch.tensor(c["loss"])) for c in curve)
+    assert curve[-1]["loss"] < curve[0]["loss"]
+
+
+@pytest.mark.gpu
+def test_fsdp2_nccl_on_cuda_matches_cpu_math(ray_local, tiny_model_dir, examples, reference_curve):
+    """The same trainer on CUDA with NCCL (skipped where no CUDA device is present)."""
+    data, pad = examples
+    world_size = min(2, torch.cuda.device_count())
+    policy = make_policy(tiny_model_dir, pad, world_size=world_size, token_budget=100_000)
+    try:
+        info = policy.group.call("info")
+        assert all(i["backend"] == "nccl" and i["device"].startswith("cuda") for i in info)
+        curve = train_curve(policy, data)
+    finally:
+        policy.shutdown()
+    for got, want in zip(curve, reference_curve):  # other kernels: close, not bitwise
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-3)
     assert curve[-1]["loss"] < curve[0]["loss"]

@@ -61,3 +61,18 @@ def test_missing_bucket_and_unreachable_endpoint(s3_endpoint, tmp_path):
     dead = f"http://127.0.0.1:{free_port()}"
     with pytest.raises(StorageError, match="s3://any-bucket/runs"):
         s3_store(dead, "any-bucket", tmp_path)
+
+
+def test_dataset_file_on_s3_is_loaded_through_the_store_settings(s3_endpoint, s3_bucket, tmp_path):
+    import json
+
+    from engine.config import DataConfig
+    from engine.data.datasets import build_splits
+
+    store = s3_store(s3_endpoint, s3_bucket, tmp_path)
+    rows = "".join(json.dumps({"prompt": f"What is {i}+1?", "answer": i + 1}) + "\n" for i in range(10))
+    store.fs.pipe_file(f"{s3_bucket}/data/train.jsonl", rows.encode())
+    cfg = DataConfig(source=f"s3://{s3_bucket}/data/train.jsonl", val_fraction=0.2)
+    train, val = build_splits(cfg, tmp_path / "cache", store.fs.storage_options, seed=0)
+    assert len(train) == 8 and len(val) == 2
+    assert train[0]["messages"][-1]["role"] == "assistant"

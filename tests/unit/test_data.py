@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 
 from engine.config import DataConfig, SyntheticDataConfig
 from engine.data.batching import collate, plan_step, split_by_token_budget
@@ -20,7 +19,9 @@ def test_synthetic_splits_are_disjoint_deterministic_and_verifiable():
     assert not {r["prompt"] for r in train} & {r["prompt"] for r in val}
     assert make_arithmetic(cfg) == (train, val)
     for row in train[:50]:
-        a, op, b = row["prompt"].removeprefix("What is ").removesuffix("?").partition("+" if "+" in row["prompt"] else "-")
+        a, op, b = (
+            row["prompt"].removeprefix("What is ").removesuffix("?").partition("+" if "+" in row["prompt"] else "-")
+        )
         assert int(row["answer"]) == (int(a) + int(b) if op == "+" else int(a) - int(b))
         assert row["answer"] not in row["wrong_answers"] and len(row["wrong_answers"]) == cfg.num_wrong_answers
 
@@ -42,8 +43,10 @@ def test_multi_turn_masks_every_assistant_turn(tiny_model_dir):
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     messages = [
-        {"role": "user", "content": "What is 1+1?"}, {"role": "assistant", "content": "2"},
-        {"role": "user", "content": "And 2+2?"}, {"role": "assistant", "content": "4"},
+        {"role": "user", "content": "What is 1+1?"},
+        {"role": "assistant", "content": "2"},
+        {"role": "user", "content": "And 2+2?"},
+        {"role": "assistant", "content": "4"},
     ]
     example = tokenize_conversation(tok, messages, max_len=512)
     targets = tok.decode([t for t, m in zip(example.input_ids, example.loss_mask) if m])

@@ -33,10 +33,18 @@ def step():
 def pg_losses(cfg):
     def fn(lp, prev, ref, gen, adv, mask, n_tok, n_seq):
         loss, _ = clipped_pg_loss(
-            lp, prev, adv, mask, cfg, ref_logprobs=ref, generation_logprobs=gen,
-            global_valid_tokens=n_tok, global_valid_seqs=n_seq,
+            lp,
+            prev,
+            adv,
+            mask,
+            cfg,
+            ref_logprobs=ref,
+            generation_logprobs=gen,
+            global_valid_tokens=n_tok,
+            global_valid_seqs=n_seq,
         )
         return loss
+
     return fn
 
 
@@ -117,9 +125,7 @@ def _smooth_inputs():
 )
 def test_gradcheck_policy_loss(cfg):
     lp, prev, adv, ref, mask = _smooth_inputs()
-    assert torch.autograd.gradcheck(
-        lambda x: clipped_pg_loss(x, prev, adv, mask, cfg, ref_logprobs=ref)[0], (lp,)
-    )
+    assert torch.autograd.gradcheck(lambda x: clipped_pg_loss(x, prev, adv, mask, cfg, ref_logprobs=ref)[0], (lp,))
 
 
 @pytest.mark.parametrize("kind", ["k1", "k2", "k3"])
@@ -135,5 +141,7 @@ def test_gradcheck_nll_dpo_bt():
     r = torch.tensor([-1.5, -1.0], dtype=torch.float64, requires_grad=True)
     refc, refr = torch.tensor([-1.2, -2.1], dtype=torch.float64), torch.tensor([-1.4, -1.1], dtype=torch.float64)
     for loss_type in ("sigmoid", "ipo"):
-        assert torch.autograd.gradcheck(lambda a, b: dpo_loss(a, b, refc, refr, loss_type=loss_type, label_smoothing=0.1)[0], (c, r))
+        assert torch.autograd.gradcheck(
+            lambda a, b: dpo_loss(a, b, refc, refr, loss_type=loss_type, label_smoothing=0.1)[0], (c, r)
+        )
     assert torch.autograd.gradcheck(lambda a, b: bradley_terry_loss(a, b, margin=0.5)[0], (c, r))

@@ -157,7 +157,10 @@ def test_pg_sequence_level_ratio_gspo():
     # seq 0: log-ratios 0.1 and 0.3 -> mean 0.2 -> r = e^0.2 = 1.2214 > 1.2, A = 1 -> clipped to -1.2
     # seq 1: log-ratios 0.0 (masked 9.0 ignored) -> r = 1, A = -1 -> loss 1
     loss, m = pg(
-        [[0.1, 0.3], [0.0, 9.0]], [[0.0, 0.0], [0.0, 0.0]], [[1.0, 1.0], [-1.0, -1.0]], [[1, 1], [1, 0]],
+        [[0.1, 0.3], [0.0, 9.0]],
+        [[0.0, 0.0], [0.0, 0.0]],
+        [[1.0, 1.0], [-1.0, -1.0]],
+        [[1, 1], [1, 0]],
         sequence_level_ratio=True,
     )
     assert loss.item() == pytest.approx((-1.2 * 2 + 1.0) / 3)
@@ -185,7 +188,11 @@ def test_pg_icepop_zeroes_out_of_band_tokens():
     cfg = PolicyLossConfig(importance_sampling="icepop", is_min=0.5, is_max=2.0)
     # weights e^1 (out), e^-1 = 0.37 (out), e^0.2 = 1.22 (in)
     loss, m = clipped_pg_loss(
-        t([0.0, 0.0, 0.0]), t([0.0, 0.0, 0.0]), t([1.0, 1.0, 1.0]), t([1, 1, 1]), cfg,
+        t([0.0, 0.0, 0.0]),
+        t([0.0, 0.0, 0.0]),
+        t([1.0, 1.0, 1.0]),
+        t([1, 1, 1]),
+        cfg,
         generation_logprobs=t([-1.0, 1.0, -0.2]),
     )
     assert loss.item() == pytest.approx(-math.exp(0.2) / 3)
@@ -213,12 +220,19 @@ def test_pg_kl_term_added_per_token():
 
 def test_pg_sequence_level_loss_means_per_sequence_first():
     # per-token losses with r = 1: -A. seq 0 tokens [-1, -3] -> mean -2; seq 1 one token [-4] -> -4
-    loss, _ = pg([[0, 0], [0, 0]], [[0, 0], [0, 0]], [[1.0, 3.0], [4.0, 99.0]], [[1, 1], [1, 0]],
-                 token_level_loss=False, ratio_clip_max=10.0)
+    loss, _ = pg(
+        [[0, 0], [0, 0]],
+        [[0, 0], [0, 0]],
+        [[1.0, 3.0], [4.0, 99.0]],
+        [[1, 1], [1, 0]],
+        token_level_loss=False,
+        ratio_clip_max=10.0,
+    )
     assert loss.item() == pytest.approx((-2 - 4) / 2)
     cfg = PolicyLossConfig(token_level_loss=False, ratio_clip_max=10.0)
-    loss, _ = clipped_pg_loss(t([0, 0], [0, 0]), t([0, 0], [0, 0]), t([1.0, 3.0], [4.0, 99.0]),
-                              t([1, 1], [1, 0]), cfg, global_valid_seqs=6)
+    loss, _ = clipped_pg_loss(
+        t([0, 0], [0, 0]), t([0, 0], [0, 0]), t([1.0, 3.0], [4.0, 99.0]), t([1, 1], [1, 0]), cfg, global_valid_seqs=6
+    )
     assert loss.item() == pytest.approx((-2 - 4) / 6)
 
 

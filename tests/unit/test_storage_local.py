@@ -67,7 +67,9 @@ def test_manifest_is_the_last_write(store, tmp_path, monkeypatch):
     order = []
     real_put, real_pipe = store.fs.put_file, store.fs.pipe_file
     monkeypatch.setattr(store.fs, "put_file", lambda *a, **k: (order.append("file"), real_put(*a, **k)))
-    monkeypatch.setattr(store.fs, "pipe_file", lambda p, *a, **k: (order.append(p.rsplit("/", 1)[-1]), real_pipe(p, *a, **k)))
+    monkeypatch.setattr(
+        store.fs, "pipe_file", lambda p, *a, **k: (order.append(p.rsplit("/", 1)[-1]), real_pipe(p, *a, **k))
+    )
     store.commit_dir(make_dir(tmp_path / "src", {"a": "1", "b": "2"}), "z")
     assert order == ["file", "file", MANIFEST]
 
