@@ -13,6 +13,7 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/pip install -q "$(TORCH_SPEC)"
 	$(VENV)/bin/pip install -q -e '.[test]'
 	$(VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+	$(VENV)/bin/posttrain env build vllm
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -119,6 +119,16 @@ class PolicyConfig(Section):
     threads_per_worker: int = Field(1, gt=0)
 
 
+class GenerationConfig(Section):
+    backend: Literal["vllm", "hf"] = Field("vllm", description="vllm runs in its own venv (posttrain env build vllm)")
+    num_workers: int = Field(1, gt=0, description="data-parallel generation workers")
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description="fp32 where logprobs feed a loss")
+    max_model_len: int = Field(512, gt=0)
+    kv_cache_bytes: int = Field(1 << 30, gt=0)
+    threads_per_worker: int = Field(1, gt=0)
+    refit_bucket_bytes: int = Field(64 << 20, gt=0, description="size of the weight buckets streamed on refit")
+
+
 class SFTConfig(Section):
     max_steps: int = Field(120, gt=0)
     batch_size: int = Field(64, gt=0, description="sequences per optimizer step, over all ranks")
@@ -143,6 +153,7 @@ class PipelineConfig(Section):
     tracking: TrackingConfig = TrackingConfig()
     ray: RayConfig = RayConfig()
     policy: PolicyConfig = PolicyConfig()
+    generation: GenerationConfig = GenerationConfig()
     sft: SFTConfig = SFTConfig()
 
     @field_validator("resume")
@@ -273,13 +284,13 @@ def check_known_keys(data: dict[str, Any], model: type[BaseModel], prefix: str =
             check_known_keys(value, sub, prefix=f"{path}.")
 
 
-def _first_error_line(exc: ValidationError) -> str:
+def first_error_line(exc: ValidationError) -> str:
     error = exc.errors()[0]
-    field = ".".join(str(part) for part in error["loc"]) or "config"
+    field = ".".join(str(part) for part in error["loc"])
     message = error["msg"].removeprefix("Value error, ")
     got = error.get("input")
     shown = "" if isinstance(got, dict) or got is None else f" (got {got!r})"
-    return f"invalid config value for '{field}': {message}{shown}"
+    return f"invalid config value for '{field}': {message}{shown}" if field else f"invalid config: {message}"
 
 
 def validate_config(data: dict[str, Any]) -> PipelineConfig:
@@ -287,7 +298,7 @@ def validate_config(data: dict[str, Any]) -> PipelineConfig:
     try:
         return PipelineConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_first_error_line(exc)) from None
+        raise ConfigError(first_error_line(exc)) from None
 
 
 def load_config(path: str | Path | None = None, overrides: Iterable[str] | dict[str, Any] = ()) -> PipelineConfig:

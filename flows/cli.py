@@ -3,6 +3,7 @@
     posttrain run sft --config configs/sft_tiny.yaml --set sft.max_steps=20 [--json]
     posttrain config show --config sft_tiny --set policy.world_size=1
     posttrain make-tiny-model OUT --arch qwen2
+    posttrain env build vllm
 
 User errors (bad config, missing file, unreachable bucket, malformed row) print one line and exit 2.
 """
@@ -102,12 +103,27 @@ def cmd_config_show(args: argparse.Namespace) -> int:
 
 
 def cmd_make_tiny_model(args: argparse.Namespace) -> int:
-    from engine.config import TinyModelConfig
+    from pydantic import ValidationError
+
+    from engine.config import TinyModelConfig, first_error_line
+    from engine.errors import ConfigError
     from engine.models.tiny import make_tiny_model
 
     fields = {k: v for k, v in vars(args).items() if k in TinyModelConfig.model_fields and v is not None}
-    out = make_tiny_model(args.out, TinyModelConfig(**fields))
+    try:
+        tiny = TinyModelConfig(**fields)
+    except ValidationError as exc:
+        raise ConfigError(first_error_line(exc)) from None
+    out = make_tiny_model(args.out, tiny)
     print(out)
+    return 0
+
+
+def cmd_env_build(args: argparse.Namespace) -> int:
+    from engine import worker_envs
+
+    for kind in args.kinds:
+        print(worker_envs.build(kind, force=args.force))
     return 0
 
 
@@ -129,6 +145,13 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--config")
     show.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     show.set_defaults(handler=cmd_config_show)
+
+    env = sub.add_parser("env", help="isolated worker environments")
+    env_sub = env.add_subparsers(dest="env_command", required=True)
+    env_build = env_sub.add_parser("build", help="build (or reuse) the venv of a worker kind, e.g. vllm")
+    env_build.add_argument("kinds", nargs="+")
+    env_build.add_argument("--force", action="store_true", help="rebuild even if it exists")
+    env_build.set_defaults(handler=cmd_env_build)
 
     tiny = sub.add_parser("make-tiny-model", help="build a random-init model + BPE tokenizer in HF format")
     tiny.add_argument("out")

@@ -102,7 +102,7 @@ def ray_local():
     from engine import cluster
     from engine.config import RayConfig
 
-    cluster.connect(RayConfig(num_cpus=4))
+    cluster.connect(RayConfig(num_cpus=6))
     yield
     cluster.shutdown()
 

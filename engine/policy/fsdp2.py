@@ -190,6 +190,29 @@ class FSDP2PolicyWorker:
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         return get_model_state_dict(self.model, options=options)
 
+    def weight_buckets(self, bucket_bytes: int) -> tuple[list, list, int] | None:
+        """Full weights as Ray object-store buckets of about ``bucket_bytes`` each, for a refit.
+
+        Every rank takes part in the gather; rank 0 returns (manifest, bucket refs, total bytes)."""
+        import ray
+
+        from engine.generation.interfaces import manifest_of
+
+        state = self.full_state_dict()
+        if self.rank != 0:
+            return None
+        buckets, current, size, total = [], [], 0, 0
+        for name, tensor in state.items():
+            current.append((name, tensor))
+            size += tensor.numel() * tensor.element_size()
+            if size >= bucket_bytes:
+                buckets.append(ray.put(current))
+                total, current, size = total + size, [], 0
+        if current:
+            buckets.append(ray.put(current))
+            total += size
+        return manifest_of(state), buckets, total
+
     def export_hf(self, directory: str) -> None:
         """Full Hugging Face weights (config, safetensors) written by rank 0."""
         state = self.full_state_dict()

@@ -313,3 +313,12 @@ def test_preference_losses_stay_finite_at_huge_margins():
     assert math.isfinite(loss.item())
     loss, _ = bradley_terry_loss(t(-1e30), t(1e30))
     assert math.isfinite(loss.item())
+
+
+def test_logprob_agreement_metric():
+    from engine.algorithms.metrics import logprob_agreement
+
+    out = logprob_agreement(t([-1.0, -2.0, -3.0]), t([-1.0, -2.5, 50.0]), t([1, 1, 0]))
+    assert out["token_mult_prob_error"] == pytest.approx((1 + math.exp(0.5)) / 2)
+    assert out["logprob_max_abs_diff"] == pytest.approx(0.5)
+    assert logprob_agreement(t([0.0]), t([9.0]), t([0]))["token_mult_prob_error"] == 1.0

@@ -1,0 +1,80 @@
+"""Data-parallel generation workers on Ray, and the refit that pushes trainer weights into them.
+
+Prompts are split into contiguous shards, one per worker, and the results put back in order. A refit
+takes the trainer's full state dict from its rank 0 as buckets in the Ray object store (never through
+the driver), announces their manifest, and every generation worker checks that manifest against its own
+parameters before it loads anything.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import ray
+
+from engine import cluster, worker_envs
+from engine.config import GenerationConfig
+from engine.generation.interfaces import Completion, SamplingParams
+
+
+def _worker_class(backend: str) -> type:
+    if backend == "vllm":
+        from engine.generation.vllm import VLLMGenerationWorker
+
+        return VLLMGenerationWorker
+    from engine.generation.hf import HFGenerationWorker
+
+    return HFGenerationWorker
+
+
+class GenerationGroup:
+    def __init__(self, cfg: GenerationConfig, model_dir: str, seed: int = 0):
+        self.cfg = cfg
+        runtime_env = worker_envs.runtime_env("vllm") if cfg.backend == "vllm" else None
+        self.virtual = cluster.VirtualCluster(cfg.num_workers, cpus_per_bundle=1.0)
+        remote_cls = ray.remote(_worker_class(cfg.backend))
+        options: dict[str, Any] = {"num_cpus": 1}
+        if runtime_env:
+            options["runtime_env"] = runtime_env
+        self.workers = [
+            remote_cls.options(scheduling_strategy=self.virtual.strategy(i), **options).remote(
+                model_path=model_dir,
+                dtype=cfg.dtype,
+                threads=cfg.threads_per_worker,
+                max_model_len=cfg.max_model_len,
+                kv_cache_bytes=cfg.kv_cache_bytes,
+                seed=seed,
+            )
+            for i in range(cfg.num_workers)
+        ]
+        ray.get([worker.info.remote() for worker in self.workers])  # surface start-up errors here
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
+        size = -(-len(prompts) // len(self.workers))
+        refs = [
+            worker.generate.remote(prompts[start : start + size], params, first_index=start)
+            for worker, start in zip(self.workers, range(0, len(prompts), size))
+        ]
+        return [completions for shard in ray.get(refs) for completions in shard]
+
+    def update_weights(self, manifest: list, buckets: list, version: int) -> None:
+        ray.get([worker.update_weights.remote(manifest, buckets, version) for worker in self.workers])
+
+    def call(self, method: str, *args: Any, **kwargs: Any) -> list[Any]:
+        return ray.get([getattr(worker, method).remote(*args, **kwargs) for worker in self.workers])
+
+    def shutdown(self) -> None:
+        for worker in self.workers:
+            ray.kill(worker)
+        self.workers = []
+        self.virtual.release()
+
+
+def refit(policy_group: cluster.WorkerGroup, generation: GenerationGroup, version: int) -> dict[str, float]:
+    """Push the trainer's current weights into every generation worker; returns refit/* metrics."""
+    started = time.perf_counter()
+    results = policy_group.call("weight_buckets", generation.cfg.refit_bucket_bytes)
+    manifest, buckets, total_bytes = next(r for r in results if r is not None)
+    generation.update_weights(manifest, buckets, version)
+    return {"refit/seconds": time.perf_counter() - started, "refit/bytes": float(total_bytes)}

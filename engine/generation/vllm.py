@@ -1,0 +1,125 @@
+"""The vLLM generation backend, run as a Ray actor inside its own venv (`posttrain env build vllm`).
+
+The engine runs in the actor's process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), fp32 by default so its
+logprobs agree with the trainer's. Each (prompt, sample) pair is one request with its own seed (see
+``sampling.sample_seed``), with chunked prefill off: seeded sampling with chunked prefill crashes the CPU
+engine. Weights are replaced with vLLM's in-place reload path (``model.load_weights`` fails on CPU, where
+weights are repacked after loading); a push is checked in full first, since a failed reload leaves the
+engine broken.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from typing import Any
+
+from engine.generation.interfaces import (
+    Completion,
+    SamplingParams,
+    TensorSpec,
+    WeightManifest,
+    check_manifest,
+    gather_checked,
+)
+from engine.generation.sampling import sample_seed
+
+_SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
+
+
+def checkpoint_manifest(model_dir: Path) -> dict[str, TensorSpec]:
+    """Tensor names and shapes of a Hugging Face checkpoint, read from the safetensors headers only."""
+    specs: dict[str, TensorSpec] = {}
+    for file in sorted(model_dir.glob("*.safetensors")):
+        with open(file, "rb") as handle:
+            (length,) = struct.unpack("<Q", handle.read(8))
+            header = json.loads(handle.read(length))
+        for name, meta in header.items():
+            if name != "__metadata__":
+                specs[name] = TensorSpec(name, tuple(meta["shape"]), _SAFETENSORS_DTYPES.get(meta["dtype"], "?"))
+    return specs
+
+
+class VLLMGenerationWorker:
+    def __init__(
+        self,
+        model_path: str,
+        dtype: str = "float32",
+        max_model_len: int = 512,
+        kv_cache_bytes: int = 1 << 30,
+        seed: int = 0,
+        **_: Any,
+    ):
+        from vllm import LLM
+
+        self.llm = LLM(
+            model=model_path,
+            dtype=dtype,
+            enforce_eager=True,
+            max_model_len=max_model_len,
+            kv_cache_memory_bytes=kv_cache_bytes,
+            enable_chunked_prefill=False,
+            enable_prefix_caching=True,
+            seed=seed,
+        )
+        self.tokenizer = self.llm.get_tokenizer()
+        self.expected = checkpoint_manifest(Path(model_path))
+        config = json.loads((Path(model_path) / "config.json").read_text())
+        self.aliases = {"lm_head.weight"} if config.get("tie_word_embeddings") else set()
+        self.version = 0
+
+    def generate(
+        self, prompts: list[list[int]], params: SamplingParams, first_index: int = 0
+    ) -> list[list[Completion]]:
+        from vllm import SamplingParams as VLLMSamplingParams
+        from vllm.inputs import TokensPrompt
+
+        requests, sampling = [], []
+        for i, prompt in enumerate(prompts):
+            for j in range(params.n):
+                requests.append(TokensPrompt(prompt_token_ids=prompt))
+                sampling.append(
+                    VLLMSamplingParams(
+                        n=1,
+                        temperature=params.temperature,
+                        top_p=params.top_p,
+                        top_k=params.top_k or -1,
+                        max_tokens=params.max_tokens,
+                        stop=params.stop or None,
+                        stop_token_ids=params.stop_token_ids or None,
+                        include_stop_str_in_output=True,
+                        seed=sample_seed(params.seed, first_index + i, j),
+                        logprobs=0,
+                    )
+                )
+        outputs = self.llm.generate(requests, sampling, use_tqdm=False)
+        completions = []
+        for output in outputs:
+            sample = output.outputs[0]
+            tokens = list(sample.token_ids)
+            logprobs = [step[token].logprob for step, token in zip(sample.logprobs, tokens)]
+            finish = "length" if sample.finish_reason == "length" else "stop"
+            completions.append(Completion(tokens, logprobs, finish, sample.text))
+        return [completions[i * params.n : (i + 1) * params.n] for i in range(len(prompts))]
+
+    def update_weights(self, manifest: WeightManifest, buckets: list[Any], version: int) -> dict[str, float]:
+        keep = check_manifest(manifest, self.expected, self.aliases)
+        named = gather_checked(manifest, buckets, keep)
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": named})
+        self.llm.reset_prefix_cache()
+        self.version = version
+        return {"tensors": float(len(named))}
+
+    def weight_version(self) -> int:
+        return self.version
+
+    def info(self) -> dict[str, Any]:
+        import sys
+
+        import vllm
+
+        return {"backend": "vllm", "python": sys.executable, "vllm": vllm.__version__}
+
+    def shutdown(self) -> None:
+        self.llm = None

