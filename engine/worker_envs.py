@@ -103,7 +103,9 @@ def build(kind: str, force: bool = False) -> Path:
     (source_root / "engine").symlink_to(ENGINE_DIR)
     site = subprocess.run(
         [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-        check=True, capture_output=True, text=True,
+        check=True,
+        capture_output=True,
+        text=True,
     ).stdout.strip()
     (Path(site) / "posttrain_engine.pth").write_text(str(source_root) + "\n")
     if spec.check_import:

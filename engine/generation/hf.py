@@ -84,8 +84,12 @@ class HFGenerationWorker:
             tokens = new_tokens[row].tolist()
             length, finish = self._cut(tokens, params)
             completions.append(
-                Completion(tokens[:length], token_logprobs[row, :length].tolist(), finish,
-                           self.tokenizer.decode(tokens[:length]))
+                Completion(
+                    tokens[:length],
+                    token_logprobs[row, :length].tolist(),
+                    finish,
+                    self.tokenizer.decode(tokens[:length]),
+                )
             )
         return [completions[i * params.n : (i + 1) * params.n] for i in range(len(prompts))]
 

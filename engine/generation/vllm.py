@@ -41,6 +41,20 @@ def checkpoint_manifest(model_dir: Path) -> dict[str, TensorSpec]:
     return specs
 
 
+def _refresh_tied_output_layer(worker: Any) -> None:
+    """After an in-place reload, rebuild the tied output layer's CPU GEMM.
+
+    On CPU, vLLM prepares each linear layer's GEMM (``cpu_linear``, possibly on a repacked copy) once
+    its weights are loaded. The reload redoes that for the layers it loads, but the tied ``lm_head`` is
+    not among them (its weights arrive as ``embed_tokens``), so it would keep computing logits from the
+    old embedding (seen with vLLM 0.32). Re-tie it and prepare its GEMM again."""
+    model = worker.model_runner.get_model()
+    head, embedding = model.lm_head, model.model.embed_tokens.weight
+    if head.weight is not embedding:
+        head.weight = embedding
+    head.quant_method.process_weights_after_loading(head)
+
+
 class VLLMGenerationWorker:
     def __init__(
         self,
@@ -107,6 +121,8 @@ class VLLMGenerationWorker:
         keep = check_manifest(manifest, self.expected, self.aliases)
         named = gather_checked(manifest, buckets, keep)
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": named})
+        if self.aliases:
+            self.llm.collective_rpc(_refresh_tied_output_layer)
         self.llm.reset_prefix_cache()
         self.version = version
         return {"tensors": float(len(named))}

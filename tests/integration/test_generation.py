@@ -48,7 +48,9 @@ def trainer_vs_generator(policy, prompts, completions, pad_id):
     examples, generated = [], []
     for prompt, samples in zip(prompts, completions):
         for sample in samples:
-            examples.append(TokenizedExample(prompt + sample.token_ids, [0] * len(prompt) + [1] * len(sample.token_ids)))
+            examples.append(
+                TokenizedExample(prompt + sample.token_ids, [0] * len(prompt) + [1] * len(sample.token_ids))
+            )
             generated += sample.logprobs
     batch = collate(examples, pad_id)
     trainer = policy.group.call("token_logprobs", [batch])[0][0]
@@ -91,8 +93,11 @@ def test_refit_after_a_trainer_step_restores_logprob_agreement(
         trainer_lp, generator_lp = trainer_vs_generator(policy, prompts, stale, pad)
         assert (trainer_lp - generator_lp).abs().max() < 1e-3  # same initial weights
 
-        examples = [TokenizedExample(p + s.token_ids, [0] * len(p) + [1] * len(s.token_ids))
-                    for p, ss in zip(prompts, stale) for s in ss][:BATCH]
+        examples = [
+            TokenizedExample(p + s.token_ids, [0] * len(p) + [1] * len(s.token_ids))
+            for p, ss in zip(prompts, stale)
+            for s in ss
+        ][:BATCH]
         policy.train(examples, sft_loss)
         trainer_lp, generator_lp = trainer_vs_generator(policy, prompts, stale, pad)
         before = logprob_agreement(trainer_lp, generator_lp, torch.ones_like(trainer_lp))
