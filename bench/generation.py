@@ -45,7 +45,7 @@ def throughput(group: GenerationGroup, prompts: list[list[int]]) -> float:
 def bench_size(label: str, tiny: TinyModelConfig, rounds: int, workdir: Path) -> dict:
     from transformers import AutoTokenizer
 
-    from engine.algorithms.sft import start_policy_group
+    from engine.policy.group import start_policy_group
 
     model_dir = make_tiny_model(workdir / label, tiny)
     params = sum(

@@ -16,6 +16,7 @@ from typing import Any, Iterable, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from engine.algorithms.losses import PolicyLossConfig
 from engine.errors import ConfigError
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -63,6 +64,9 @@ class SyntheticDataConfig(Section):
     num_train: int = Field(3000, gt=0)
     num_val: int = Field(256, gt=0)
     num_wrong_answers: int = Field(2, ge=1, description="wrong-answer variants per problem (preference pairs)")
+    tool_use_fraction: float = Field(
+        0.0, ge=0.0, le=1.0, description="share of training demonstrations that call the <calc> tool"
+    )
     seed: int = 0
 
 
@@ -96,7 +100,7 @@ class TrackingConfig(Section):
 
 class RayConfig(Section):
     address: str = Field("local", description="'local' starts Ray in-process; 'auto' or ray://host:port connect")
-    num_cpus: int = Field(4, gt=0, description="logical CPUs of the embedded cluster (may exceed the cores)")
+    num_cpus: int = Field(8, gt=0, description="logical CPUs of the embedded cluster (may exceed the cores)")
 
 
 class OptimizerConfig(Section):
@@ -139,6 +143,57 @@ class SFTConfig(Section):
     optimizer: OptimizerConfig = OptimizerConfig()
 
 
+class RewardModelConfig(Section):
+    """A scalar head on the SFT model, trained with the Bradley-Terry loss on preference pairs."""
+
+    max_steps: int = Field(60, gt=0)
+    batch_size: int = Field(32, gt=0, description="preference pairs per step")
+    max_seq_len: int = Field(256, gt=0)
+    val_every: int = Field(20, gt=0)
+    val_size: int = Field(128, gt=0, description="validation pairs")
+    optimizer: OptimizerConfig = OptimizerConfig(lr=1e-3, warmup_steps=5)
+
+
+class GRPOConfig(Section):
+    max_steps: int = Field(100, gt=0)
+    prompts_per_step: int = Field(32, gt=0)
+    generations_per_prompt: int = Field(8, gt=1)
+    max_new_tokens: int = Field(8, gt=0, description="per assistant turn")
+    temperature: float = Field(1.0, gt=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    environment: Literal["math", "calculator"] = "math"
+    max_rollout_turns: int = Field(1, gt=0)
+    verifier_weight: float = Field(1.0, ge=0.0)
+    reward_model_weight: float = Field(0.0, ge=0.0, description="weight of sigmoid(reward model score)")
+    leave_one_out: bool = True
+    normalize_advantages: bool = True
+    dynamic_sampling: bool = Field(False, description="drop prompt groups whose rewards are all equal")
+    val_every: int = Field(20, gt=0)
+    val_size: int = Field(128, gt=0, description="held-out prompts for greedy pass@1")
+    checkpoint_every: int = Field(50, gt=0)
+    loss: PolicyLossConfig = PolicyLossConfig()
+    optimizer: OptimizerConfig = OptimizerConfig(lr=1e-4, warmup_steps=0, schedule="constant", grad_clip=1.0)
+
+
+class DPOConfig(Section):
+    max_steps: int = Field(60, gt=0)
+    batch_size: int = Field(32, gt=0, description="preference pairs per step")
+    max_seq_len: int = Field(256, gt=0)
+    beta: float = Field(0.1, gt=0.0)
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)
+    sft_weight: float = Field(0.0, ge=0.0, description="weight of an NLL term on the chosen responses")
+    val_every: int = Field(20, gt=0)
+    val_size: int = Field(128, gt=0, description="validation pairs")
+    checkpoint_every: int = Field(50, gt=0)
+    optimizer: OptimizerConfig = OptimizerConfig(lr=5e-4, warmup_steps=5)
+
+
+class EvaluateConfig(Section):
+    size: int = Field(256, gt=0, description="held-out prompts, greedy, one sample each")
+    max_new_tokens: int = Field(8, gt=0)
+
+
 class PipelineConfig(Section):
     """Everything one pipeline run needs. The Prefect UI renders it as a form."""
 
@@ -155,6 +210,10 @@ class PipelineConfig(Section):
     policy: PolicyConfig = PolicyConfig()
     generation: GenerationConfig = GenerationConfig()
     sft: SFTConfig = SFTConfig()
+    reward_model: RewardModelConfig = RewardModelConfig()
+    grpo: GRPOConfig = GRPOConfig()
+    dpo: DPOConfig = DPOConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
 
     @field_validator("resume")
     @classmethod

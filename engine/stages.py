@@ -10,7 +10,7 @@ from __future__ import annotations
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from pydantic import BaseModel
 
@@ -22,7 +22,7 @@ from engine.models.loading import resolve_model
 from engine.storage import ArtifactRef, ArtifactStore
 
 if TYPE_CHECKING:
-    from engine.tracking import Tracker
+    from engine.tracking import StageRun, Tracker
 
 
 class StageResult(BaseModel):
@@ -121,21 +121,138 @@ def local_model_dir(rt: Runtime, ref: ArtifactRef) -> Path:
     return resolve_model(ref.uri, rt.store, rt.cache_dir)
 
 
+def _run_stage(
+    rt: Runtime,
+    name: str,
+    stage_config: dict[str, Any],
+    inputs: dict[str, str],
+    parent_run_id: str | None,
+    body: Callable[["StageRun", str], ArtifactRef],
+    artifact: str = "model",
+) -> StageResult:
+    """Return the committed artifact of this exact stage if there is one; else run ``body`` in a nested
+    MLflow run (``body`` gets the run and the stage's store prefix and commits the artifact)."""
+    prefix = f"stages/{name}/{stage_key(name, stage_config, inputs)}"
+    hit = rt.cached(name, f"{prefix}/{artifact}")
+    if hit is not None:
+        return hit
+    run = rt.tracker.start_stage(parent_run_id, name, stage_config)
+    run.set_tags({f"posttrain.input.{k}": v for k, v in inputs.items()})
+    status = "FAILED"
+    try:
+        ref = body(run, prefix)
+        run.log_metrics({f"final/{k}": v for k, v in ref.metrics.items()}, step=0)
+        status = "FINISHED"
+        return StageResult(name=name, ref=ref, cached=False, mlflow_run_id=run.run_id)
+    finally:
+        run.finish(status)
+
+
 def train_sft(rt: Runtime, model: ArtifactRef, data: ArtifactRef, parent_run_id: str | None) -> StageResult:
     from engine.algorithms.sft import run_sft
 
     cfg = rt.cfg
-    stage_config: dict[str, Any] = {"seed": cfg.seed, **cfg.section("policy", "sft")}
-    prefix = f"stages/sft/{stage_key('sft', stage_config, {'model': model.digest, 'data': data.digest})}"
-    hit = rt.cached("sft", f"{prefix}/model")
-    if hit is not None:
-        return hit
-    run = rt.tracker.start_stage(parent_run_id, "sft", stage_config)
-    status = "FAILED"
-    try:
-        ref = run_sft(cfg, rt.store, run, local_model_dir(rt, model), rt.store.download(data.uri), prefix)
-        run.log_metrics({f"final/{k}": v for k, v in ref.metrics.items()}, step=cfg.sft.max_steps)
-        status = "FINISHED"
-        return StageResult(name="sft", ref=ref, cached=False, mlflow_run_id=run.run_id)
-    finally:
-        run.finish(status)
+    stage_config = {"seed": cfg.seed, **cfg.section("policy", "sft")}
+    return _run_stage(
+        rt,
+        "sft",
+        stage_config,
+        {"model": model.digest, "data": data.digest},
+        parent_run_id,
+        lambda run, prefix: run_sft(
+            cfg, rt.store, run, local_model_dir(rt, model), rt.store.download(data.uri), prefix
+        ),
+    )
+
+
+def train_reward_model(rt: Runtime, sft: ArtifactRef, data: ArtifactRef, parent_run_id: str | None) -> StageResult:
+    from engine.algorithms.rm import run_reward_model
+
+    cfg = rt.cfg
+    stage_config = {"seed": cfg.seed, "system_prompt": cfg.data.system_prompt, **cfg.section("policy", "reward_model")}
+    return _run_stage(
+        rt,
+        "reward_model",
+        stage_config,
+        {"sft": sft.digest, "data": data.digest},
+        parent_run_id,
+        lambda run, prefix: run_reward_model(
+            cfg, rt.store, run, local_model_dir(rt, sft), rt.store.download(data.uri), prefix
+        ),
+    )
+
+
+def train_grpo(
+    rt: Runtime, sft: ArtifactRef, data: ArtifactRef, reward_model: ArtifactRef | None, parent_run_id: str | None
+) -> StageResult:
+    from engine.algorithms.grpo import run_grpo
+
+    cfg = rt.cfg
+    uses_rm = reward_model is not None and cfg.grpo.reward_model_weight > 0
+    stage_config = {
+        "seed": cfg.seed,
+        "system_prompt": cfg.data.system_prompt,
+        **cfg.section("policy", "generation", "grpo"),
+    }
+    inputs = {"sft": sft.digest, "data": data.digest, **({"reward_model": reward_model.digest} if uses_rm else {})}
+    return _run_stage(
+        rt,
+        "grpo",
+        stage_config,
+        inputs,
+        parent_run_id,
+        lambda run, prefix: run_grpo(
+            cfg,
+            rt.store,
+            run,
+            local_model_dir(rt, sft),
+            rt.store.download(data.uri),
+            prefix,
+            local_model_dir(rt, reward_model) if uses_rm else None,
+        ),
+    )
+
+
+def train_dpo(rt: Runtime, sft: ArtifactRef, data: ArtifactRef, parent_run_id: str | None) -> StageResult:
+    from engine.algorithms.dpo import run_dpo
+
+    cfg = rt.cfg
+    stage_config = {"seed": cfg.seed, "system_prompt": cfg.data.system_prompt, **cfg.section("policy", "dpo")}
+    return _run_stage(
+        rt,
+        "dpo",
+        stage_config,
+        {"sft": sft.digest, "data": data.digest},
+        parent_run_id,
+        lambda run, prefix: run_dpo(
+            cfg, rt.store, run, local_model_dir(rt, sft), rt.store.download(data.uri), prefix, sft.digest, data.digest
+        ),
+    )
+
+
+def evaluate(
+    rt: Runtime, sft: ArtifactRef, final: ArtifactRef, data: ArtifactRef, parent_run_id: str | None
+) -> StageResult:
+    from engine.algorithms.evaluate import run_evaluate
+
+    cfg = rt.cfg
+    stage_config = {
+        "environment": cfg.grpo.environment,
+        "max_rollout_turns": cfg.grpo.max_rollout_turns,
+        "system_prompt": cfg.data.system_prompt,
+        **cfg.section("generation", "evaluate"),
+    }
+
+    def body(run: "StageRun", prefix: str) -> ArtifactRef:
+        with tempfile.TemporaryDirectory(prefix="evaluate-") as tmp:
+            out = Path(tmp)
+            metrics = run_evaluate(
+                cfg, local_model_dir(rt, sft), local_model_dir(rt, final), rt.store.download(data.uri), out
+            )
+            for plot in sorted(out.glob("*.png")):
+                run.log_artifact(plot, "plots")
+            ref = rt.store.commit_dir(out, f"{prefix}/result", metadata={"metrics": metrics})
+        return ref.model_copy(update={"metrics": metrics})
+
+    inputs = {"sft": sft.digest, "final": final.digest, "data": data.digest}
+    return _run_stage(rt, "evaluate", stage_config, inputs, parent_run_id, body, artifact="result")

@@ -1,6 +1,6 @@
 """The `posttrain` command line.
 
-    posttrain run sft --config configs/sft_tiny.yaml --set sft.max_steps=20 [--json]
+    posttrain run grpo-pipeline --config configs/grpo_tiny.yaml --set grpo.max_steps=20 [--json]
     posttrain config show --config sft_tiny --set policy.world_size=1
     posttrain make-tiny-model OUT --arch qwen2
     posttrain env build vllm
@@ -30,14 +30,22 @@ from engine.errors import PosttrainError  # noqa: E402
 EXIT_USER_ERROR = 2
 
 
-PIPELINES = ("sft",)
+PIPELINES = ("grpo-pipeline", "dpo-pipeline", "sft", "reward-model", "grpo", "dpo")
+DEFAULT_CONFIGS = {
+    "grpo-pipeline": "grpo_tiny",
+    "dpo-pipeline": "dpo_tiny",
+    "sft": "sft_tiny",
+    "reward-model": "grpo_tiny",
+    "grpo": "grpo_tiny",
+    "dpo": "dpo_tiny",
+}
 
 
 def _flow(pipeline: str) -> Callable[..., dict[str, Any]]:
     """The pipeline's Prefect flow (imported late: Prefect and the trainers take seconds to import)."""
-    from flows.sft import sft
+    from flows.pipelines import FLOWS
 
-    return {"sft": sft}[pipeline]
+    return FLOWS[pipeline]
 
 
 class _HideUserErrorTracebacks(logging.Filter):
@@ -63,7 +71,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.pipeline not in PIPELINES:
         raise PosttrainError(f"unknown pipeline {args.pipeline!r}; choose from {', '.join(PIPELINES)}")
     params = RunParameters(
-        config=args.config or f"{args.pipeline.replace('-pipeline', '')}_tiny",
+        config=args.config or DEFAULT_CONFIGS[args.pipeline],
         overrides=dict(_split_override(o) for o in args.set),
         resume=args.resume,
     )
@@ -132,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run a pipeline (as a Prefect flow)")
-    run.add_argument("pipeline", help="sft")
+    run.add_argument("pipeline", help=" | ".join(PIPELINES))
     run.add_argument("--config", help="YAML file or name in configs/ (default: <pipeline>_tiny)")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted override, repeatable")
     run.add_argument("--resume", help="auto | never | <checkpoint URI>")

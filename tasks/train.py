@@ -1,4 +1,4 @@
-"""Prefect tasks for the training stages: thin wrappers that resolve inputs and call the engine."""
+"""Prefect tasks for the training stages: thin wrappers that open the runtime and call the engine."""
 
 from __future__ import annotations
 
@@ -15,3 +15,28 @@ def train_sft(
     cfg: PipelineConfig, model: ArtifactRef, data: ArtifactRef, parent_run_id: str | None
 ) -> stages.StageResult:
     return stages.train_sft(stages.Runtime.open(cfg), model, data, parent_run_id)
+
+
+@task(name="train_reward_model", cache_policy=NO_CACHE)
+def train_reward_model(
+    cfg: PipelineConfig, sft: ArtifactRef, data: ArtifactRef, parent_run_id: str | None
+) -> stages.StageResult:
+    return stages.train_reward_model(stages.Runtime.open(cfg), sft, data, parent_run_id)
+
+
+@task(name="train_grpo", cache_policy=NO_CACHE)
+def train_grpo(
+    cfg: PipelineConfig,
+    sft: ArtifactRef,
+    data: ArtifactRef,
+    reward_model: ArtifactRef | None,
+    parent_run_id: str | None,
+) -> stages.StageResult:
+    return stages.train_grpo(stages.Runtime.open(cfg), sft, data, reward_model, parent_run_id)
+
+
+@task(name="train_dpo", cache_policy=NO_CACHE)
+def train_dpo(
+    cfg: PipelineConfig, sft: ArtifactRef, data: ArtifactRef, parent_run_id: str | None
+) -> stages.StageResult:
+    return stages.train_dpo(stages.Runtime.open(cfg), sft, data, parent_run_id)

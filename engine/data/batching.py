@@ -3,6 +3,10 @@
 Every micro-batch is right-padded to its longest sequence and holds at most ``token_budget`` padded
 tokens. Ranks get balanced token counts and the same number of micro-batches (an FSDP collective needs
 every rank), so a rank short of data runs an all-masked filler micro-batch that adds nothing.
+
+Sequences can be planned in units (``group_size`` consecutive examples, e.g. a chosen/rejected pair)
+that always land in the same micro-batch. Each micro-batch records the ``index`` of its examples, so
+per-example outputs can be put back in order.
 """
 
 from __future__ import annotations
@@ -14,60 +18,97 @@ from engine.data.chat import TokenizedExample
 MicroBatch = dict[str, torch.Tensor]
 
 
-def collate(examples: list[TokenizedExample], pad_id: int) -> MicroBatch:
-    """Right-padded ``input_ids``/``attention_mask`` [B, L] and a target mask [B, L-1] aligned with the
-    logprobs of tokens 1..L-1 (position t predicts token t+1)."""
+def collate(examples: list[TokenizedExample], pad_id: int, indices: list[int] | None = None) -> MicroBatch:
+    """Right-padded ``input_ids``/``attention_mask`` [B, L]; per-token fields (the target mask and any
+    ``token_values``) shifted to [B, L-1], aligned with the logprobs of tokens 1..L-1 (position t predicts
+    token t+1); per-sequence ``scalars`` as [B]."""
     length = max(len(e) for e in examples)
-    input_ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(examples), length), dtype=torch.long)
-    targets = torch.zeros((len(examples), length), dtype=torch.float32)
+    rows = len(examples)
+    input_ids = torch.full((rows, length), pad_id, dtype=torch.long)
+    attention = torch.zeros((rows, length), dtype=torch.long)
+    per_token = {"loss_mask": torch.zeros((rows, length))}
+    for key in examples[0].token_values:
+        per_token[key] = torch.zeros((rows, length))
+    scalars = {key: torch.zeros(rows) for key in examples[0].scalars}
     for row, example in enumerate(examples):
         n = len(example)
         input_ids[row, :n] = torch.tensor(example.input_ids)
         attention[row, :n] = 1
-        targets[row, :n] = torch.tensor(example.loss_mask, dtype=torch.float32)
-    return {"input_ids": input_ids, "attention_mask": attention, "loss_mask": targets[:, 1:]}
+        per_token["loss_mask"][row, :n] = torch.tensor(example.loss_mask, dtype=torch.float32)
+        for key, values in example.token_values.items():
+            per_token[key][row, :n] = torch.tensor(values, dtype=torch.float32)
+        for key, value in example.scalars.items():
+            scalars[key][row] = value
+    batch = {"input_ids": input_ids, "attention_mask": attention, **scalars}
+    batch.update({key: values[:, 1:] for key, values in per_token.items()})
+    batch["index"] = torch.tensor(indices if indices is not None else [-1] * rows)
+    return batch
 
 
-def filler_micro_batch(pad_id: int) -> MicroBatch:
+def filler_micro_batch(template: TokenizedExample, pad_id: int) -> MicroBatch:
     """A one-sequence, all-masked micro-batch: keeps a rank in step with the others' collectives."""
-    return collate([TokenizedExample([pad_id, pad_id], [0, 0])], pad_id)
+    filler = TokenizedExample(
+        [pad_id, pad_id],
+        [0, 0],
+        token_values={key: [0.0, 0.0] for key in template.token_values},
+        scalars={key: 0.0 for key in template.scalars},
+    )
+    return collate([filler], pad_id)
 
 
-def split_by_token_budget(examples: list[TokenizedExample], token_budget: int) -> list[list[TokenizedExample]]:
-    """Greedy packing of length-sorted sequences so that rows x longest row <= token_budget."""
-    ordered = sorted(examples, key=len, reverse=True)
-    groups: list[list[TokenizedExample]] = []
-    for example in ordered:
+Unit = list[int]  # indices of examples that travel together
+
+
+def _units(count: int, group_size: int) -> list[Unit]:
+    if count % group_size:
+        raise ValueError(f"{count} examples do not split into groups of {group_size}")
+    return [list(range(start, start + group_size)) for start in range(0, count, group_size)]
+
+
+def split_by_token_budget(units: list[Unit], lengths: list[int], token_budget: int) -> list[list[Unit]]:
+    """Greedy packing of length-sorted units so that rows x longest row <= token_budget."""
+    longest = {id(unit): max(lengths[i] for i in unit) for unit in units}
+    ordered = sorted(units, key=lambda unit: longest[id(unit)], reverse=True)
+    groups: list[list[Unit]] = []
+    for unit in ordered:
         current = groups[-1] if groups else None
-        if current and (len(current) + 1) * len(current[0]) <= token_budget:
-            current.append(example)
-        else:
-            groups.append([example])
+        if current is not None:
+            rows = sum(len(u) for u in current) + len(unit)
+            if rows * longest[id(current[0])] <= token_budget:
+                current.append(unit)
+                continue
+        groups.append([unit])
     return groups
 
 
-def shard_for_ranks(examples: list[TokenizedExample], world_size: int) -> list[list[TokenizedExample]]:
+def shard_for_ranks(units: list[Unit], lengths: list[int], world_size: int) -> list[list[Unit]]:
     """Longest-first assignment to the rank with the fewest tokens so far (balanced work per rank)."""
-    shards: list[list[TokenizedExample]] = [[] for _ in range(world_size)]
+    shards: list[list[Unit]] = [[] for _ in range(world_size)]
     loads = [0] * world_size
-    for example in sorted(examples, key=len, reverse=True):
+    for unit in sorted(units, key=lambda u: sum(lengths[i] for i in u), reverse=True):
         rank = loads.index(min(loads))
-        shards[rank].append(example)
-        loads[rank] += len(example)
+        shards[rank].append(unit)
+        loads[rank] += sum(lengths[i] for i in unit)
     return shards
 
 
 def plan_step(
-    examples: list[TokenizedExample], world_size: int, token_budget: int, pad_id: int
+    examples: list[TokenizedExample], world_size: int, token_budget: int, pad_id: int, group_size: int = 1
 ) -> tuple[list[list[MicroBatch]], int]:
     """Per-rank micro-batches (equal counts) and the step's global number of target tokens."""
-    per_rank = [split_by_token_budget(shard, token_budget) for shard in shard_for_ranks(examples, world_size)]
+    lengths = [len(e) for e in examples]
+    units = _units(len(examples), group_size)
+    per_rank = [
+        split_by_token_budget(shard, lengths, token_budget) for shard in shard_for_ranks(units, lengths, world_size)
+    ]
     count = max(1, max(len(groups) for groups in per_rank))
     plans = []
     for groups in per_rank:
-        batches = [collate(group, pad_id) for group in groups]
-        batches += [filler_micro_batch(pad_id) for _ in range(count - len(batches))]
+        batches = []
+        for group in groups:
+            indices = [i for unit in group for i in unit]
+            batches.append(collate([examples[i] for i in indices], pad_id, indices))
+        batches += [filler_micro_batch(examples[0], pad_id) for _ in range(count - len(batches))]
         plans.append(batches)
     global_targets = sum(int(sum(e.loss_mask[1:])) for e in examples)
     return plans, global_targets

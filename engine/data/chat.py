@@ -7,7 +7,7 @@ Rendering through the template keeps training and generation on exactly the same
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from engine.errors import DataError
@@ -19,6 +19,8 @@ ROLES = {"system", "user", "assistant", "tool"}
 class TokenizedExample:
     input_ids: list[int]
     loss_mask: list[int]  # 1 where the token is a training target
+    token_values: dict[str, list[float]] = field(default_factory=dict)  # per token, e.g. generation logprobs
+    scalars: dict[str, float] = field(default_factory=dict)  # per sequence, e.g. advantage, reference logprob
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -75,3 +77,15 @@ def tokenize_conversation(tokenizer, messages: list[dict[str, str]], max_len: in
         mask += [0] * (len(context) - len(ids)) + [1] * trained + [0] * (len(target) - trained)
         ids = full
     return TokenizedExample(ids[:max_len], mask[:max_len])
+
+
+def tokenize_observation(tokenizer, messages: list[dict[str, str]], observation: dict[str, str]) -> list[int]:
+    """Tokens that follow a generated assistant turn (which ended with eos): the template's text after
+    that eos, the observation turn, and the next assistant header."""
+    before = tokenizer.apply_chat_template(messages, tokenize=False)
+    after = tokenizer.apply_chat_template(messages + [observation], tokenize=False, add_generation_prompt=True)
+    if not after.startswith(before):
+        raise DataError("the chat template does not render conversations as growing prefixes")
+    eos = tokenizer.eos_token
+    between = before[before.rindex(eos) + len(eos) :] if eos in before else ""
+    return tokenizer(between + after[len(before) :], add_special_tokens=False)["input_ids"]

@@ -80,15 +80,25 @@ def normalize_row(row: dict[str, Any], cfg: DataConfig, where: str) -> dict[str,
     """One row in posttrain's form: messages to train on, plus RL/preference fields when present."""
     out: dict[str, Any] = {}
     row = {key: value for key, value in row.items() if value is not None}  # columnar formats fill gaps with None
+    if "chosen" in row and "rejected" in row:  # a preference dataset: train SFT on the chosen side
+        out["chosen"], out["rejected"] = row["chosen"], row["rejected"]
+        if isinstance(row["chosen"], list):
+            out["messages"] = validate_messages(row["chosen"], where)
+            return out
+        if cfg.prompt_field not in row:
+            raise DataError(f"{where}: text 'chosen'/'rejected' need a '{cfg.prompt_field}' field")
+        row = {**row, cfg.response_field: row["chosen"]}
+    if cfg.messages_field in row:
+        out["messages"] = validate_messages(row[cfg.messages_field], where)
     if cfg.prompt_field in row and cfg.response_field in row:
         prompt, answer = row[cfg.prompt_field], row[cfg.response_field]
         if not isinstance(prompt, str) or not isinstance(answer, (str, int, float)):
             raise DataError(f"{where}: '{cfg.prompt_field}' must be text and '{cfg.response_field}' text or a number")
         out["prompt"], out["answer"] = prompt, str(answer)
-        out["messages"] = prompt_messages(prompt, cfg.system_prompt) + [{"role": "assistant", "content": str(answer)}]
-    elif cfg.messages_field in row:
-        out["messages"] = validate_messages(row[cfg.messages_field], where)
-    else:
+        out.setdefault(
+            "messages", prompt_messages(prompt, cfg.system_prompt) + [{"role": "assistant", "content": str(answer)}]
+        )
+    if "messages" not in out:
         raise DataError(
             f"{where}: row has neither '{cfg.messages_field}' nor '{cfg.prompt_field}' + '{cfg.response_field}' fields"
         )

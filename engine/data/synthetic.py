@@ -55,7 +55,21 @@ def make_arithmetic(cfg: SyntheticDataConfig) -> tuple[list[dict[str, Any]], lis
             continue
         seen.add(problem)
         rows.append(problem_row(*problem, rng=rng, num_wrong=cfg.num_wrong_answers))
-    return rows[: cfg.num_train], rows[cfg.num_train :]
+    train = rows[: cfg.num_train]
+    for row in train[: int(len(train) * cfg.tool_use_fraction)]:
+        row["messages"] = tool_demonstration(row)
+    return train, rows[cfg.num_train :]
+
+
+def tool_demonstration(row: dict[str, Any]) -> list[dict[str, str]]:
+    """The same problem solved through the calculator tool: call, tool answer, final answer."""
+    expression = row["prompt"].removeprefix("What is ").removesuffix("?")
+    return [
+        {"role": "user", "content": row["prompt"]},
+        {"role": "assistant", "content": f"<calc>{expression}</calc>"},
+        {"role": "tool", "content": row["answer"]},
+        {"role": "assistant", "content": row["answer"]},
+    ]
 
 
 def tokenizer_corpus(seed: int = 0, size: int = 4000) -> list[str]:

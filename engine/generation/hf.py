@@ -88,7 +88,7 @@ class HFGenerationWorker:
                     tokens[:length],
                     token_logprobs[row, :length].tolist(),
                     finish,
-                    self.tokenizer.decode(tokens[:length]),
+                    self.tokenizer.decode(tokens[:length], skip_special_tokens=True),
                 )
             )
         return [completions[i * params.n : (i + 1) * params.n] for i in range(len(prompts))]

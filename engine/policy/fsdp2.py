@@ -52,8 +52,10 @@ class FSDP2PolicyWorker:
         optimizer: dict[str, Any],
         total_steps: int,
         seed: int,
+        model_kind: str = "causal_lm",
     ):
         self.rank, self.world_size = rank, world_size
+        self.model_kind = model_kind  # "causal_lm": per-token logprobs; "reward": one scalar per sequence
         self.model_path = model_path
         self.policy = PolicyConfig.model_validate(policy)
         self.optimizer_cfg = OptimizerConfig.model_validate(optimizer)
@@ -81,11 +83,17 @@ class FSDP2PolicyWorker:
         self.optimizer, self.scheduler = build_optimizer(self.model.parameters(), self.optimizer_cfg, self.total_steps)
 
     def _build_model(self) -> torch.nn.Module:
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-        model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch.float32).to(self.device)
+        if self.model_kind == "reward":
+            model = AutoModelForSequenceClassification.from_pretrained(
+                self.model_path, num_labels=1, dtype=torch.float32
+            )
+        else:
+            model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch.float32)
+        model = model.to(self.device)
         if self.policy.activation_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
@@ -106,10 +114,13 @@ class FSDP2PolicyWorker:
 
     # ------------------------------------------------------------------------------ compute
 
-    def _forward_logprobs(self, batch: MicroBatch) -> torch.Tensor:
+    def _forward(self, batch: MicroBatch) -> torch.Tensor:
+        """Token logprobs [B, L-1] of a causal LM, or one fp32 score [B] per sequence of a reward model."""
         input_ids = batch["input_ids"].to(self.device)
         attention = batch["attention_mask"].to(self.device)
         logits = self.model(input_ids=input_ids, attention_mask=attention).logits
+        if self.model_kind == "reward":
+            return logits[:, 0].float()
         return token_logprobs_from_logits(logits, input_ids)
 
     def _on_device(self, batch: MicroBatch) -> MicroBatch:
@@ -125,8 +136,8 @@ class FSDP2PolicyWorker:
         metric_sums: dict[str, float] = {}
         for index, batch in enumerate(micro_batches):
             self.model.set_requires_gradient_sync(index == len(micro_batches) - 1)
-            logprobs = self._forward_logprobs(batch)
-            loss, metrics = loss_fn(logprobs, self._on_device(batch), normalizers)
+            outputs = self._forward(batch)
+            loss, metrics = loss_fn(outputs, self._on_device(batch), normalizers)
             loss.backward()
             loss_share += float(loss.detach())
             for key, value in metrics.items():
@@ -147,18 +158,22 @@ class FSDP2PolicyWorker:
         self.model.eval()
         try:
             loss_share = 0.0
+            metric_sums: dict[str, float] = {}
             for batch in micro_batches:
-                loss, _ = loss_fn(self._forward_logprobs(batch), self._on_device(batch), normalizers)
+                loss, metrics = loss_fn(self._forward(batch), self._on_device(batch), normalizers)
                 loss_share += float(loss)
+                for key, value in metrics.items():
+                    metric_sums[key] = metric_sums.get(key, 0.0) + value
         finally:
             self.model.train()
-        return {"loss_share": loss_share}
+        return {"loss_share": loss_share, **metric_sums}
 
     @torch.no_grad()
-    def token_logprobs(self, micro_batches: list[MicroBatch]) -> list[torch.Tensor]:
+    def forward_only(self, micro_batches: list[MicroBatch]) -> list[torch.Tensor]:
+        """The model's outputs (see ``_forward``) for each micro-batch, without gradients."""
         self.model.eval()
         try:
-            return [self._forward_logprobs(batch).cpu() for batch in micro_batches]
+            return [self._forward(batch).cpu() for batch in micro_batches]
         finally:
             self.model.train()
 

@@ -8,7 +8,8 @@ import torch
 
 from engine.data.batching import MicroBatch
 
-# loss_fn(token_logprobs [B, L-1], micro_batch, global normalizers) -> (loss, metrics)
+# loss_fn(outputs, micro_batch, global normalizers) -> (loss, metric sums); outputs are token logprobs
+# [B, L-1] of a causal LM or scores [B] of a reward model
 LossFn = Callable[[torch.Tensor, MicroBatch, dict[str, float]], tuple[torch.Tensor, dict[str, float]]]
 
 
@@ -25,7 +26,7 @@ class PolicyWorker(Protocol):
         self, micro_batches: list[MicroBatch], loss_fn: LossFn, normalizers: dict[str, float]
     ) -> dict[str, float]: ...
 
-    def token_logprobs(self, micro_batches: list[MicroBatch]) -> list[torch.Tensor]: ...
+    def forward_only(self, micro_batches: list[MicroBatch]) -> list[torch.Tensor]: ...
 
     def save_checkpoint(self, directory: str) -> None: ...
 

@@ -4,10 +4,11 @@ round trip and HF export."""
 import pytest
 import torch
 
-from engine.algorithms.sft import sft_loss, start_policy_group
+from engine.algorithms.sft import sft_loss
 from engine.config import SyntheticDataConfig, load_config
 from engine.data.chat import tokenize_conversation
 from engine.data.synthetic import make_arithmetic
+from engine.policy.group import start_policy_group
 
 STEPS, BATCH = 3, 24
 
@@ -107,7 +108,7 @@ def test_export_hf_matches_trained_logprobs(ray_local, tiny_model_dir, examples,
     try:
         train_curve(policy, data, steps=1)
         batch = collate(data[:4], pad)
-        trainer_lp = policy.group.call("token_logprobs", [batch])[0][0]
+        trainer_lp = policy.group.call("forward_only", [batch])[0][0]
         policy.group.call("export_hf", str(tmp_path / "hf"))
     finally:
         policy.shutdown()

@@ -53,7 +53,7 @@ def trainer_vs_generator(policy, prompts, completions, pad_id):
             )
             generated += sample.logprobs
     batch = collate(examples, pad_id)
-    trainer = policy.group.call("token_logprobs", [batch])[0][0]
+    trainer = policy.group.call("forward_only", [batch])[0][0]
     return trainer[batch["loss_mask"].bool()], torch.tensor(generated)
 
 

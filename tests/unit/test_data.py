@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from engine.config import DataConfig, SyntheticDataConfig
 from engine.data.batching import collate, plan_step, split_by_token_budget
@@ -58,15 +59,35 @@ def ex(n, targets=1):
 
 
 def test_token_budget_and_right_padding():
-    examples = [ex(10), ex(3), ex(7), ex(2), ex(9)]
-    groups = split_by_token_budget(examples, token_budget=20)
+    lengths = [10, 3, 7, 2, 9]
+    groups = split_by_token_budget([[i] for i in range(5)], lengths, token_budget=20)
     for group in groups:
-        assert len(group) * max(len(e) for e in group) <= 20
-    assert sorted(len(e) for g in groups for e in g) == [2, 3, 7, 9, 10]
+        assert len(group) * max(lengths[u[0]] for u in group) <= 20
+    assert sorted(lengths[u[0]] for g in groups for u in g) == [2, 3, 7, 9, 10]
     batch = collate([ex(4, 2), ex(2, 1)], pad_id=99)
     assert batch["input_ids"].tolist() == [[0, 1, 2, 3], [0, 1, 99, 99]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
     assert batch["loss_mask"].tolist() == [[0, 1, 1], [1, 0, 0]]
+
+
+def test_token_values_and_scalars_are_aligned_with_targets():
+    example = TokenizedExample([5, 6, 7], [0, 1, 1], token_values={"gen_lp": [0.0, -0.5, -0.7]}, scalars={"adv": 2.0})
+    batch = collate([example, ex(2, 1)], pad_id=0, indices=[4, 9])
+    assert torch.allclose(batch["gen_lp"], torch.tensor([[-0.5, -0.7], [0.0, 0.0]]))
+    assert batch["adv"].tolist() == [2.0, 0.0]
+    assert batch["index"].tolist() == [4, 9]
+
+
+def test_pairs_stay_together_and_indices_cover_every_example():
+    examples = [ex(n, 1) for n in (9, 3, 4, 8, 2, 2, 7, 7)]
+    plans, _ = plan_step(examples, world_size=2, token_budget=16, pad_id=0, group_size=2)
+    seen = []
+    for plan in plans:
+        for mb in plan:
+            indices = [i for i in mb["index"].tolist() if i >= 0]
+            assert all(indices[k] // 2 == indices[k + 1] // 2 for k in range(0, len(indices), 2))
+            seen += indices
+    assert sorted(seen) == list(range(8))
 
 
 def test_plan_step_gives_every_rank_the_same_micro_batch_count():
@@ -79,7 +100,7 @@ def test_plan_step_gives_every_rank_the_same_micro_batch_count():
 
 
 def test_long_sequence_alone_exceeds_budget_but_still_runs():
-    groups = split_by_token_budget([ex(50), ex(3)], token_budget=16)
+    groups = split_by_token_budget([[0], [1]], [50, 3], token_budget=16)
     assert [len(g) for g in groups] == [1, 1]
 
 
@@ -121,3 +142,36 @@ def test_missing_file_and_malformed_rows_name_the_file_and_row(tmp_path):
 def test_hub_dataset_offline_fails_with_one_line(tmp_path):
     with pytest.raises(DataError, match="cannot load dataset 'someone/no-such-dataset'"):
         build_splits(DataConfig(source="someone/no-such-dataset"), tmp_path, {}, seed=0)
+
+
+def test_observation_tokens_continue_a_generated_turn(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    from engine.data.chat import tokenize_observation
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    messages = [{"role": "user", "content": "What is 1+1?"}, {"role": "assistant", "content": "<calc>1+1</calc>"}]
+    generated = tokenize_prompt(tok, messages[:1]) + tok("<calc>1+1</calc>", add_special_tokens=False)["input_ids"]
+    generated.append(tok.eos_token_id)
+    observation = {"role": "tool", "content": "2"}
+    full = generated + tokenize_observation(tok, messages, observation)
+    expected = tok.apply_chat_template(messages + [observation], tokenize=False, add_generation_prompt=True)
+    assert tok.decode(full) == expected
+
+
+def test_preference_pairs_and_tool_demonstrations(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    from engine.data.preferences import pair_examples
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    train, _ = make_arithmetic(SyntheticDataConfig(num_train=10, num_val=2, tool_use_fraction=0.5))
+    assert sum("messages" in r for r in train) == 5
+    assert train[0]["messages"][1]["content"].startswith("<calc>") and train[0]["messages"][2]["role"] == "tool"
+    pairs = pair_examples(tok, train[:3], 64, None)
+    assert len(pairs) == 6
+    decode = [tok.decode([t for t, m in zip(e.input_ids, e.loss_mask) if m]) for e in pairs]
+    assert decode[0] == train[0]["answer"] + "<|im_end|>" and decode[1] != decode[0]
+    rows = [{"prompt": "p", "chosen": "good", "rejected": "bad"}]
+    chosen, rejected = pair_examples(tok, rows, 64, None)
+    assert tok.decode([t for t, m in zip(chosen.input_ids, chosen.loss_mask) if m]) == "good<|im_end|>"

@@ -2,7 +2,7 @@
 
 import pytest
 
-from engine.algorithms.sft import StepSampler
+from engine.algorithms.supervised import StepSampler
 from engine.config import OptimizerConfig
 from engine.policy.optim import lr_multiplier
 

@@ -1,0 +1,154 @@
+"""The training loop shared by the offline stages (SFT, reward model, DPO).
+
+    for step in steps:
+        units = the step's examples (a pure function of seed and step: exact resume)
+        train one optimizer step with the stage's loss (globally normalized)
+        every val_every: evaluate; every checkpoint_every: checkpoint to the store
+    export the final Hugging Face model to the store
+
+A stage supplies its examples, its loss and how to read its validation numbers (a ``LoopSpec``); the
+loop owns batching, resume, logging and the artifact.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm import tqdm
+
+from engine import checkpointing
+from engine.config import OptimizerConfig, PipelineConfig
+from engine.data.chat import TokenizedExample
+from engine.policy.group import PolicyGroup, start_policy_group
+from engine.storage import ArtifactRef, ArtifactStore
+from engine.tracking import StageRun
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+    "special_tokens_map.json",
+    "generation_config.json",
+)
+
+
+class StepSampler:
+    """Which units a step trains on: epoch-wise permutations drawn from the seed.
+
+    A pure function of (seed, step), so the data position of a resumed run is exact by construction.
+    """
+
+    def __init__(self, num_units: int, batch_size: int, seed: int):
+        self.num_units, self.batch_size, self.seed = num_units, batch_size, seed
+
+    def _permutation(self, epoch: int) -> list[int]:
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        return torch.randperm(self.num_units, generator=generator).tolist()
+
+    def indices(self, step: int) -> list[int]:
+        start = step * self.batch_size
+        out: list[int] = []
+        while len(out) < self.batch_size:
+            epoch, offset = divmod(start + len(out), self.num_units)
+            take = min(self.batch_size - len(out), self.num_units - offset)
+            out += self._permutation(epoch)[offset : offset + take]
+        return out
+
+
+@dataclass
+class LoopSpec:
+    name: str
+    train: list[TokenizedExample]
+    val: list[TokenizedExample]
+    loss_fn: Callable
+    validation: Callable[[dict[str, float]], dict[str, float]]  # evaluate() sums -> named val metrics
+    summary: Callable[[list[dict[str, float]], float], dict[str, float]]  # (val history, last loss) -> metrics
+    optimizer: OptimizerConfig
+    max_steps: int
+    batch_size: int  # units per step
+    val_every: int
+    checkpoint_every: int
+    group_size: int = 1  # examples per unit (2: a chosen/rejected pair)
+    model_kind: str = "causal_lm"
+
+
+def copy_tokenizer(source: Path, target: Path) -> None:
+    for name in TOKENIZER_FILES:
+        if (source / name).exists():
+            shutil.copy2(source / name, target / name)
+
+
+def _unit_examples(examples: list[TokenizedExample], units: list[int], size: int) -> list[TokenizedExample]:
+    return [examples[u * size + k] for u in units for k in range(size)]
+
+
+def run_loop(
+    cfg: PipelineConfig,
+    store: ArtifactStore,
+    run: StageRun,
+    model_dir: Path,
+    spec: LoopSpec,
+    stage_prefix: str,
+    pad_id: int,
+    policy: PolicyGroup | None = None,
+) -> ArtifactRef:
+    """Train, checkpoint and export; returns the committed model's ref with the stage's metrics."""
+    sampler = StepSampler(len(spec.train) // spec.group_size, spec.batch_size, cfg.seed)
+    if policy is None:
+        policy = start_policy_group(cfg, model_dir, spec.optimizer, spec.max_steps, pad_id, spec.model_kind)
+    try:
+        start, val_history = 0, []
+        resume_dir = checkpointing.find_resume_checkpoint(store, stage_prefix, cfg.resume)
+        if resume_dir is not None:
+            policy.group.call("load_checkpoint", str(resume_dir))
+            state = checkpointing.read_trainer_state(resume_dir)
+            start, val_history = state["step"], state["val_history"]
+            checkpointing.restore_rng(state["rng"])
+            run.set_tags({"posttrain.resumed_from_step": str(start)})
+
+        def validate(step: int) -> dict[str, float]:
+            metrics = spec.validation(policy.evaluate(spec.val, spec.loss_fn, spec.group_size))
+            val_history.append({"step": step, **metrics})
+            return metrics
+
+        if not val_history and spec.val:
+            run.log_metrics(validate(0), step=0)
+        last_loss = float("nan")
+        progress = tqdm(range(start, spec.max_steps), initial=start, total=spec.max_steps, desc=spec.name, unit="step")
+        for step in progress:
+            units = sampler.indices(step)
+            stats = policy.train(_unit_examples(spec.train, units, spec.group_size), spec.loss_fn, spec.group_size)
+            last_loss, done = stats["loss"], step + 1
+            metrics = {f"train/{k}": stats[k] for k in ("loss", "grad_norm", "lr", "normalizer_tokens")}
+            if spec.val and (done % spec.val_every == 0 or done == spec.max_steps):
+                metrics.update(validate(done))
+            run.log_metrics(metrics, step=done)
+            progress.set_postfix(loss=f"{last_loss:.4f}")
+            if done % spec.checkpoint_every == 0 and done < spec.max_steps:
+                staging = checkpointing.new_staging_dir(f"{spec.name}-ckpt-")
+                policy.group.call("save_checkpoint", str(staging))
+                state = {
+                    "step": done,
+                    "data_position": done * spec.batch_size,
+                    "val_history": val_history,
+                    "rng": checkpointing.capture_rng(),
+                    "config": cfg.model_dump(mode="json"),
+                }
+                checkpointing.commit_checkpoint(store, stage_prefix, done, staging, state)
+                shutil.rmtree(staging, ignore_errors=True)
+        run.flush()
+
+        export = checkpointing.new_staging_dir(f"{spec.name}-model-")
+        policy.group.call("export_hf", str(export))
+        copy_tokenizer(model_dir, export)
+        (export / "posttrain_config.yaml").write_text(cfg.to_yaml())
+        metrics = {**spec.summary(val_history, last_loss), "steps": float(spec.max_steps)}
+        ref = store.commit_dir(export, f"{stage_prefix}/model", metadata={"metrics": metrics})
+        shutil.rmtree(export, ignore_errors=True)
+        return ref.model_copy(update={"metrics": metrics})
+    finally:
+        policy.shutdown()
