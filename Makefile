@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 run: setup
-	$(VENV)/bin/posttrain run sft
+	$(VENV)/bin/posttrain run grpo-pipeline
 
 test: setup
 	$(VENV)/bin/python -m pytest

@@ -1,0 +1,116 @@
+"""grpo-pipeline and dpo-pipeline end to end through the `posttrain` CLI: learning, caching, resume."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import POSTTRAIN, run_cli
+from tests.e2e.test_sft_cli import stage_runs, summary_of
+
+pytestmark = pytest.mark.slow
+
+SMALL = [
+    "--set", "sft.max_steps=30", "--set", "reward_model.max_steps=10", "--set", "grpo.max_steps=8",
+    "--set", "grpo.val_every=4", "--set", "grpo.checkpoint_every=4", "--set", "evaluate.size=32",
+    "--set", "grpo.val_size=32",
+]
+
+
+def metric_curve(client, run_id: str, key: str) -> dict[int, float]:
+    return {m.step: m.value for m in client.get_metric_history(run_id, key)}
+
+
+def test_grpo_pipeline_tiny_defaults_learn(tmp_path):
+    started = time.monotonic()
+    first = summary_of(run_cli(["run", "grpo-pipeline", "--json"], cwd=tmp_path, timeout=1200))
+    wall = time.monotonic() - started
+    stages = first["stages"]
+    assert wall < 600, f"the tiny grpo-pipeline took {wall:.0f}s"
+    assert stages["sft"]["metrics"]["val_loss_last"] < stages["sft"]["metrics"]["val_loss_first"]
+    assert stages["reward_model"]["metrics"]["val_pairwise_accuracy"] >= 0.8
+    grpo = stages["grpo"]["metrics"]
+    assert grpo["token_mult_prob_error_median"] < 1.05
+    assert grpo["reward_mean_last"] > grpo["reward_mean_first"]
+    accuracy = stages["evaluate"]["metrics"]
+    assert accuracy["accuracy_final"] >= accuracy["accuracy_sft"] + 0.15, accuracy
+
+    client, runs = stage_runs(tmp_path, "evaluate")
+    artifacts = {a.path for a in client.list_artifacts(runs[-1].info.run_id, "plots")}
+    assert artifacts == {"plots/accuracy.png", "plots/reward_curve.png"}
+
+    started = time.monotonic()
+    again = summary_of(run_cli(["run", "grpo-pipeline", "--json"], cwd=tmp_path, timeout=600))
+    assert all(stage["cached"] for stage in again["stages"].values()), again["stages"]
+    assert time.monotonic() - started < wall / 5
+
+
+def test_changing_the_grpo_learning_rate_reruns_grpo_and_evaluate_only(tmp_path):
+    summary_of(run_cli(["run", "grpo-pipeline", "--json", *SMALL], cwd=tmp_path))
+    changed = summary_of(
+        run_cli(["run", "grpo-pipeline", "--json", *SMALL, "--set", "grpo.optimizer.lr=2e-4"], cwd=tmp_path)
+    )
+    cached = {name: stage["cached"] for name, stage in changed["stages"].items()}
+    assert cached == {"model": True, "data": True, "sft": True, "reward_model": True, "grpo": False, "evaluate": False}
+
+
+def test_kill_in_the_middle_of_grpo_then_resume_matches(tmp_path):
+    reference_dir, killed_dir = tmp_path / "reference", tmp_path / "killed"
+    reference_dir.mkdir(), killed_dir.mkdir()
+    reference = summary_of(run_cli(["run", "grpo-pipeline", "--json", *SMALL], cwd=reference_dir))
+
+    proc = subprocess.Popen(
+        [POSTTRAIN, "run", "grpo-pipeline", "--json", *SMALL], cwd=killed_dir, start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    checkpoints = killed_dir / ".posttrain/store/stages/grpo"
+    deadline = time.monotonic() + 600
+    while not list(checkpoints.glob("*/checkpoints/step_000004/MANIFEST.json")):
+        assert proc.poll() is None, "the run ended before its first GRPO checkpoint"
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+    resumed = summary_of(run_cli(["run", "grpo-pipeline", "--json", *SMALL], cwd=killed_dir))
+    assert resumed["stages"]["sft"]["cached"] and not resumed["stages"]["grpo"]["cached"]
+    client, runs = stage_runs(killed_dir, "grpo")
+    assert int(runs[-1].data.tags["posttrain.resumed_from_step"]) == 4
+    ref_client, ref_runs = stage_runs(reference_dir, "grpo")
+    for key in ("reward/mean", "loss"):
+        want = metric_curve(ref_client, ref_runs[-1].info.run_id, key)
+        got = metric_curve(client, runs[-1].info.run_id, key)
+        assert sorted(got) == list(range(5, 9))
+        for step, value in got.items():
+            assert value == pytest.approx(want[step], abs=1e-5), (key, step)
+    for key in ("reward_mean_last", "val_accuracy_last"):
+        assert resumed["stages"]["grpo"]["metrics"][key] == pytest.approx(reference["stages"]["grpo"]["metrics"][key])
+    assert resumed["stages"]["evaluate"]["metrics"] == reference["stages"]["evaluate"]["metrics"]
+
+
+def test_dpo_pipeline_tiny_defaults(tmp_path):
+    summary = summary_of(run_cli(["run", "dpo-pipeline", "--json"], cwd=tmp_path, timeout=1200))
+    stages = summary["stages"]
+    assert set(stages) == {"model", "data", "sft", "dpo", "evaluate"}
+    assert stages["dpo"]["metrics"]["val_preference_accuracy"] >= 0.8
+    accuracy = stages["evaluate"]["metrics"]
+    assert accuracy["accuracy_final"] >= accuracy["accuracy_sft"], accuracy
+    assert Path(stages["dpo"]["artifact"].removeprefix("file://")).is_dir()
+
+
+def test_tool_use_pipeline_learns_to_call_the_calculator(tmp_path):
+    summary = summary_of(run_cli(["run", "grpo-pipeline", "--config", "grpo_tool_tiny", "--json"], cwd=tmp_path,
+                                 timeout=1500))
+    client, runs = stage_runs(tmp_path, "grpo")
+    run_id = runs[-1].info.run_id
+    calls = list(metric_curve(client, run_id, "tool_correct_call_rate").values())
+    rewards = list(metric_curve(client, run_id, "reward/mean").values())
+    tenth = max(1, len(calls) // 10)
+    assert sum(calls[-tenth:]) / tenth > sum(calls[:tenth]) / tenth
+    assert sum(rewards[-tenth:]) / tenth > sum(rewards[:tenth]) / tenth
+    assert summary["stages"]["evaluate"]["metrics"]["accuracy_final"] > summary["stages"]["evaluate"]["metrics"]["accuracy_sft"]
