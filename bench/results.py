@@ -14,7 +14,8 @@ def write_section(key: str, title: str, command: str, machine: str, body: str) -
     text = RESULTS.read_text() if RESULTS.exists() else HEADER
     section = (
         f"<!-- {key}:start -->\n## {title}\n\n"
-        f"Command: `{command}`  \nMachine: {machine}  \nMeasured: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n\n"
+        f"Command: `{command}`  \nMachine: {machine}  \n"
+        f"Measured: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n\n"
         f"{body}\n<!-- {key}:end -->\n"
     )
     pattern = re.compile(rf"<!-- {key}:start -->.*?<!-- {key}:end -->\n", re.S)

@@ -166,7 +166,9 @@ class GRPOConfig(Section):
     verifier_weight: float = Field(1.0, ge=0.0)
     reward_model_weight: float = Field(0.0, ge=0.0, description="weight of sigmoid(reward model score)")
     leave_one_out: bool = True
-    normalize_advantages: bool = True
+    normalize_advantages: bool = Field(
+        False, description="divide by the leave-one-out std; unnormalized LOO advantages sum to zero per group"
+    )
     dynamic_sampling: bool = Field(False, description="drop prompt groups whose rewards are all equal")
     val_every: int = Field(20, gt=0)
     val_size: int = Field(128, gt=0, description="held-out prompts for greedy pass@1")

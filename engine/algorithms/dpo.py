@@ -70,7 +70,8 @@ def reference_logprobs(
     split: str,
 ) -> list[float]:
     """Summed target logprobs per example under the initial (reference) model, cached in the store."""
-    key = f"cache/dpo_reference/{stage_key('dpo_reference', {'split': split}, {'model': model_digest, 'data': data_digest})}"
+    digest = stage_key("dpo_reference", {"split": split}, {"model": model_digest, "data": data_digest})
+    key = f"cache/dpo_reference/{digest}"
     if store.is_committed(key):
         return store.read_json(key, REFERENCE_FILE)
     outputs = policy.forward(examples)
