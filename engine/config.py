@@ -188,7 +188,7 @@ class DPOConfig(Section):
     val_every: int = Field(20, gt=0)
     val_size: int = Field(128, gt=0, description="validation pairs")
     checkpoint_every: int = Field(50, gt=0)
-    optimizer: OptimizerConfig = OptimizerConfig(lr=5e-4, warmup_steps=5)
+    optimizer: OptimizerConfig = OptimizerConfig(lr=1e-4, warmup_steps=5)
 
 
 class EvaluateConfig(Section):
