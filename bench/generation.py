@@ -1,6 +1,6 @@
 """Generation throughput, vLLM vs HF, and refit time, at three tiny-model sizes.
 
-    .venv/bin/python bench/generation.py            # writes the 'generation' section of bench/RESULTS.md
+    .venv/bin/python -m bench.generation            # writes the 'generation' section of bench/RESULTS.md
 
 Both backends run in the same process tree, one Ray actor each, alternating rounds (A B A B) on the same
 prompts (64 prompts x 8 samples x 32 new tokens, temperature 1.0), so the ratio is measured under the same
@@ -106,7 +106,7 @@ def main() -> None:
     write_section(
         "generation",
         "Generation throughput and refit",
-        "python bench/generation.py",
+        ".venv/bin/python -m bench.generation",
         machine,
         "\n".join(table)
         + f"\n\n64 prompts x 8 samples x up to 32 new tokens, temperature 1.0; {args.rounds} alternating rounds per "
