@@ -88,11 +88,6 @@ class StageRun:
         self.flush()
         self.client.set_terminated(self.run_id, status=status)
 
-    def metric_history(self, key: str) -> list[tuple[int, float]]:
-        if self.client is None:
-            return []
-        return [(m.step, m.value) for m in self.client.get_metric_history(self.run_id, key)]
-
 
 class Tracker:
     """Opens pipeline and stage runs in one experiment; a no-op when tracking is disabled."""

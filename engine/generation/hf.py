@@ -14,7 +14,6 @@ import torch
 from engine.generation.interfaces import (
     Completion,
     SamplingParams,
-    TensorSpec,
     WeightManifest,
     check_manifest,
     gather_checked,
@@ -102,9 +101,6 @@ class HFGenerationWorker:
                 parameters[name].copy_(tensor.to(parameters[name].dtype))
         self.version = version
         return {"tensors": float(len(named))}
-
-    def expected_manifest(self) -> list[TensorSpec]:
-        return list(self.expected.values())
 
     def weight_version(self) -> int:
         return self.version
