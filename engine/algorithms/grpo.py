@@ -19,7 +19,6 @@ is optional (loss.kl_beta; a frozen reference worker group is started only then)
 from __future__ import annotations
 
 import json
-import shutil
 import statistics
 import time
 from pathlib import Path
@@ -33,7 +32,7 @@ from engine import checkpointing
 from engine.algorithms.advantages import grpo_advantages
 from engine.algorithms.losses import PolicyLossConfig, clipped_pg_loss
 from engine.algorithms.rollouts import Episode, greedy_accuracy, new_episodes, run_rollouts
-from engine.algorithms.supervised import StepSampler, copy_tokenizer
+from engine.algorithms.supervised import StepSampler
 from engine.config import PipelineConfig
 from engine.data.batching import MicroBatch
 from engine.data.datasets import read_jsonl
@@ -225,8 +224,6 @@ def run_grpo(
             progress.set_postfix(reward=f"{metrics['reward/mean']:.3f}", acc=f"{val_history[-1][1]:.2f}")
 
             if done % g.checkpoint_every == 0 and done < g.max_steps:
-                staging = checkpointing.new_staging_dir("grpo-ckpt-")
-                policy.group.call("save_checkpoint", str(staging))
                 state = {
                     "step": done,
                     "data_position": done * g.prompts_per_step,
@@ -235,19 +232,19 @@ def run_grpo(
                     "rng": checkpointing.capture_rng(),
                     "config": cfg.model_dump(mode="json"),
                 }
-                checkpointing.commit_checkpoint(store, stage_prefix, done, staging, state)
-                shutil.rmtree(staging, ignore_errors=True)
+                checkpointing.save_checkpoint(store, policy.group, stage_prefix, state)
         run.flush()
 
-        export = checkpointing.new_staging_dir("grpo-model-")
-        policy.group.call("export_hf", str(export))
-        copy_tokenizer(init_model_dir, export)
-        (export / "posttrain_config.yaml").write_text(cfg.to_yaml())
-        (export / HISTORY_FILE).write_text("".join(json.dumps(h) + "\n" for h in history))
-        metrics = summarize(history, val_history)
-        ref = store.commit_dir(export, f"{stage_prefix}/model", metadata={"metrics": metrics})
-        shutil.rmtree(export, ignore_errors=True)
-        return ref.model_copy(update={"metrics": metrics})
+        history_text = "".join(json.dumps(h) + "\n" for h in history)
+        return checkpointing.export_model(
+            store,
+            policy.group,
+            init_model_dir,
+            f"{stage_prefix}/model",
+            cfg.to_yaml(),
+            summarize(history, val_history),
+            extra_files={HISTORY_FILE: history_text},
+        )
     finally:
         policy.shutdown()
         if reference is not None:

@@ -12,7 +12,6 @@ loop owns batching, resume, logging and the artifact.
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -26,14 +25,6 @@ from engine.data.chat import TokenizedExample
 from engine.policy.group import PolicyGroup, start_policy_group
 from engine.storage import ArtifactRef, ArtifactStore
 from engine.tracking import StageRun
-
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "chat_template.jinja",
-    "special_tokens_map.json",
-    "generation_config.json",
-)
 
 
 class StepSampler:
@@ -74,12 +65,6 @@ class LoopSpec:
     checkpoint_every: int
     group_size: int = 1  # examples per unit (2: a chosen/rejected pair)
     model_kind: str = "causal_lm"
-
-
-def copy_tokenizer(source: Path, target: Path) -> None:
-    for name in TOKENIZER_FILES:
-        if (source / name).exists():
-            shutil.copy2(source / name, target / name)
 
 
 def _unit_examples(examples: list[TokenizedExample], units: list[int], size: int) -> list[TokenizedExample]:
@@ -129,8 +114,6 @@ def run_loop(
             run.log_metrics(metrics, step=done)
             progress.set_postfix(loss=f"{last_loss:.4f}")
             if done % spec.checkpoint_every == 0 and done < spec.max_steps:
-                staging = checkpointing.new_staging_dir(f"{spec.name}-ckpt-")
-                policy.group.call("save_checkpoint", str(staging))
                 state = {
                     "step": done,
                     "data_position": done * spec.batch_size,
@@ -138,17 +121,12 @@ def run_loop(
                     "rng": checkpointing.capture_rng(),
                     "config": cfg.model_dump(mode="json"),
                 }
-                checkpointing.commit_checkpoint(store, stage_prefix, done, staging, state)
-                shutil.rmtree(staging, ignore_errors=True)
+                checkpointing.save_checkpoint(store, policy.group, stage_prefix, state)
         run.flush()
 
-        export = checkpointing.new_staging_dir(f"{spec.name}-model-")
-        policy.group.call("export_hf", str(export))
-        copy_tokenizer(model_dir, export)
-        (export / "posttrain_config.yaml").write_text(cfg.to_yaml())
         metrics = {**spec.summary(val_history, last_loss), "steps": float(spec.max_steps)}
-        ref = store.commit_dir(export, f"{stage_prefix}/model", metadata={"metrics": metrics})
-        shutil.rmtree(export, ignore_errors=True)
-        return ref.model_copy(update={"metrics": metrics})
+        return checkpointing.export_model(
+            store, policy.group, model_dir, f"{stage_prefix}/model", cfg.to_yaml(), metrics
+        )
     finally:
         policy.shutdown()
