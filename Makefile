@@ -5,7 +5,7 @@ VENV := .venv
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test test-fast clean
+.PHONY: setup browser run test test-fast clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -18,10 +18,14 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# The Prefect UI test drives Debian's chromium through Playwright (no browser download at test time).
+browser:
+	@command -v chromium >/dev/null || (apt-get update -q && apt-get install -y -q --no-install-recommends chromium)
+
 run: setup
 	$(VENV)/bin/posttrain run grpo-pipeline
 
-test: setup
+test: setup browser
 	$(VENV)/bin/python -m pytest
 
 test-fast: setup

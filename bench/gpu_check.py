@@ -116,12 +116,14 @@ def main() -> int:
     cpu, cuda, bf16 = runs["cpu"]["curve"], runs["cuda"]["curve"], runs["cuda-bf16"]["curve"]
     checks = {
         "cuda_uses_nccl": runs["cuda"]["backend"] == "nccl" and runs["cuda"]["device"].startswith("cuda"),
-        "cuda_fp32_follows_cpu_rel_1e-3": all(abs(g["loss"] - w["loss"]) <= 1e-3 * abs(w["loss"]) for g, w in zip(cuda, cpu)),
+        "cuda_fp32_follows_cpu_rel_1e-3": all(
+            abs(g["loss"] - w["loss"]) <= 1e-3 * abs(w["loss"]) for g, w in zip(cuda, cpu)
+        ),
         "checkpoint_replay_same_1e-5": all(
             abs(g["loss"] - w["loss"]) <= 1e-5 for g, w in zip(runs["cuda"]["replayed"], cuda[1:])
         ),
         "export_matches_trainer_1e-4": runs["cuda"]["export_max_abs_diff"] <= 1e-4,
-        "bf16_checkpointed_trains": all(map(lambda c: c["loss"] == c["loss"], bf16)) and bf16[-1]["loss"] < bf16[0]["loss"],
+        "bf16_checkpointed_trains": all(c["loss"] == c["loss"] for c in bf16) and bf16[-1]["loss"] < bf16[0]["loss"],
     }
     print(json.dumps({"device": torch.cuda.get_device_name(), "checks": checks, "runs": runs}))
     return 0 if all(checks.values()) else 1

@@ -9,6 +9,7 @@ full dotted path and a did-you-mean; invalid values name the field and the rule.
 from __future__ import annotations
 
 import difflib
+import os
 import typing
 from pathlib import Path
 from typing import Any, Iterable, Literal
@@ -92,7 +93,9 @@ class StorageConfig(Section):
 
 
 class TrackingConfig(Section):
-    uri: str | None = Field(None, description="MLflow tracking URI; default sqlite:///<workdir>/mlflow.db")
+    uri: str | None = Field(
+        None, description="MLflow tracking URI; default $MLFLOW_TRACKING_URI, else sqlite:///<workdir>/mlflow.db"
+    )
     experiment: str = "posttrain"
     enabled: bool = True
     flush_every: int = Field(10, gt=0, description="steps of metrics buffered per MLflow batch call")
@@ -101,6 +104,34 @@ class TrackingConfig(Section):
 class RayConfig(Section):
     address: str = Field("local", description="'local' starts Ray in-process; 'auto' or ray://host:port connect")
     num_cpus: int = Field(8, gt=0, description="logical CPUs of the embedded cluster (may exceed the cores)")
+    submission: Literal["driver", "job"] = Field(
+        "driver",
+        description="driver: the stage controller runs in the Prefect task; job: it runs in the cluster as a Ray job",
+    )
+    dashboard_url: str | None = Field(
+        None, description="Jobs API address for submission=job, e.g. http://head:8265 (default: RAY_API_SERVER_ADDRESS)"
+    )
+    job_runtime_env: dict[str, Any] = Field(
+        default_factory=dict, description="runtime_env of a submitted stage job, e.g. {working_dir: ., pip: [...]}"
+    )
+
+    @model_validator(mode="after")
+    def _job_needs_a_cluster(self) -> "RayConfig":
+        if self.submission == "job" and self.address == "local":
+            raise ValueError("submission 'job' needs a running cluster: set ray.address to 'auto' or ray://host:port")
+        return self
+
+
+class OrchestrationConfig(Section):
+    """How Prefect runs each stage task. Retries cover infrastructure failures only (a user error fails at once);
+    a retried stage resumes from its last committed checkpoint."""
+
+    retries: int = Field(1, ge=0)
+    retry_delay_s: float = Field(10.0, ge=0.0)
+    stage_timeout_s: float | None = Field(None, gt=0.0, description="per stage attempt; none by default")
+    lock_timeout_s: float | None = Field(
+        None, gt=0.0, description="wait at most this long for another run writing the same stage artifact"
+    )
 
 
 class OptimizerConfig(Section):
@@ -125,6 +156,9 @@ class PolicyConfig(Section):
 
 class GenerationConfig(Section):
     backend: Literal["vllm", "hf"] = Field("vllm", description="vllm runs in its own venv (posttrain env build vllm)")
+    worker_env: Literal["vllm", "vllm-cuda"] = Field(
+        "vllm", description="the vllm backend's worker environment: vllm (CPU build) or vllm-cuda"
+    )
     num_workers: int = Field(1, gt=0, description="data-parallel generation workers")
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="fp32 where logprobs feed a loss")
     max_model_len: int = Field(512, gt=0)
@@ -209,6 +243,7 @@ class PipelineConfig(Section):
     storage: StorageConfig = StorageConfig()
     tracking: TrackingConfig = TrackingConfig()
     ray: RayConfig = RayConfig()
+    orchestration: OrchestrationConfig = OrchestrationConfig()
     policy: PolicyConfig = PolicyConfig()
     generation: GenerationConfig = GenerationConfig()
     sft: SFTConfig = SFTConfig()
@@ -232,7 +267,7 @@ class PipelineConfig(Section):
         if self.storage.root is None:
             self.storage.root = f"file://{workdir / 'store'}"
         if self.tracking.uri is None:
-            self.tracking.uri = f"sqlite:///{workdir / 'mlflow.db'}"
+            self.tracking.uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{workdir / 'mlflow.db'}"
         return self
 
     def to_yaml(self) -> str:

@@ -8,7 +8,8 @@ it runs the engine in a nested MLflow run and commits its artifact.
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -34,11 +35,13 @@ class StageResult(BaseModel):
 
 @dataclass
 class Runtime:
-    """The services a stage talks to, opened from the config in whatever process runs the stage."""
+    """The services a stage talks to, opened from the config in whatever process runs the stage. ``lock`` guards
+    a stage's store prefix while it is checked and written (the orchestrator supplies a shared one)."""
 
     cfg: PipelineConfig
     store: ArtifactStore
     tracker: "Tracker"
+    lock: Callable[[str], AbstractContextManager] = field(default=lambda prefix: nullcontext())
 
     @classmethod
     def open(cls, cfg: PipelineConfig) -> "Runtime":
@@ -70,9 +73,9 @@ def open_store(cfg: PipelineConfig) -> ArtifactStore:
 def preflight(cfg: PipelineConfig) -> None:
     """Checks that fail fast, before any stage starts: the store is reachable, local inputs exist."""
     open_store(cfg)
-    for field, source in (("data.source", cfg.data.source), ("data.val_source", cfg.data.val_source)):
+    for name, source in (("data.source", cfg.data.source), ("data.val_source", cfg.data.val_source)):
         if source and _names_local_file(source) and not Path(source.removeprefix("file://")).is_file():
-            raise DataError(f"dataset file not found: {source} ({field})")
+            raise DataError(f"dataset file not found: {source} ({name})")
     if cfg.model.name.startswith(("/", "./", "~", "file://")):
         if not Path(cfg.model.name.removeprefix("file://")).expanduser().is_dir():
             raise ModelLoadError(f"model folder not found: {cfg.model.name} (model.name)")
@@ -133,19 +136,20 @@ def _run_stage(
     """Return the committed artifact of this exact stage if there is one; else run ``body`` in a nested
     MLflow run (``body`` gets the run and the stage's store prefix and commits the artifact)."""
     prefix = f"stages/{name}/{stage_key(name, stage_config, inputs)}"
-    hit = rt.cached(name, f"{prefix}/{artifact}")
-    if hit is not None:
-        return hit
-    run = rt.tracker.start_stage(parent_run_id, name, stage_config)
-    run.set_tags({f"posttrain.input.{k}": v for k, v in inputs.items()})
-    status = "FAILED"
-    try:
-        ref = body(run, prefix)
-        run.log_metrics({f"final/{k}": v for k, v in ref.metrics.items()}, step=0)
-        status = "FINISHED"
-        return StageResult(name=name, ref=ref, cached=False, mlflow_run_id=run.run_id)
-    finally:
-        run.finish(status)
+    with rt.lock(prefix):  # a second run of the same stage waits here, then finds the first one's artifact
+        hit = rt.cached(name, f"{prefix}/{artifact}")
+        if hit is not None:
+            return hit
+        run = rt.tracker.start_stage(parent_run_id, name, stage_config)
+        run.set_tags({f"posttrain.input.{k}": v for k, v in inputs.items()})
+        status = "FAILED"
+        try:
+            ref = body(run, prefix)
+            run.log_metrics({f"final/{k}": v for k, v in ref.metrics.items()}, step=0)
+            status = "FINISHED"
+            return StageResult(name=name, ref=ref, cached=False, mlflow_run_id=run.run_id)
+        finally:
+            run.finish(status)
 
 
 def train_sft(rt: Runtime, model: ArtifactRef, data: ArtifactRef, parent_run_id: str | None) -> StageResult:

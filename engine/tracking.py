@@ -110,6 +110,13 @@ class Tracker:
     def from_config(cls, cfg: PipelineConfig) -> "Tracker":
         return cls(cfg.tracking, Path(cfg.workdir) / "mlartifacts")
 
+    def run_url(self, run_id: str | None) -> str | None:
+        """The run's page in the MLflow UI, where the tracking URI is a server."""
+        uri = self.cfg.uri or ""
+        if run_id is None or not uri.startswith(("http://", "https://")):
+            return None
+        return f"{uri.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{run_id}"
+
     def start_pipeline(self, cfg: PipelineConfig, run_name: str) -> StageRun:
         run = self._create(run_name, tags={"posttrain.pipeline": cfg.name})
         run.log_params(cfg.model_dump(mode="json"))

@@ -45,6 +45,14 @@ WORKER_ENVS: dict[str, WorkerEnvSpec] = {
         check_import="vllm",
         env_vars={"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CONFIGURE_LOGGING": "0"},
     ),
+    # GPU nodes (the CUDA image builds it): vLLM brings the CUDA torch it was built against.
+    "vllm-cuda": WorkerEnvSpec(
+        kind="vllm-cuda",
+        first=(),
+        requirements=("vllm==0.32.0", "ray[default]==2.60.0"),
+        check_import="vllm",
+        env_vars={"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CONFIGURE_LOGGING": "0"},
+    ),
 }
 
 
@@ -94,7 +102,8 @@ def build(kind: str, force: bool = False) -> Path:
     shutil.rmtree(path, ignore_errors=True)
     subprocess.run([sys.executable, "-m", "venv", str(path)], check=True)
     python = path / "bin" / "python"
-    _pip(python, *spec.first)
+    if spec.first:
+        _pip(python, *spec.first)
     _pip(python, *spec.first, *spec.requirements)  # restating `first` pins it against the resolver
     if spec.remove:
         subprocess.run([str(python), "-m", "pip", "uninstall", "-q", "-y", *spec.remove], check=False)

@@ -4,6 +4,7 @@
     posttrain config show --config sft_tiny --set policy.world_size=1
     posttrain make-tiny-model OUT --arch qwen2
     posttrain env build vllm
+    posttrain server up|down|status
 
 User errors (bad config, missing file, unreachable bucket, malformed row) print one line and exit 2.
 """
@@ -135,6 +136,31 @@ def cmd_env_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _default_workdir() -> str:
+    from engine.config import PipelineConfig
+
+    return PipelineConfig.model_fields["workdir"].default
+
+
+def cmd_server(args: argparse.Namespace) -> int:
+    from flows import services
+
+    workdir = args.workdir or _default_workdir()
+    if args.action == "up":
+        urls = services.up(workdir, services.Ports(args.prefect_port, args.mlflow_port), worker=not args.no_worker)
+        print(f"Prefect UI: {urls['prefect_ui']}")
+        print(f"MLflow UI:  {urls['mlflow_ui']}")
+        print(f"work pool '{services.WORK_POOL}' {'with a worker' if not args.no_worker else '(no worker started)'}")
+        print(f"in your shell: source {services.state_dir(workdir) / 'env'}")
+    elif args.action == "down":
+        stopped = services.down(workdir)
+        print("stopped: " + (", ".join(stopped) or "nothing was running"))
+    else:
+        for name, pid in services.status(workdir).items():
+            print(f"{name:<15} {'running (pid %d)' % pid if pid else 'stopped'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="posttrain", description="Post-training pipelines on Prefect + Ray")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -160,6 +186,14 @@ def build_parser() -> argparse.ArgumentParser:
     env_build.add_argument("kinds", nargs="+")
     env_build.add_argument("--force", action="store_true", help="rebuild even if it exists")
     env_build.set_defaults(handler=cmd_env_build)
+
+    server = sub.add_parser("server", help="local Prefect + MLflow servers and a worker, on 127.0.0.1")
+    server.add_argument("action", choices=["up", "down", "status"])
+    server.add_argument("--workdir", help="where their state and logs go (default: the config's workdir)")
+    server.add_argument("--prefect-port", type=int, default=4200)
+    server.add_argument("--mlflow-port", type=int, default=5000)
+    server.add_argument("--no-worker", action="store_true", help="start no worker for the 'local' pool")
+    server.set_defaults(handler=cmd_server)
 
     tiny = sub.add_parser("make-tiny-model", help="build a random-init model + BPE tokenizer in HF format")
     tiny.add_argument("out")

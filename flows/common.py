@@ -1,29 +1,46 @@
-"""What every pipeline flow shares: its parameters, its MLflow parent run, and its JSON summary."""
+"""What every pipeline flow shares: its run name, its MLflow parent run, its stage tasks and its summary."""
 
 from __future__ import annotations
 
 import time
+from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
+from prefect import Task
 from prefect.runtime import flow_run
 
 from engine.config import PipelineConfig
 from engine.stages import StageResult
 from engine.tracking import StageRun, Tracker
+from flows import artifacts
+from tasks.runner import stage_task_options
+
+
+def flow_run_name() -> str:
+    """'<pipeline> · <config> · <UTC time>', e.g. 'grpo-pipeline · grpo_tiny · 2026-11-27 13:45'."""
+    params = flow_run.parameters.get("params") or {}
+    config = params.get("config") if isinstance(params, dict) else getattr(params, "config", None)
+    when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+    return f"{flow_run.flow_name} · {Path(str(config or 'default')).stem} · {when}"
 
 
 class PipelineRun:
-    """Opens the MLflow parent run, collects stage results, and closes with the summary."""
+    """Opens the MLflow parent run, runs stage tasks with the configured retries, and closes with the summary."""
 
-    def __init__(self, pipeline: str, cfg: PipelineConfig):
+    def __init__(self, pipeline: str, config: str, cfg: PipelineConfig):
         self.pipeline = pipeline
+        self.config = config
         self.cfg = cfg
         self.started = time.monotonic()
         self.stages: dict[str, StageResult] = {}
         self.run_id = flow_run.get_id() or "local"
-        self.parent: StageRun = Tracker.from_config(cfg).start_pipeline(cfg, run_name=f"{pipeline}-{self.run_id[:8]}")
+        self.tracker = Tracker.from_config(cfg)
+        self.parent: StageRun = self.tracker.start_pipeline(cfg, run_name=f"{pipeline}-{self.run_id[:8]}")
+        self.task_options = stage_task_options(cfg)
 
-    def add(self, result: StageResult) -> StageResult:
+    def stage(self, stage_task: Task, *args: Any) -> StageResult:
+        result = stage_task.with_options(**self.task_options)(*args)
         self.stages[result.name] = result
         return result
 
@@ -32,7 +49,7 @@ class PipelineRun:
             {f"{name}/{k}": v for name, r in self.stages.items() for k, v in r.ref.metrics.items()}, step=0
         )
         self.parent.finish("FINISHED" if status == "completed" else "FAILED")
-        return {
+        summary = {
             "pipeline": self.pipeline,
             "status": status,
             "run_id": self.run_id,
@@ -43,3 +60,5 @@ class PipelineRun:
                 for name, r in self.stages.items()
             },
         }
+        artifacts.publish(summary, self.config, self.tracker.run_url(self.parent.run_id), self.cfg.tracking.uri)
+        return summary

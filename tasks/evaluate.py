@@ -5,13 +5,14 @@ from __future__ import annotations
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from engine import stages
 from engine.config import PipelineConfig
+from engine.stages import StageResult
 from engine.storage import ArtifactRef
+from tasks.runner import run_stage
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
 def evaluate(
     cfg: PipelineConfig, sft: ArtifactRef, final: ArtifactRef, data: ArtifactRef, parent_run_id: str | None
-) -> stages.StageResult:
-    return stages.evaluate(stages.Runtime.open(cfg), sft, final, data, parent_run_id)
+) -> StageResult:
+    return run_stage("evaluate", cfg, sft, final, data, parent_run_id)

@@ -1,27 +1,26 @@
-"""Prefect tasks for the training stages: thin wrappers that open the runtime and call the engine."""
+"""Prefect tasks for the training stages: thin wrappers that hand the stage to ``tasks.runner``."""
 
 from __future__ import annotations
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from engine import stages
 from engine.config import PipelineConfig
+from engine.stages import StageResult
 from engine.storage import ArtifactRef
+from tasks.runner import run_stage
 
 
 @task(name="train_sft", cache_policy=NO_CACHE)
-def train_sft(
-    cfg: PipelineConfig, model: ArtifactRef, data: ArtifactRef, parent_run_id: str | None
-) -> stages.StageResult:
-    return stages.train_sft(stages.Runtime.open(cfg), model, data, parent_run_id)
+def train_sft(cfg: PipelineConfig, model: ArtifactRef, data: ArtifactRef, parent_run_id: str | None) -> StageResult:
+    return run_stage("train_sft", cfg, model, data, parent_run_id)
 
 
 @task(name="train_reward_model", cache_policy=NO_CACHE)
 def train_reward_model(
     cfg: PipelineConfig, sft: ArtifactRef, data: ArtifactRef, parent_run_id: str | None
-) -> stages.StageResult:
-    return stages.train_reward_model(stages.Runtime.open(cfg), sft, data, parent_run_id)
+) -> StageResult:
+    return run_stage("train_reward_model", cfg, sft, data, parent_run_id)
 
 
 @task(name="train_grpo", cache_policy=NO_CACHE)
@@ -31,12 +30,10 @@ def train_grpo(
     data: ArtifactRef,
     reward_model: ArtifactRef | None,
     parent_run_id: str | None,
-) -> stages.StageResult:
-    return stages.train_grpo(stages.Runtime.open(cfg), sft, data, reward_model, parent_run_id)
+) -> StageResult:
+    return run_stage("train_grpo", cfg, sft, data, reward_model, parent_run_id)
 
 
 @task(name="train_dpo", cache_policy=NO_CACHE)
-def train_dpo(
-    cfg: PipelineConfig, sft: ArtifactRef, data: ArtifactRef, parent_run_id: str | None
-) -> stages.StageResult:
-    return stages.train_dpo(stages.Runtime.open(cfg), sft, data, parent_run_id)
+def train_dpo(cfg: PipelineConfig, sft: ArtifactRef, data: ArtifactRef, parent_run_id: str | None) -> StageResult:
+    return run_stage("train_dpo", cfg, sft, data, parent_run_id)

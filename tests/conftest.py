@@ -30,7 +30,7 @@ HERMETIC_ENV = {
     "AWS_DEFAULT_REGION": "us-east-1",
 }
 os.environ.update(HERMETIC_ENV)
-for _unset in ("PREFECT_API_URL", "RAY_ADDRESS", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
+for _unset in ("PREFECT_API_URL", "RAY_ADDRESS", "MLFLOW_TRACKING_URI", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
     os.environ.pop(_unset, None)
 
 REPO = Path(__file__).resolve().parents[1]

@@ -31,7 +31,7 @@ def _worker_class(backend: str) -> type:
 class GenerationGroup:
     def __init__(self, cfg: GenerationConfig, model_dir: str, seed: int = 0):
         self.cfg = cfg
-        runtime_env = worker_envs.runtime_env("vllm") if cfg.backend == "vllm" else None
+        runtime_env = worker_envs.runtime_env(cfg.worker_env) if cfg.backend == "vllm" else None
         self.virtual = cluster.VirtualCluster(cfg.num_workers, cpus_per_bundle=1.0)
         remote_cls = ray.remote(_worker_class(cfg.backend))
         options: dict[str, Any] = {"num_cpus": 1}

@@ -1,0 +1,124 @@
+"""Job-submission mode: a stage's controller runs inside the Ray cluster as a Ray job.
+
+The Prefect task submits ``python -m tasks.ray_job <payload>`` through the Jobs API (the dashboard address),
+streams the job's log lines into the task's log, waits for a terminal status, and returns the stage result that
+the job prints as its last line. The job connects to its own cluster (``address: auto``) and runs the same
+``engine.stages`` function a driver-mode task would.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import sys
+import time
+
+from engine import stages
+from engine.config import PipelineConfig
+from engine.errors import PosttrainError
+from engine.storage import ArtifactRef
+
+RESULT_MARK = "POSTTRAIN_STAGE_RESULT "
+USER_ERROR_MARK = "POSTTRAIN_USER_ERROR "
+POLL_SECONDS = 1.0
+
+
+class RayJobFailed(RuntimeError):
+    """The stage job ended FAILED or STOPPED for a reason other than the user's input (Prefect may retry)."""
+
+
+def encode_payload(stage: str, cfg: PipelineConfig, inputs: list[ArtifactRef | str | None]) -> str:
+    payload = {
+        "stage": stage,
+        "config": cfg.model_dump(mode="json"),
+        "inputs": [i.model_dump(mode="json") if isinstance(i, ArtifactRef) else i for i in inputs],
+    }
+    return base64.urlsafe_b64encode(json.dumps(payload).encode()).decode()
+
+
+def decode_payload(text: str) -> tuple[str, PipelineConfig, list[ArtifactRef | str | None]]:
+    payload = json.loads(base64.urlsafe_b64decode(text.encode()))
+    config = payload["config"]
+    config["ray"].update(address="auto", submission="driver")  # inside the cluster, the job is the driver
+    inputs = [ArtifactRef.model_validate(i) if isinstance(i, dict) else i for i in payload["inputs"]]
+    return payload["stage"], PipelineConfig.model_validate(config), inputs
+
+
+def dashboard_url(cfg: PipelineConfig) -> str:
+    """The Jobs API: ``ray.dashboard_url``, else RAY_API_SERVER_ADDRESS, else port 8265 on the head's host."""
+    if cfg.ray.dashboard_url:
+        return cfg.ray.dashboard_url
+    if os.environ.get("RAY_API_SERVER_ADDRESS"):
+        return os.environ["RAY_API_SERVER_ADDRESS"]
+    if cfg.ray.address.startswith("ray://"):
+        return f"http://{cfg.ray.address.removeprefix('ray://').rsplit(':', 1)[0]}:8265"
+    raise PosttrainError("ray.submission=job needs ray.dashboard_url (the Jobs API, e.g. http://head:8265)")
+
+
+def submit_stage(stage: str, cfg: PipelineConfig, inputs: list[ArtifactRef | str | None]) -> stages.StageResult:
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    from tasks.runner import prefect_api_env
+
+    log = _task_logger()
+    url = dashboard_url(cfg)
+    try:
+        client = JobSubmissionClient(url)
+    except Exception as exc:  # the Jobs API is unreachable: infrastructure, so Prefect may retry
+        raise RayJobFailed(f"cannot reach the Ray Jobs API at {url} (ray.dashboard_url): {exc}") from exc
+    runtime_env = dict(cfg.ray.job_runtime_env)
+    runtime_env["env_vars"] = {**prefect_api_env(), **runtime_env.get("env_vars", {})}
+    job_id = client.submit_job(
+        entrypoint="python -m tasks.ray_job " + encode_payload(stage, cfg, inputs),  # the cluster's python
+        runtime_env=runtime_env,
+        metadata={"posttrain.stage": stage, "posttrain.pipeline": cfg.name},
+    )
+    log.info("submitted %s as Ray job %s at %s", stage, job_id, url)
+    printed, status = 0, client.get_job_status(job_id)
+    while True:
+        status = client.get_job_status(job_id)
+        lines = client.get_job_logs(job_id).splitlines()
+        for line in lines[printed:]:
+            if not line.startswith((RESULT_MARK, USER_ERROR_MARK)):
+                log.info("[%s] %s", job_id, line)
+        printed = len(lines)
+        if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+            break
+        time.sleep(POLL_SECONDS)
+    for line in reversed(lines):
+        if line.startswith(USER_ERROR_MARK):
+            raise PosttrainError(line.removeprefix(USER_ERROR_MARK))
+        if status == JobStatus.SUCCEEDED and line.startswith(RESULT_MARK):
+            return stages.StageResult.model_validate_json(line.removeprefix(RESULT_MARK))
+    info = client.get_job_info(job_id)
+    raise RayJobFailed(f"Ray job {job_id} ({stage}) ended {status}: {info.message or 'no result line'}")
+
+
+def _task_logger():
+    import logging
+
+    try:
+        from prefect.logging import get_run_logger
+
+        return get_run_logger()
+    except Exception:  # outside a Prefect run (e.g. called from a script)
+        return logging.getLogger("posttrain.ray_job")
+
+
+def main(payload: str) -> int:
+    """The job's entry point, inside the cluster."""
+    from tasks.runner import open_runtime
+
+    try:
+        stage, cfg, inputs = decode_payload(payload)
+        result = getattr(stages, stage)(open_runtime(cfg, use_prefect_lock="PREFECT_API_URL" in os.environ), *inputs)
+    except PosttrainError as exc:
+        print(USER_ERROR_MARK + str(exc), flush=True)
+        return 2
+    print(RESULT_MARK + result.model_dump_json(), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))

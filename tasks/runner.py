@@ -1,0 +1,88 @@
+"""How a Prefect task runs a stage: here in the task's process (Ray driver), or as a Ray job in the cluster.
+
+Both ways call the same ``engine.stages`` function under a Prefect global concurrency lock named by the stage's
+store prefix, so two runs never write the same stage artifact at once (the second waits, then finds the
+first one's artifact in the cache).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+from prefect import Task
+from prefect.client.schemas.objects import TaskRun
+from prefect.states import State
+
+from engine import stages
+from engine.config import PipelineConfig
+from engine.errors import PosttrainError
+from engine.storage import ArtifactRef
+
+STAGES = ("prepare_model", "prepare_data", "train_sft", "train_reward_model", "train_grpo", "train_dpo", "evaluate")
+
+
+@contextmanager
+def prefect_stage_lock(store_root: str, prefix: str, timeout_s: float | None) -> Iterator[None]:
+    """One slot per (store, stage prefix): a Prefect global concurrency limit, created on first use."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.concurrency.sync import concurrency
+    from prefect.exceptions import ObjectAlreadyExists
+
+    name = "posttrain-stage-" + hashlib.sha256(f"{store_root}/{prefix}".encode()).hexdigest()[:20]
+    with get_client(sync_client=True) as client:
+        try:
+            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
+        except ObjectAlreadyExists:
+            pass
+    with concurrency(name, occupy=1, strict=True, timeout_seconds=timeout_s):
+        yield
+
+
+def open_runtime(cfg: PipelineConfig, use_prefect_lock: bool = True) -> stages.Runtime:
+    runtime = stages.Runtime.open(cfg)
+    if use_prefect_lock:
+        root = cfg.storage.root or ""
+        runtime.lock = lambda prefix: prefect_stage_lock(root, prefix, cfg.orchestration.lock_timeout_s)
+    return runtime
+
+
+def run_stage(stage: str, cfg: PipelineConfig, *inputs: ArtifactRef | str | None) -> stages.StageResult:
+    """Run ``engine.stages.<stage>(runtime, *inputs)`` where ``cfg.ray.submission`` says."""
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}")
+    if cfg.ray.submission == "job":
+        from tasks.ray_job import submit_stage
+
+        return submit_stage(stage, cfg, list(inputs))
+    return getattr(stages, stage)(open_runtime(cfg), *inputs)
+
+
+def retry_on_infrastructure_failure(task: Task, task_run: TaskRun, state: State) -> bool:
+    """Retry a stage unless it failed on the user's input (bad config, data, model): that fails the same again."""
+    try:
+        state.result()
+    except PosttrainError:
+        return False
+    except Exception:
+        return True
+    return False
+
+
+def stage_task_options(cfg: PipelineConfig) -> dict[str, Any]:
+    """Prefect task options from the config (``task.with_options(**stage_task_options(cfg))``)."""
+    orchestration = cfg.orchestration
+    return {
+        "retries": orchestration.retries,
+        "retry_delay_seconds": orchestration.retry_delay_s,
+        "timeout_seconds": orchestration.stage_timeout_s,
+        "retry_condition_fn": retry_on_infrastructure_failure,
+    }
+
+
+def prefect_api_env() -> dict[str, str]:
+    """The Prefect API a submitted job reports its lock to (none for an ephemeral server)."""
+    return {key: os.environ[key] for key in ("PREFECT_API_URL",) if os.environ.get(key)}

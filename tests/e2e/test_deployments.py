@@ -1,0 +1,225 @@
+"""The path users take: `posttrain server up`, `prefect deploy --all`, `prefect deployment run grpo-pipeline/local`,
+a worker picks the run up, and the results land in the store (S3 on 127.0.0.1), MLflow and Prefect; then the
+Prefect UI, in headless Chromium, shows the run and its summary."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+
+from tests.conftest import REPO, free_port, run_cli
+
+pytestmark = pytest.mark.slow
+
+PREFECT = str(Path(sys.executable).parent / "prefect")
+SCREENSHOTS = REPO / "test-artifacts"
+CLOUD_POOLS = {  # name -> worker type; kubernetes gets our GPU base job template
+    "kubernetes": "kubernetes",
+    "ecs": "ecs",
+    "cloud-run": "cloud-run-v2",
+    "aci": "azure-container-instance",
+}
+TINY = {
+    "sft.max_steps": 30,
+    "reward_model.max_steps": 6,
+    "grpo.max_steps": 4,
+    "grpo.val_every": 4,
+    "grpo.checkpoint_every": 4,
+    "grpo.val_size": 16,
+    "evaluate.size": 16,
+}
+
+
+def prefect(args: list[str], env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [PREFECT, *args], cwd=REPO, env={**os.environ, **env}, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def client_for(api: str):
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: api}):
+        return get_client(sync_client=True)
+
+
+def flow_run_id(output: str) -> str:
+    match = re.search(r"UUID: ([0-9a-f-]{36})", output)
+    assert match, output
+    return match.group(1)
+
+
+@pytest.fixture(scope="module")
+def services(tmp_path_factory):
+    """`posttrain server up` (Prefect + MLflow on random ports, own PREFECT_HOME); `server down` stops them by PID."""
+    workdir = tmp_path_factory.mktemp("services")
+    env = {"PREFECT_HOME": str(workdir / "prefect-home")}
+    ports = [str(free_port()), str(free_port())]
+    up = run_cli(
+        [
+            "server",
+            "up",
+            "--workdir",
+            str(workdir),
+            "--prefect-port",
+            ports[0],
+            "--mlflow-port",
+            ports[1],
+            "--no-worker",
+        ],
+        cwd=workdir,
+        env=env,
+        timeout=300,
+    )
+    assert up.returncode == 0, up.stderr
+    assert f"Prefect UI: http://127.0.0.1:{ports[0]}" in up.stdout
+    env.update(PREFECT_API_URL=f"http://127.0.0.1:{ports[0]}/api", MLFLOW_TRACKING_URI=f"http://127.0.0.1:{ports[1]}")
+    pids = [int(p.read_text()) for p in (workdir / "services").glob("*.pid")]
+    yield SimpleNamespace(workdir=workdir, env=env, api=env["PREFECT_API_URL"], ui=f"http://127.0.0.1:{ports[0]}")
+    down = run_cli(["server", "down", "--workdir", str(workdir)], cwd=workdir, env=env)
+    assert down.returncode == 0, down.stderr
+    for pid in pids:
+        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
+
+
+@pytest.fixture(scope="module")
+def deployed(services):
+    for name, kind in CLOUD_POOLS.items():
+        args = ["work-pool", "create", name, "--type", kind, "--overwrite"]
+        if name == "kubernetes":
+            args += ["--base-job-template", str(REPO / "deployments" / "work-pools" / "kubernetes.json")]
+        created = prefect(args, services.env)
+        assert created.returncode == 0, created.stdout + created.stderr
+    deploy = prefect(["--no-prompt", "deploy", "--all"], services.env, timeout=600)
+    assert deploy.returncode == 0, deploy.stdout[-3000:] + deploy.stderr[-3000:]
+    return services
+
+
+def run_on_worker(services, deployment: str, params: dict, worker_env: dict) -> str:
+    """`prefect deployment run`, then one `prefect worker start --run-once` that executes it; the flow run id."""
+    started = prefect(["deployment", "run", deployment, "--params", json.dumps({"params": params})], services.env)
+    assert started.returncode == 0, started.stdout + started.stderr
+    run_id = flow_run_id(started.stdout)
+    worker = prefect(
+        ["worker", "start", "--pool", "local", "--type", "process", "--run-once"],
+        {**services.env, **worker_env},
+        timeout=1500,
+    )
+    assert worker.returncode == 0, worker.stdout[-3000:] + worker.stderr[-3000:]
+    return run_id
+
+
+@pytest.fixture(scope="module")
+def completed_run(deployed, s3_endpoint, tmp_path_factory):
+    import boto3
+
+    bucket = "deployment-test"
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=bucket)
+    overrides = {
+        **TINY,
+        "storage.root": f"s3://{bucket}/runs",
+        "storage.endpoint_url": s3_endpoint,
+        "workdir": str(tmp_path_factory.mktemp("flow-workdir")),
+    }
+    run_id = run_on_worker(deployed, "grpo-pipeline/local", {"config": "grpo_tiny", "overrides": overrides}, {})
+    return SimpleNamespace(id=run_id, bucket=bucket, endpoint=s3_endpoint)
+
+
+def test_prefect_deploy_all_registers_every_deployment(deployed):
+    expected = set()
+    for d in yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"]:
+        expected.add((d["entrypoint"].split(":")[1].replace("_", "-"), d["name"]))
+    with client_for(deployed.api) as client:
+        got = {(client.read_flow(d.flow_id).name, d.name) for d in client.read_deployments()}
+        schema = client.read_deployments()[0].parameter_openapi_schema
+    assert got == expected
+    assert "params" in schema["properties"]  # the UI renders the RunParameters form from this
+
+
+def test_grpo_pipeline_deployment_runs_on_a_worker(completed_run, deployed):
+    from mlflow.tracking import MlflowClient
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    from engine.config import StorageConfig
+    from engine.storage import ArtifactStore
+
+    with client_for(deployed.api) as client:
+        run = client.read_flow_run(completed_run.id)
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run.id]))
+        )
+    assert run.state.is_completed(), run.state
+    assert run.name.startswith("grpo-pipeline · grpo_tiny · ")
+    by_key = {a.key: a for a in artifacts}
+    assert {"grpo-pipeline-summary", "model-sft", "model-reward-model", "model-grpo"} <= set(by_key)
+    summary = by_key["grpo-pipeline-summary"].data
+    assert "# grpo-pipeline: completed" in summary and "| grpo | ran |" in summary
+
+    store = ArtifactStore.from_config(
+        StorageConfig(root=f"s3://{completed_run.bucket}/runs", endpoint_url=completed_run.endpoint), "/unused"
+    )
+    for stage in ("sft", "reward_model", "grpo"):
+        uri = re.search(rf"\| {stage} \| ran \| `(s3://[^`]+)` \|", summary).group(1)
+        assert store.is_committed(uri), f"{stage} artifact not committed: {uri}"
+
+    mlflow = MlflowClient(tracking_uri=deployed.env["MLFLOW_TRACKING_URI"])
+    experiment = mlflow.get_experiment_by_name("posttrain")
+    parents = mlflow.search_runs([experiment.experiment_id], "tags.`posttrain.pipeline` = 'grpo-pipeline'")
+    assert len(parents) == 1
+    metrics = parents[0].data.metrics
+    assert {"grpo/reward_mean_last", "evaluate/accuracy_final", "sft/val_loss_last"} <= set(metrics)
+
+
+def test_a_bad_parameter_fails_before_any_stage_starts(deployed):
+    rejected = prefect(
+        ["deployment", "run", "grpo-pipeline/local", "--params", json.dumps({"params": {"overrides": [1]}})],
+        deployed.env,
+    )
+    assert rejected.returncode != 0 and "params.overrides" in rejected.stdout + rejected.stderr  # schema check
+
+    bad = {"config": "grpo_tiny", "overrides": {"grpo.max_stepz": 3}}
+    run_id = run_on_worker(deployed, "grpo-pipeline/local", bad, {})
+    with client_for(deployed.api) as client:
+        run = client.read_flow_run(run_id)
+        from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+        tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])))
+    assert run.state.is_failed()
+    assert "unknown config key 'grpo.max_stepz' (did you mean 'grpo.max_steps'?)" in run.state.message
+    assert tasks == []
+
+
+def test_prefect_ui_shows_the_run_and_its_summary(completed_run, deployed):
+    from playwright.sync_api import sync_playwright
+
+    SCREENSHOTS.mkdir(exist_ok=True)
+    with client_for(deployed.api) as client:
+        name = client.read_flow_run(completed_run.id).name
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path="/usr/bin/chromium",
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"],
+        )
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(f"{deployed.ui}/runs/flow-run/{completed_run.id}")
+            page.get_by_text(name).first.wait_for(timeout=60_000)
+            page.get_by_text("Completed").first.wait_for(timeout=30_000)
+            page.get_by_text("Artifacts", exact=True).first.click()
+            page.get_by_text("grpo-pipeline-summary").first.wait_for(timeout=30_000)
+            page.screenshot(path=str(SCREENSHOTS / "prefect-flow-run.png"))
+            page.get_by_text("grpo-pipeline-summary").first.click()
+            page.get_by_text("grpo-pipeline: completed").first.wait_for(timeout=30_000)
+            page.screenshot(path=str(SCREENSHOTS / "prefect-summary-artifact.png"), full_page=True)
+        finally:
+            browser.close()
+    assert (SCREENSHOTS / "prefect-flow-run.png").stat().st_size > 10_000
