@@ -223,3 +223,36 @@ def test_prefect_ui_shows_the_run_and_its_summary(completed_run, deployed):
         finally:
             browser.close()
     assert (SCREENSHOTS / "prefect-flow-run.png").stat().st_size > 10_000
+
+
+def test_two_runs_of_one_stage_take_turns(services):
+    """The stage lock (a Prefect global concurrency limit per store + stage key) admits one holder at a time."""
+    import threading
+    import time
+
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from tasks.runner import prefect_stage_lock
+
+    spans: dict[str, tuple[float, float]] = {}
+
+    def hold(name: str, prefix: str) -> None:
+        with temporary_settings({PREFECT_API_URL: services.api}):
+            with prefect_stage_lock("s3://bucket/runs", prefix, timeout_s=120):
+                start = time.monotonic()
+                time.sleep(2.0)
+                spans[name] = (start, time.monotonic())
+
+    threads = [
+        threading.Thread(target=hold, args=("first", "stages/sft/abc")),
+        threading.Thread(target=hold, args=("second", "stages/sft/abc")),
+        threading.Thread(target=hold, args=("other", "stages/sft/def")),
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    (a_start, a_end), (b_start, b_end) = sorted([spans["first"], spans["second"]])
+    assert b_start >= a_end  # same stage key: one after the other
+    other_start, other_end = spans["other"]
+    assert other_start < max(a_end, b_end) and other_end > min(a_start, b_start)  # another key: not blocked
