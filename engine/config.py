@@ -178,8 +178,13 @@ class SFTConfig(Section):
 
 
 class RewardModelConfig(Section):
-    """A scalar head on the SFT model, trained with the Bradley-Terry loss on preference pairs."""
+    """A reward model initialised from the SFT model, trained with the Bradley-Terry loss on preference pairs."""
 
+    head: Literal["scalar", "likelihood"] = Field(
+        "scalar",
+        description="scalar: a sequence-classification head reads the last token; likelihood: the score is the "
+        "response's summed token log-likelihood under the model (a generative reward model)",
+    )
     max_steps: int = Field(60, gt=0)
     batch_size: int = Field(32, gt=0, description="preference pairs per step")
     max_seq_len: int = Field(256, gt=0)

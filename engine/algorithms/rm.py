@@ -1,7 +1,9 @@
-"""Reward model: a scalar head on the SFT model, trained with the Bradley-Terry loss on preference pairs.
+"""Reward model: the SFT model with a score, trained with the Bradley-Terry loss on preference pairs.
 
-Each micro-batch holds whole pairs as consecutive rows [chosen, rejected]; the loss is averaged over the
-step's global number of pairs. Validated by pairwise accuracy (chosen scored above rejected).
+Two heads: ``scalar`` (a sequence-classification head on the last token) and ``likelihood`` (the score is the
+response's summed token log-likelihood under the causal LM, so the model starts from what SFT already knows
+about right and wrong answers). Each micro-batch holds whole pairs as consecutive rows [chosen, rejected]; the
+loss is averaged over the step's global number of pairs. Validated by pairwise accuracy.
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ from engine.tracking import StageRun
 
 
 def pairwise_loss(scores: torch.Tensor, batch: MicroBatch, normalizers: dict[str, float]):
+    """Bradley-Terry over the rows' scores ([B]; or token logprobs [B, L-1], summed over the response)."""
+    if scores.dim() == 2:
+        scores = (scores * batch["loss_mask"]).sum(-1)
     valid = batch["index"] >= 0  # a filler micro-batch has no pairs
     scores = scores[valid.to(scores.device)]
     if scores.numel() < 2:
@@ -66,6 +71,6 @@ def run_reward_model(
         val_every=rm.val_every,
         checkpoint_every=rm.max_steps,
         group_size=2,
-        model_kind="reward",
+        model_kind="reward" if rm.head == "scalar" else "causal_lm",
     )
     return run_loop(cfg, store, run, sft_model_dir, spec, stage_prefix, tokenizer.pad_token_id)

@@ -24,3 +24,18 @@ def test_lr_schedule_warmup_then_cosine_to_floor():
     linear = OptimizerConfig(warmup_steps=0, schedule="linear", min_lr_ratio=0.0)
     assert lr_multiplier(5, linear, 10) == pytest.approx(0.5)
     assert lr_multiplier(7, OptimizerConfig(warmup_steps=0, schedule="constant"), 10) == 1.0
+
+
+def test_pairwise_loss_sums_token_logprobs_over_the_response_for_the_likelihood_head():
+    import torch
+
+    from engine.algorithms.losses import bradley_terry_loss
+    from engine.algorithms.rm import pairwise_loss
+
+    logprobs = torch.tensor([[-0.5, -1.0, -2.0], [-0.5, -3.0, -4.0], [-1.0, -0.1, -0.2], [-1.0, -0.3, -0.1]])
+    mask = torch.tensor([[0.0, 1.0, 1.0], [0.0, 1.0, 1.0], [0.0, 1.0, 0.0], [0.0, 1.0, 0.0]])
+    batch = {"loss_mask": mask, "index": torch.arange(4)}
+    loss, metrics = pairwise_loss(logprobs, batch, {"units": 2.0})
+    expected, _ = bradley_terry_loss(torch.tensor([-3.0, -0.1]), torch.tensor([-7.0, -0.3]), global_valid_seqs=2.0)
+    assert torch.allclose(loss, expected)
+    assert metrics == {"correct_pairs": 2.0, "pairs": 2.0}
