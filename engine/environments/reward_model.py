@@ -7,8 +7,8 @@ from typing import Any
 
 import torch
 
-from engine.data.chat import tokenize_conversation
 from engine.data.batching import collate
+from engine.data.chat import tokenize_conversation
 from engine.environments.interfaces import EnvStepResult, Message
 
 
