@@ -71,8 +71,11 @@ def spec_for(kind: str) -> WorkerEnvSpec:
 
 
 def env_path(kind: str) -> Path:
-    spec = spec_for(kind)
-    return envs_dir() / f"{kind}-{spec.digest()}"
+    return spec_path(spec_for(kind))
+
+
+def spec_path(spec: WorkerEnvSpec) -> Path:
+    return envs_dir() / f"{spec.kind}-{spec.digest()}"
 
 
 def python_for(kind: str) -> Path:
@@ -95,8 +98,12 @@ def _pip(python: Path, *args: str) -> None:
 
 def build(kind: str, force: bool = False) -> Path:
     """Create the venv of ``kind`` (idempotent); a half-built one is never marked complete."""
-    spec = spec_for(kind)
-    path = env_path(kind)
+    return build_spec(spec_for(kind), force)
+
+
+def build_spec(spec: WorkerEnvSpec, force: bool = False) -> Path:
+    """Create the venv of any spec (the benchmarks' comparison frameworks use this too)."""
+    path = spec_path(spec)
     if (path / ".complete").exists() and not force:
         return path
     shutil.rmtree(path, ignore_errors=True)

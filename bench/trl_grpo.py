@@ -1,0 +1,99 @@
+"""TRL's GRPOTrainer on the same model, prompts and settings as our GRPO stage; run in TRL's own venv.
+
+    <trl venv>/bin/python -m bench.trl_grpo SPEC_JSON     (bench.grpo_vs_trl writes SPEC_JSON and runs this)
+
+Prints one JSON line: per-step wall times and rewards. Settings mirrored from ours: prompts x generations per
+step, max new tokens, temperature, learning rate (constant, no warm-up), no KL (beta 0), clip 0.2, token-level
+loss over the whole batch ("dapo"), unscaled group advantages, one optimizer step per generation batch.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import torch
+
+
+def main(spec_path: str) -> None:
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from engine.environments.math_verifier import is_correct
+
+    spec = json.loads(open(spec_path).read())
+    torch.set_num_threads(spec["threads"])
+    tokenizer = AutoTokenizer.from_pretrained(spec["model_dir"])
+    model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=torch.float32)
+    rows = [json.loads(line) for line in open(spec["train_jsonl"])]
+    dataset = Dataset.from_list(
+        [{"prompt": [{"role": "user", "content": r["prompt"]}], "answer": r["answer"]} for r in rows]
+    )
+
+    def exact_answer(completions, answer, **_):
+        return [float(is_correct(c[-1]["content"], a)) for c, a in zip(completions, answer)]
+
+    n = spec["generations_per_prompt"]
+    config = GRPOConfig(
+        output_dir=spec["output_dir"],
+        per_device_train_batch_size=spec["prompts_per_step"] * n,
+        num_generations=n,
+        steps_per_generation=1,
+        num_iterations=1,
+        max_completion_length=spec["max_new_tokens"],
+        temperature=spec["temperature"],
+        learning_rate=spec["lr"],
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        adam_beta1=0.9,
+        adam_beta2=0.95,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        beta=0.0,
+        epsilon=0.2,
+        loss_type="dapo",
+        scale_rewards="none",
+        max_steps=spec["max_steps"],
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        bf16=False,
+        seed=spec["seed"],
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
+    steps: list[dict] = []
+
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.started = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            steps.append({"seconds": time.perf_counter() - self.started})
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "reward" in logs and steps:
+                steps[-1]["reward"] = logs["reward"]
+
+    trainer = GRPOTrainer(
+        model=model,
+        processing_class=tokenizer,
+        reward_funcs=exact_answer,
+        args=config,
+        train_dataset=dataset,
+        callbacks=[StepTimer()],
+    )
+    started = time.perf_counter()
+    trainer.train()
+    total = time.perf_counter() - started
+    if spec.get("save_dir"):
+        trainer.save_model(spec["save_dir"])
+        tokenizer.save_pretrained(spec["save_dir"])
+    print(json.dumps({"steps": steps, "train_seconds": total}), flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
