@@ -75,7 +75,7 @@ def submit_stage(stage: str, cfg: PipelineConfig, inputs: list[ArtifactRef | str
         metadata={"posttrain.stage": stage, "posttrain.pipeline": cfg.name},
     )
     log.info("submitted %s as Ray job %s at %s", stage, job_id, url)
-    printed, status = 0, client.get_job_status(job_id)
+    printed = 0
     while True:
         status = client.get_job_status(job_id)
         lines = client.get_job_logs(job_id).splitlines()

@@ -64,29 +64,22 @@ def ray_head(tmp_path_factory):
         head.wait(timeout=30)
 
 
+def as_job(ray_head: dict, **overrides) -> list[str]:
+    """`--set` arguments for job-submission mode on the test's cluster, plus the given overrides."""
+    settings = {
+        "ray.address": ray_head["address"],
+        "ray.submission": "job",
+        "ray.dashboard_url": ray_head["dashboard"],
+        **overrides,
+    }
+    return [arg for key, value in settings.items() for arg in ("--set", f"{key}={value}")]
+
+
 def test_sft_stage_runs_as_a_ray_job(ray_head, tmp_path):
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    out = run_cli(
-        [
-            "run",
-            "sft",
-            "--json",
-            "--set",
-            f"ray.address={ray_head['address']}",
-            "--set",
-            "ray.submission=job",
-            "--set",
-            f"ray.dashboard_url={ray_head['dashboard']}",
-            "--set",
-            "policy.world_size=1",
-            "--set",
-            "sft.max_steps=4",
-            "--set",
-            "sft.val_every=2",
-        ],
-        cwd=tmp_path,
-    )
+    tiny = {"policy.world_size": 1, "sft.max_steps": 4, "sft.val_every": 2}
+    out = run_cli(["run", "sft", "--json", *as_job(ray_head, **tiny)], cwd=tmp_path)
     summary = summary_of(out)
     assert summary["stages"]["sft"]["metrics"]["steps"] == 4
     assert not summary["stages"]["sft"]["cached"]
@@ -99,19 +92,5 @@ def test_sft_stage_runs_as_a_ray_job(ray_head, tmp_path):
     assert f"submitted train_sft as Ray job {stages['train_sft'].submission_id}" in logs
     assert "sft:" in logs  # the job's own progress lines, followed by the task
 
-    user_error = run_cli(
-        [
-            "run",
-            "sft",
-            "--set",
-            f"ray.address={ray_head['address']}",
-            "--set",
-            "ray.submission=job",
-            "--set",
-            f"ray.dashboard_url={ray_head['dashboard']}",
-            "--set",
-            "model.name=/nonexistent/model",
-        ],
-        cwd=tmp_path,
-    )
+    user_error = run_cli(["run", "sft", *as_job(ray_head, **{"model.name": "/nonexistent/model"})], cwd=tmp_path)
     assert user_error.returncode == 2 and "model folder not found: /nonexistent/model" in user_error.stderr
