@@ -8,11 +8,11 @@ the job prints as its last line. The job connects to its own cluster (``address:
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import os
 import sys
-import time
 
 from engine import stages
 from engine.config import PipelineConfig
@@ -21,7 +21,6 @@ from engine.storage import ArtifactRef
 
 RESULT_MARK = "POSTTRAIN_STAGE_RESULT "
 USER_ERROR_MARK = "POSTTRAIN_USER_ERROR "
-POLL_SECONDS = 1.0
 
 
 class RayJobFailed(RuntimeError):
@@ -75,24 +74,35 @@ def submit_stage(stage: str, cfg: PipelineConfig, inputs: list[ArtifactRef | str
         metadata={"posttrain.stage": stage, "posttrain.pipeline": cfg.name},
     )
     log.info("submitted %s as Ray job %s at %s", stage, job_id, url)
-    printed = 0
-    while True:
-        status = client.get_job_status(job_id)
-        lines = client.get_job_logs(job_id).splitlines()
-        for line in lines[printed:]:
-            if not line.startswith((RESULT_MARK, USER_ERROR_MARK)):
-                log.info("[%s] %s", job_id, line)
-        printed = len(lines)
-        if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
-            break
-        time.sleep(POLL_SECONDS)
-    for line in reversed(lines):
+    marked = asyncio.run(_follow(client, job_id, log))  # returns when the job has ended
+    status = client.get_job_status(job_id)
+    for line in reversed(marked):
         if line.startswith(USER_ERROR_MARK):
             raise PosttrainError(line.removeprefix(USER_ERROR_MARK))
         if status == JobStatus.SUCCEEDED and line.startswith(RESULT_MARK):
             return stages.StageResult.model_validate_json(line.removeprefix(RESULT_MARK))
     info = client.get_job_info(job_id)
     raise RayJobFailed(f"Ray job {job_id} ({stage}) ended {status}: {info.message or 'no result line'}")
+
+
+async def _follow(client, job_id: str, log) -> list[str]:
+    """Stream the job's log into the task's log until the job ends; return its result/error lines."""
+    marked: list[str] = []
+
+    def handle(line: str) -> None:
+        line = line.rsplit("\r", 1)[-1]  # a progress bar's latest state
+        if line.startswith((RESULT_MARK, USER_ERROR_MARK)):
+            marked.append(line)
+        elif line.strip():
+            log.info("[%s] %s", job_id, line)
+
+    pending = ""  # chunks may end mid-line
+    async for chunk in client.tail_job_logs(job_id):
+        *lines, pending = (pending + chunk).split("\n")
+        for line in lines:
+            handle(line)
+    handle(pending)
+    return marked
 
 
 def _task_logger():
