@@ -113,8 +113,7 @@ def test_kill_in_the_middle_of_grpo_then_resume_matches(tmp_path):
 
 def test_dpo_pipeline_runs_and_caches_reference_logprobs(tmp_path):
     """dpo-pipeline end to end on small step counts; the reference logprobs are computed once and kept in
-    the store, so a DPO rerun with another learning rate reuses them. (Preference accuracy >= 0.8 is not
-    reached yet: see the issue notes.)"""
+    the store, so a DPO rerun with another learning rate reuses them."""
     small = [*SMALL, "--set", "dpo.max_steps=6", "--set", "dpo.val_size=32"]
     first = summary_of(run_cli(["run", "dpo-pipeline", "--json", *small], cwd=tmp_path))
     assert set(first["stages"]) == {"model", "data", "sft", "dpo", "evaluate"}
@@ -128,6 +127,15 @@ def test_dpo_pipeline_runs_and_caches_reference_logprobs(tmp_path):
     )
     assert second["stages"]["sft"]["cached"] and not second["stages"]["dpo"]["cached"]
     assert {p: p.stat().st_mtime for p in reference.glob("*/MANIFEST.json")} == stamps
+
+
+def test_dpo_pipeline_tiny_defaults(tmp_path):
+    """The DPO pipeline on its defaults: held-out preference accuracy >= 0.8, and greedy accuracy no worse
+    than SFT's."""
+    summary = summary_of(run_cli(["run", "dpo-pipeline", "--json"], cwd=tmp_path, timeout=1200))
+    assert summary["stages"]["dpo"]["metrics"]["val_preference_accuracy"] >= 0.8
+    accuracy = summary["stages"]["evaluate"]["metrics"]
+    assert accuracy["accuracy_final"] >= accuracy["accuracy_sft"]
 
 
 def test_tool_use_pipeline_runs_multi_turn_episodes(tmp_path):
