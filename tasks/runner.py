@@ -38,7 +38,9 @@ def prefect_stage_lock(store_root: str, prefix: str, timeout_s: float | None) ->
             client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
         except ObjectAlreadyExists:
             pass
-    with concurrency(name, occupy=1, strict=True, timeout_seconds=timeout_s):
+    # strict: a missing limit is an error, not a silent pass; a failed lease renewal (an API blip) must not kill
+    # hours of training, so it is tolerated
+    with concurrency(name, occupy=1, strict=True, timeout_seconds=timeout_s, raise_on_lease_renewal_failure=False):
         yield
 
 
