@@ -71,8 +71,6 @@ def _pid(directory: Path, name: str) -> int | None:
 
 
 def _start(directory: Path, name: str, command: list[str], env: dict[str, str]) -> int:
-    if _pid(directory, name) is not None:
-        raise PosttrainError(f"{name} is already running (pid {_pid(directory, name)}); run: posttrain server down")
     log = open(directory / f"{name}.log", "ab")
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     (directory / f"{name}.pid").write_text(str(process.pid))
@@ -100,7 +98,19 @@ def service_env(ports: Ports) -> dict[str, str]:
 
 
 def up(workdir: str | Path, ports: Ports, worker: bool = True) -> dict[str, str]:
-    """Start the servers (and the worker), wait until they answer, and return their URLs."""
+    """Start the servers (and the worker), wait until they answer, and return their URLs. If any of them fails
+    to start, the ones already started are stopped again."""
+    running = [name for name, pid in status(workdir).items() if pid is not None]
+    if running:
+        raise PosttrainError(f"already running: {', '.join(running)}; run: posttrain server down")
+    try:
+        return _up(workdir, ports, worker)
+    except BaseException:
+        down(workdir)
+        raise
+
+
+def _up(workdir: str | Path, ports: Ports, worker: bool) -> dict[str, str]:
     directory = state_dir(workdir)
     directory.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "DO_NOT_TRACK": "true", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
@@ -140,12 +150,14 @@ def up(workdir: str | Path, ports: Ports, worker: bool = True) -> dict[str, str]
     _wait_healthy(f"{ports.prefect_api}/health", "prefect-server", directory)
     _wait_healthy(f"{ports.mlflow_ui}/health", "mlflow-server", directory)
     client_env = {**env, **service_env(ports)}
-    subprocess.run(
+    created = subprocess.run(
         [_bin("prefect"), "work-pool", "create", WORK_POOL, "--type", "process", "--overwrite"],
         env=client_env,
-        check=True,
         capture_output=True,
+        text=True,
     )
+    if created.returncode != 0:
+        raise PosttrainError(f"could not create the '{WORK_POOL}' work pool: {created.stderr.strip()[-300:]}")
     if worker:
         _start(directory, "prefect-worker", [_bin("prefect"), "worker", "start", "--pool", WORK_POOL], client_env)
     (directory / "env").write_text("".join(f"export {k}={v}\n" for k, v in service_env(ports).items()))
