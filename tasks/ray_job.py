@@ -122,7 +122,7 @@ def main(payload: str) -> int:
 
     try:
         stage, cfg, inputs = decode_payload(payload)
-        result = getattr(stages, stage)(open_runtime(cfg, use_prefect_lock="PREFECT_API_URL" in os.environ), *inputs)
+        result = getattr(stages, stage)(open_runtime(cfg), *inputs)
     except PosttrainError as exc:
         print(USER_ERROR_MARK + str(exc), flush=True)
         return 2

@@ -1,8 +1,8 @@
 """How a Prefect task runs a stage: here in the task's process (Ray driver), or as a Ray job in the cluster.
 
-Both ways call the same ``engine.stages`` function under a Prefect global concurrency lock named by the stage's
-store prefix, so two runs never write the same stage artifact at once (the second waits, then finds the
-first one's artifact in the cache).
+Both ways call the same ``engine.stages`` function. Where runs report to a Prefect server, that happens under a
+Prefect global concurrency lock named by the stage's store prefix, so two runs never write the same stage
+artifact at once (the second waits, then finds the first one's artifact in the cache).
 """
 
 from __future__ import annotations
@@ -40,13 +40,24 @@ def prefect_stage_lock(store_root: str, prefix: str, timeout_s: float | None) ->
             pass
     # strict: a missing limit is an error, not a silent pass; a failed lease renewal (an API blip) must not kill
     # hours of training, so it is tolerated
-    with concurrency(name, occupy=1, strict=True, timeout_seconds=timeout_s, raise_on_lease_renewal_failure=False):
+    # (renewed in the background; a killed holder's slot is revoked by the server about a minute after it dies)
+    with concurrency(
+        name, occupy=1, strict=True, timeout_seconds=timeout_s, lease_duration=60, raise_on_lease_renewal_failure=False
+    ):
         yield
 
 
-def open_runtime(cfg: PipelineConfig, use_prefect_lock: bool = True) -> stages.Runtime:
+def has_prefect_server() -> bool:
+    """True where runs report to a Prefect server (deployments, `posttrain server up`). Prefect's temporary server
+    (the plain CLI) revokes no expired lease, so a killed run would hold its stage lock for ever: no lock there."""
+    from prefect.settings import get_current_settings
+
+    return bool(get_current_settings().api.url)
+
+
+def open_runtime(cfg: PipelineConfig) -> stages.Runtime:
     runtime = stages.Runtime.open(cfg)
-    if use_prefect_lock:
+    if has_prefect_server():
         root = cfg.storage.root or ""
         runtime.lock = lambda prefix: prefect_stage_lock(root, prefix, cfg.orchestration.lock_timeout_s)
     return runtime

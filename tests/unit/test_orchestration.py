@@ -85,3 +85,17 @@ def test_summary_markdown_lists_every_stage():
 def test_artifact_keys_are_what_prefect_accepts():
     assert artifact_key("model", "reward_model") == "model-reward-model"
     assert artifact_key("grpo-pipeline", "summary") == "grpo-pipeline-summary"
+
+
+def test_stage_lock_only_where_a_prefect_server_revokes_dead_holders(tmp_path):
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from tasks.runner import has_prefect_server, open_runtime
+
+    cfg = load_config(None, {"workdir": str(tmp_path), "tracking.enabled": False})
+    with temporary_settings({PREFECT_API_URL: None}):
+        assert not has_prefect_server()
+        assert open_runtime(cfg).lock("stages/sft/k").__class__.__name__ == "nullcontext"
+    with temporary_settings({PREFECT_API_URL: "http://127.0.0.1:4200/api"}):
+        assert has_prefect_server()
+        assert open_runtime(cfg).lock("stages/sft/k").__class__.__name__ != "nullcontext"
