@@ -10,6 +10,7 @@ import torch
 from engine.data.batching import collate
 from engine.data.chat import tokenize_conversation
 from engine.environments.interfaces import EnvStepResult, Message
+from engine.policy.fsdp2 import token_logprobs_from_logits
 
 
 class RewardModelEnv:
@@ -34,8 +35,7 @@ class RewardModelEnv:
         out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         if not self.likelihood:
             return out.logits[:, 0].float().tolist()
-        logprobs = torch.log_softmax(out.logits[:, :-1].float(), dim=-1)
-        token_logprobs = logprobs.gather(-1, batch["input_ids"][:, 1:, None]).squeeze(-1)
+        token_logprobs = token_logprobs_from_logits(out.logits, batch["input_ids"])
         return (token_logprobs * batch["loss_mask"]).sum(-1).tolist()
 
     def step(self, message_logs: list[list[Message]], metadata: list[dict[str, Any]]) -> EnvStepResult:
