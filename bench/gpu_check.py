@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -21,6 +22,12 @@ from pathlib import Path
 import torch
 
 STEPS, BATCH = 4, 24
+
+
+def _free_loopback_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def _examples(model_dir: Path):
@@ -49,14 +56,14 @@ def run_mode(mode: str, model_dir: Path, work: Path) -> dict:
     """Train STEPS steps as rank 0 of 1; on CUDA also replay steps after a checkpoint and export."""
     from engine.config import OptimizerConfig, PolicyConfig
     from engine.data.batching import collate, plan_step
-    from engine.policy.fsdp2 import FSDP2PolicyWorker, _free_port, token_logprobs_from_logits
+    from engine.policy.fsdp2 import FSDP2PolicyWorker, token_logprobs_from_logits
 
     policy = PolicyConfig(world_size=1, micro_batch_tokens=100_000)
     if mode == "cuda-bf16":
         policy = policy.model_copy(update={"precision": "bf16", "activation_checkpointing": True})
     optimizer = OptimizerConfig(lr=1e-2, warmup_steps=0)
     worker = FSDP2PolicyWorker(0, 1, str(model_dir), policy.model_dump(), optimizer.model_dump(), 10, seed=0)
-    worker.init_distributed("127.0.0.1", _free_port("127.0.0.1"))
+    worker.init_distributed("127.0.0.1", _free_loopback_port())
     examples, pad = _examples(model_dir)
 
     def step(s: int) -> dict:

@@ -8,6 +8,7 @@ picks the rendezvous address, so the same code spans nodes on a real cluster.
 from __future__ import annotations
 
 import os
+import socket
 from typing import Any, Sequence
 
 from engine.config import RayConfig
@@ -42,6 +43,32 @@ def connect(cfg: RayConfig) -> None:
         )
     else:
         ray.init(address=cfg.address, log_to_driver=False, configure_logging=False)
+
+
+def rendezvous_point() -> tuple[str, int]:
+    """This node's address and a free port on it: where a worker group's rank 0 hosts torch.distributed."""
+    address = ray.util.get_node_ip_address()
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((address, 0))
+        return address, sock.getsockname()[1]
+
+
+def put_weight_buckets(state: dict[str, Any], bucket_bytes: int) -> tuple[list, list, int]:
+    """Full weights as Ray object-store buckets of about ``bucket_bytes`` each, for a refit:
+    (manifest, bucket refs, total bytes)."""
+    from engine.generation.interfaces import manifest_of
+
+    buckets, current, size, total = [], [], 0, 0
+    for name, tensor in state.items():
+        current.append((name, tensor))
+        size += tensor.numel() * tensor.element_size()
+        if size >= bucket_bytes:
+            buckets.append(ray.put(current))
+            total, current, size = total + size, [], 0
+    if current:
+        buckets.append(ray.put(current))
+        total += size
+    return manifest_of(state), buckets, total
 
 
 def shutdown() -> None:

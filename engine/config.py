@@ -145,13 +145,32 @@ class OptimizerConfig(Section):
     grad_clip: float | None = Field(1.0, gt=0.0)
 
 
+class MegatronConfig(Section):
+    """Model parallelism of the Megatron-core backend; data parallel = world_size / (tensor x pipeline)."""
+
+    tensor_parallel: int = Field(1, gt=0, description="ranks that split each layer's matrices")
+    pipeline_parallel: int = Field(1, gt=0, description="stages that split the layers (in order)")
+    distributed_optimizer: bool = Field(True, description="shard optimizer state over data-parallel ranks")
+
+
 class PolicyConfig(Section):
-    backend: Literal["fsdp2"] = "fsdp2"
-    world_size: int = Field(2, gt=0, description="data-parallel FSDP2 ranks")
+    backend: Literal["fsdp2", "megatron"] = "fsdp2"
+    world_size: int = Field(2, gt=0, description="trainer ranks: FSDP2 data-parallel ranks, or Megatron TP x PP x DP")
     micro_batch_tokens: int = Field(2048, gt=0, description="padded-token budget of one micro-batch")
     precision: Literal["fp32", "bf16"] = "fp32"
     activation_checkpointing: bool = False
     threads_per_worker: int = Field(1, gt=0)
+    megatron: MegatronConfig = MegatronConfig()
+
+    @model_validator(mode="after")
+    def _megatron_layout_fits(self) -> "PolicyConfig":
+        model_parallel = self.megatron.tensor_parallel * self.megatron.pipeline_parallel
+        if self.backend == "megatron" and self.world_size % model_parallel:
+            raise ValueError(
+                f"policy.world_size={self.world_size} is not a multiple of policy.megatron.tensor_parallel x "
+                f"pipeline_parallel = {model_parallel}"
+            )
+        return self
 
 
 class GenerationConfig(Section):

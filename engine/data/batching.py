@@ -56,6 +56,25 @@ def filler_micro_batch(template: TokenizedExample, pad_id: int) -> MicroBatch:
     return collate([filler], pad_id)
 
 
+def pad_micro_batch(batch: MicroBatch, rows: int, length: int) -> MicroBatch:
+    """The batch widened to [rows, length] with fully masked padding (pipeline stages exchange fixed shapes);
+    added rows have index -1, so nothing reads their outputs."""
+    current_rows, current_length = batch["input_ids"].shape
+    if (current_rows, current_length) == (rows, length):
+        return batch
+    padded: MicroBatch = {}
+    for key, value in batch.items():
+        fill = -1 if key == "index" else 0
+        shape = list(value.shape)
+        shape[0] = rows
+        if value.dim() == 2:
+            shape[1] = length if value.shape[1] == current_length else length - 1
+        out = torch.full(shape, fill, dtype=value.dtype)
+        out[tuple(slice(0, n) for n in value.shape)] = value
+        padded[key] = out
+    return padded
+
+
 Unit = list[int]  # indices of examples that travel together
 
 

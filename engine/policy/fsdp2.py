@@ -9,7 +9,6 @@ the step's gradient is then the same whatever the number of ranks or micro-batch
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -28,12 +27,6 @@ from engine.config import OptimizerConfig, PolicyConfig
 from engine.data.batching import MicroBatch
 from engine.policy.interfaces import LossFn
 from engine.policy.optim import build_optimizer
-
-
-def _free_port(address: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((address, 0))
-        return sock.getsockname()[1]
 
 
 def token_logprobs_from_logits(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
@@ -66,10 +59,9 @@ class FSDP2PolicyWorker:
     # ------------------------------------------------------------------------------ set-up
 
     def rendezvous_address(self) -> tuple[str, int]:
-        import ray
+        from engine import cluster
 
-        address = ray.util.get_node_ip_address()
-        return address, _free_port(address)
+        return cluster.rendezvous_point()
 
     def init_distributed(self, address: str, port: int) -> None:
         os.environ.update(MASTER_ADDR=address, MASTER_PORT=str(port))
@@ -111,6 +103,10 @@ class FSDP2PolicyWorker:
                 module.set_force_sum_reduction_for_comms(True)  # gloo has no PREMUL_SUM
         model.train()
         return model
+
+    def parallel_layout(self) -> dict[str, int | bool]:
+        """Every FSDP2 rank is its own data-parallel replica and reports its own results."""
+        return {"dp_rank": self.rank, "reports": True}
 
     # ------------------------------------------------------------------------------ compute
 
@@ -206,27 +202,12 @@ class FSDP2PolicyWorker:
         return get_model_state_dict(self.model, options=options)
 
     def weight_buckets(self, bucket_bytes: int) -> tuple[list, list, int] | None:
-        """Full weights as Ray object-store buckets of about ``bucket_bytes`` each, for a refit.
-
-        Every rank takes part in the gather; rank 0 returns (manifest, bucket refs, total bytes)."""
-        import ray
-
-        from engine.generation.interfaces import manifest_of
+        """Full weights as Ray object-store buckets, for a refit. Every rank takes part in the gather;
+        rank 0 returns (manifest, bucket refs, total bytes)."""
+        from engine import cluster
 
         state = self.full_state_dict()
-        if self.rank != 0:
-            return None
-        buckets, current, size, total = [], [], 0, 0
-        for name, tensor in state.items():
-            current.append((name, tensor))
-            size += tensor.numel() * tensor.element_size()
-            if size >= bucket_bytes:
-                buckets.append(ray.put(current))
-                total, current, size = total + size, [], 0
-        if current:
-            buckets.append(ray.put(current))
-            total += size
-        return manifest_of(state), buckets, total
+        return cluster.put_weight_buckets(state, bucket_bytes) if self.rank == 0 else None
 
     def export_hf(self, directory: str) -> None:
         """Full Hugging Face weights (config, safetensors) written by rank 0."""

@@ -12,7 +12,6 @@ from engine import cluster
 from engine.config import OptimizerConfig, PipelineConfig
 from engine.data.batching import MicroBatch, plan_step
 from engine.data.chat import TokenizedExample
-from engine.policy.fsdp2 import FSDP2PolicyWorker
 
 PER_RANK_VALUES = ("grad_norm", "lr")  # the same on every rank: taken from rank 0, not summed
 
@@ -20,22 +19,29 @@ PER_RANK_VALUES = ("grad_norm", "lr")  # the same on every rank: taken from rank
 @dataclass
 class PolicyGroup:
     """Every loss gets the step's global normalizers: ``tokens`` (targets), ``sequences`` (with at least
-    one target) and ``units`` (e.g. preference pairs)."""
+    one target) and ``units`` (e.g. preference pairs).
+
+    A step is planned per data-parallel replica; every rank of a replica (Megatron's tensor ranks and
+    pipeline stages) gets the replica's micro-batches, and only its reporting rank's results are counted."""
 
     group: cluster.WorkerGroup
     virtual: cluster.VirtualCluster
-    world_size: int
+    replica_of_rank: list[int]
+    reporting_ranks: list[int]
     token_budget: int
     pad_id: int
 
     def _plans(self, examples: list[TokenizedExample], group_size: int) -> tuple[list[list[MicroBatch]], dict]:
-        plans, tokens = plan_step(examples, self.world_size, self.token_budget, self.pad_id, group_size)
+        replicas = len(self.reporting_ranks)
+        plans, tokens = plan_step(examples, replicas, self.token_budget, self.pad_id, group_size)
         sequences = sum(1 for e in examples if any(e.loss_mask[1:]))
-        return plans, {"tokens": float(tokens), "sequences": float(sequences), "units": len(examples) / group_size}
+        per_rank = [plans[replica] for replica in self.replica_of_rank]
+        return per_rank, {"tokens": float(tokens), "sequences": float(sequences), "units": len(examples) / group_size}
 
     def _run(self, method: str, examples, loss_fn: Callable, group_size: int) -> dict[str, float]:
         plans, normalizers = self._plans(examples, group_size)
-        results = self.group.call_per_rank(method, [(plan, loss_fn, normalizers) for plan in plans])
+        all_results = self.group.call_per_rank(method, [(plan, loss_fn, normalizers) for plan in plans])
+        results = [all_results[rank] for rank in self.reporting_ranks]
         summed = {key: sum(r[key] for r in results) for key in results[0] if key not in PER_RANK_VALUES}
         summed["loss"] = summed.pop("loss_share")
         summed.update({key: results[0][key] for key in PER_RANK_VALUES if key in results[0]})
@@ -53,7 +59,8 @@ class PolicyGroup:
         plans, _ = self._plans(examples, 1)
         outputs = self.group.call_per_rank("forward_only", [(plan,) for plan in plans])
         ordered: list[torch.Tensor | None] = [None] * len(examples)
-        for plan, rank_outputs in zip(plans, outputs):
+        for rank in self.reporting_ranks:
+            plan, rank_outputs = plans[rank], outputs[rank]
             for batch, output in zip(plan, rank_outputs):
                 for row, index in enumerate(batch["index"].tolist()):
                     if index >= 0:
@@ -79,7 +86,7 @@ def start_policy_group(
     gpus = 1.0 if torch.cuda.is_available() else 0.0
     virtual = cluster.VirtualCluster(world_size, cpus_per_bundle=1.0, gpus_per_bundle=gpus)
     group = cluster.WorkerGroup(
-        FSDP2PolicyWorker,
+        _worker_class(cfg.policy.backend),
         virtual,
         world_size,
         init_kwargs={
@@ -91,4 +98,19 @@ def start_policy_group(
             "model_kind": model_kind,
         },
     )
-    return PolicyGroup(group, virtual, world_size, cfg.policy.micro_batch_tokens, pad_id)
+    layouts = group.call("parallel_layout")
+    replica_of_rank = [layout["dp_rank"] for layout in layouts]
+    reporting_ranks = sorted(
+        (rank for rank, layout in enumerate(layouts) if layout["reports"]), key=lambda rank: replica_of_rank[rank]
+    )
+    return PolicyGroup(group, virtual, replica_of_rank, reporting_ranks, cfg.policy.micro_batch_tokens, pad_id)
+
+
+def _worker_class(backend: str) -> type:
+    if backend == "megatron":
+        from engine.policy.megatron import MegatronPolicyWorker
+
+        return MegatronPolicyWorker
+    from engine.policy.fsdp2 import FSDP2PolicyWorker
+
+    return FSDP2PolicyWorker
