@@ -3,6 +3,7 @@
     posttrain run grpo-pipeline --config configs/grpo_tiny.yaml --set grpo.max_steps=20 [--json]
     posttrain config show --config sft_tiny --set policy.world_size=1
     posttrain make-tiny-model OUT --arch qwen2
+    posttrain convert hf-to-megatron HF_DIR OUT --tensor-parallel 2 | megatron-to-hf MEGATRON_DIR OUT
     posttrain env build vllm
     posttrain server up|down|status
 
@@ -130,6 +131,22 @@ def cmd_make_tiny_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from engine.models import megatron_convert
+
+    source, target = Path(args.source).expanduser(), Path(args.out).expanduser()
+    if not source.is_dir():
+        raise PosttrainError(f"model folder not found: {args.source}")
+    if args.direction == "hf-to-megatron":
+        out = megatron_convert.convert_hf_folder(source, target, args.tensor_parallel, args.pipeline_parallel)
+    else:
+        out = megatron_convert.convert_megatron_folder(source, target)
+    print(out)
+    return 0
+
+
 def cmd_env_build(args: argparse.Namespace) -> int:
     from engine import worker_envs
 
@@ -208,6 +225,14 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--vocab-size", dest="vocab_size", type=int)
     tiny.add_argument("--seed", type=int)
     tiny.set_defaults(handler=cmd_make_tiny_model)
+
+    convert = sub.add_parser("convert", help="Hugging Face <-> Megatron weights (Llama, Qwen2)")
+    convert.add_argument("direction", choices=["hf-to-megatron", "megatron-to-hf"])
+    convert.add_argument("source", help="a Hugging Face folder, or a Megatron folder written by this command")
+    convert.add_argument("out", help="the folder to create (must not exist)")
+    convert.add_argument("--tensor-parallel", type=int, default=1, help="hf-to-megatron: tensor ranks")
+    convert.add_argument("--pipeline-parallel", type=int, default=1, help="hf-to-megatron: pipeline stages")
+    convert.set_defaults(handler=cmd_convert)
     return parser
 
 

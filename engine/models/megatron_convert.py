@@ -9,11 +9,15 @@ Hugging Face's in three places:
 - column-parallel weights (qkv, fc1, embedding, output layer) split along rows; row-parallel ones (the attention
   output projection, fc2) along columns; norms are replicated.
 Keys use the stage's local layer numbers, as Megatron's modules do; ``layers`` says which global layers they are.
+On disk (``posttrain convert``) the Megatron side uses Megatron-LM's layout: ``release/mp_rank_TT[_PPP]/``.
 """
 
 from __future__ import annotations
 
+import json
+import shutil
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -91,13 +95,10 @@ def check_parallel_sizes(shape: GPTShape, tensor_parallel: int, pipeline_paralle
         ("intermediate size", shape.ffn_hidden_size),
     ):
         if count % tensor_parallel:
-            raise PosttrainError(
-                f"policy.megatron.tensor_parallel={tensor_parallel} does not divide the model's {what} ({count})"
-            )
+            raise PosttrainError(f"tensor parallel size {tensor_parallel} does not divide the model's {what} ({count})")
     if shape.num_layers % pipeline_parallel:
         raise PosttrainError(
-            f"policy.megatron.pipeline_parallel={pipeline_parallel} does not divide the number of layers "
-            f"({shape.num_layers})"
+            f"pipeline parallel size {pipeline_parallel} does not divide the number of layers ({shape.num_layers})"
         )
 
 
@@ -209,3 +210,107 @@ def megatron_to_hf(shards: list[Shards], shape: GPTShape, layers: range, first: 
         if not shape.tied_embeddings:
             out["lm_head.weight"] = gather("output_layer.weight", 0)[: shape.vocab_size].clone()
     return out
+
+
+# ---------------------------------------------------------------------------------------------- folders
+
+RELEASE = "release"  # Megatron-LM's name for converted (not trained) weights: latest_checkpointed_iteration.txt
+HF_SIDE_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+)
+
+
+def rank_folder(tp_rank: int, pp_rank: int, pipeline_parallel: int) -> str:
+    """Megatron-LM's per-rank folder name: mp_rank_TT, or mp_rank_TT_PPP with pipeline stages."""
+    return f"mp_rank_{tp_rank:02d}" if pipeline_parallel == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
+
+
+def load_hf_folder(folder: Path) -> tuple[Any, dict[str, torch.Tensor]]:
+    """A Hugging Face model folder's config and full state dict (all safetensors shards)."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not (folder / "config.json").is_file() or not files:
+        raise PosttrainError(f"{folder} is not a Hugging Face model folder (config.json and *.safetensors)")
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        state.update(load_file(str(file)))
+    return AutoConfig.from_pretrained(folder), state
+
+
+def _staged(target: Path) -> Path:
+    if target.exists():
+        raise PosttrainError(f"output folder already exists: {target}")
+    staging = target.with_name(f".{target.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    return staging
+
+
+def _copy_side_files(source: Path, target: Path) -> None:
+    for name in HF_SIDE_FILES:
+        if (source / name).is_file():
+            shutil.copy2(source / name, target / name)
+
+
+def convert_hf_folder(source: Path, target: Path, tensor_parallel: int, pipeline_parallel: int) -> Path:
+    """Hugging Face folder -> Megatron-LM layout (``release/mp_rank_*/model_optim_rng.pt``), written whole or not at all."""
+    hf_config, state = load_hf_folder(source)
+    shape = shape_of(hf_config)
+    check_parallel_sizes(shape, tensor_parallel, pipeline_parallel)
+    staging = _staged(target)
+    try:
+        for pp_rank in range(pipeline_parallel):
+            layers = stage_layers(shape, pipeline_parallel, pp_rank)
+            first, last = pp_rank == 0, pp_rank == pipeline_parallel - 1
+            for tp_rank in range(tensor_parallel):
+                shard = hf_to_megatron(state, shape, tensor_parallel, tp_rank, layers, first, last)
+                folder = staging / RELEASE / rank_folder(tp_rank, pp_rank, pipeline_parallel)
+                folder.mkdir(parents=True)
+                torch.save({"model": shard, "checkpoint_version": 3.0}, folder / "model_optim_rng.pt")
+        _copy_side_files(source, staging)
+        layout = {"tensor_parallel": tensor_parallel, "pipeline_parallel": pipeline_parallel}
+        (staging / "megatron_layout.json").write_text(json.dumps(layout))
+        (staging / "latest_checkpointed_iteration.txt").write_text(RELEASE)
+        staging.rename(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def convert_megatron_folder(source: Path, target: Path) -> Path:
+    """A folder written by ``convert_hf_folder`` (or trained weights in the same layout) -> Hugging Face."""
+    from safetensors.torch import save_file
+    from transformers import AutoConfig
+
+    layout_file = source / "megatron_layout.json"
+    if not layout_file.is_file() or not (source / "config.json").is_file():
+        raise PosttrainError(f"{source} is not a Megatron folder from `posttrain convert` (megatron_layout.json)")
+    layout = json.loads(layout_file.read_text())
+    tensor_parallel, pipeline_parallel = layout["tensor_parallel"], layout["pipeline_parallel"]
+    shape = shape_of(AutoConfig.from_pretrained(source))
+    staging = _staged(target)
+    try:
+        state: dict[str, torch.Tensor] = {}
+        for pp_rank in range(pipeline_parallel):
+            shards = [
+                torch.load(
+                    source / RELEASE / rank_folder(tp_rank, pp_rank, pipeline_parallel) / "model_optim_rng.pt",
+                    weights_only=True,
+                )["model"]
+                for tp_rank in range(tensor_parallel)
+            ]
+            layers = stage_layers(shape, pipeline_parallel, pp_rank)
+            state.update(megatron_to_hf(shards, shape, layers, pp_rank == 0, pp_rank == pipeline_parallel - 1))
+        save_file(state, str(staging / "model.safetensors"), {"format": "pt"})
+        _copy_side_files(source, staging)
+        staging.rename(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target

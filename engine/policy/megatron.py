@@ -33,6 +33,8 @@ from engine.policy.interfaces import LossFn
 from engine.policy.optim import lr_multiplier
 
 LAYOUT_FILE = "megatron_layout.json"
+# optimizer state gathered per parameter on save, so a checkpoint reloads at another TP, PP or DP size
+CHECKPOINT_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 
 def _has_transformer_engine() -> bool:
@@ -354,8 +356,9 @@ class MegatronPolicyWorker:
             target.mkdir(parents=True, exist_ok=True)
             (Path(directory) / LAYOUT_FILE).write_text(json.dumps({**self._layout(), "step": self.step}))
         dist.barrier()
-        model_state = self.model.sharded_state_dict()
-        state = {"model": model_state, "optimizer": self.optimizer.sharded_state_dict(model_state)}
+        model_state = self.model.sharded_state_dict(metadata=CHECKPOINT_METADATA)
+        optimizer_state = self.optimizer.sharded_state_dict(model_state, metadata=CHECKPOINT_METADATA)
+        state = {"model": model_state, "optimizer": optimizer_state}
         dist_checkpointing.save(state, str(target))
         extra = {"rng": torch.get_rng_state(), "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
         if self.device.type == "cuda":
@@ -368,8 +371,9 @@ class MegatronPolicyWorker:
         from megatron.core import dist_checkpointing, tensor_parallel
 
         saved = json.loads((Path(directory) / LAYOUT_FILE).read_text())
-        model_state = self.model.sharded_state_dict()
-        state = {"model": model_state, "optimizer": self.optimizer.sharded_state_dict(model_state, is_loading=True)}
+        model_state = self.model.sharded_state_dict(metadata=CHECKPOINT_METADATA)
+        optimizer_state = self.optimizer.sharded_state_dict(model_state, is_loading=True, metadata=CHECKPOINT_METADATA)
+        state = {"model": model_state, "optimizer": optimizer_state}
         loaded = dist_checkpointing.load(state, str(Path(directory) / "dist"))
         self.model.load_state_dict(loaded["model"])
         self.optimizer.load_state_dict(loaded["optimizer"])
