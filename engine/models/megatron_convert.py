@@ -260,7 +260,7 @@ def _copy_side_files(source: Path, target: Path) -> None:
 
 
 def convert_hf_folder(source: Path, target: Path, tensor_parallel: int, pipeline_parallel: int) -> Path:
-    """Hugging Face folder -> Megatron-LM layout (``release/mp_rank_*/model_optim_rng.pt``), written whole or not at all."""
+    """Hugging Face folder -> Megatron-LM layout (``release/mp_rank_*/model_optim_rng.pt``), all or nothing."""
     hf_config, state = load_hf_folder(source)
     shape = shape_of(hf_config)
     check_parallel_sizes(shape, tensor_parallel, pipeline_parallel)

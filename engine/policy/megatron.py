@@ -356,7 +356,7 @@ class MegatronPolicyWorker:
             target.mkdir(parents=True, exist_ok=True)
             (Path(directory) / LAYOUT_FILE).write_text(json.dumps({**self._layout(), "step": self.step}))
         dist.barrier()
-        model_state = self.model.sharded_state_dict(metadata=CHECKPOINT_METADATA)
+        model_state = self._gpt_model().sharded_state_dict(metadata=CHECKPOINT_METADATA)
         optimizer_state = self.optimizer.sharded_state_dict(model_state, metadata=CHECKPOINT_METADATA)
         state = {"model": model_state, "optimizer": optimizer_state}
         dist_checkpointing.save(state, str(target))
@@ -371,11 +371,12 @@ class MegatronPolicyWorker:
         from megatron.core import dist_checkpointing, tensor_parallel
 
         saved = json.loads((Path(directory) / LAYOUT_FILE).read_text())
-        model_state = self.model.sharded_state_dict(metadata=CHECKPOINT_METADATA)
+        self._materialize_optimizer_state()
+        model_state = self._gpt_model().sharded_state_dict(metadata=CHECKPOINT_METADATA)
         optimizer_state = self.optimizer.sharded_state_dict(model_state, is_loading=True, metadata=CHECKPOINT_METADATA)
         state = {"model": model_state, "optimizer": optimizer_state}
         loaded = dist_checkpointing.load(state, str(Path(directory) / "dist"))
-        self.model.load_state_dict(loaded["model"])
+        self._gpt_model().load_state_dict(loaded["model"])
         self.optimizer.load_state_dict(loaded["optimizer"])
         self.step = saved["step"]
         rank_file = Path(directory) / f"rank{self.rank}.pt"
@@ -386,13 +387,27 @@ class MegatronPolicyWorker:
             if "cuda_rng" in extra:
                 torch.cuda.set_rng_state(extra["cuda_rng"], self.device)
 
-    def _local_weights(self) -> dict[str, torch.Tensor]:
+    def _materialize_optimizer_state(self) -> None:
+        """Adam creates its moments on the first step; a checkpoint loads into existing tensors, so a fresh
+        optimizer gets zero moments and step 0 first (what Megatron's dummy step does on other code paths)."""
+        optimizers = getattr(self.optimizer, "chained_optimizers", [self.optimizer])
+        for inner in (wrapper.optimizer for wrapper in optimizers):
+            for group in inner.param_groups:
+                for param in group["params"]:
+                    if not inner.state[param]:
+                        inner.state[param].update(
+                            exp_avg=torch.zeros_like(param), exp_avg_sq=torch.zeros_like(param), step=torch.tensor(0.0)
+                        )
+
+    def _gpt_model(self) -> torch.nn.Module:
+        """The GPTModel inside the data-parallel (and, in bf16, the Float16Module) wrappers."""
         module = self.model.module
-        if hasattr(module, "module"):  # Float16Module
-            module = module.module
+        return module.module if hasattr(module, "module") else module
+
+    def _local_weights(self) -> dict[str, torch.Tensor]:
         return {
             key: value.detach().float().cpu()
-            for key, value in module.state_dict().items()
+            for key, value in self._gpt_model().state_dict().items()
             if not key.endswith("_extra_state")
         }
 

@@ -18,9 +18,14 @@ Patched, and why:
 - ``torch.Tensor.cuda`` -> the tensor itself: optimizer state and checkpoint loading move tensors "back" to the GPU.
 - ``torch.Tensor.type()`` (no argument) -> the CUDA type name: the optimizers sort parameters into fp32/fp16
   groups by comparing it with ``"torch.cuda.FloatTensor"`` and friends, and reject anything else.
+- ``DistributedOptimizer._set_main_param_and_optimizer_states`` keeps torch Adam's per-parameter ``step`` aside
+  while it copies a loaded checkpoint's tensors: without apex or Transformer Engine (always the case on CPU) the
+  optimizer restores ``step`` on its own and the fully reshardable loader hands over no ``step`` tensor, so the
+  unpatched copy fails with ``KeyError: 'step'``.
 - ``device="cuda"`` literals in factory calls (``torch.tensor``, ``zeros``, ``empty``, ...) of the modules in
   ``CUDA_LITERAL_MODULES`` (optimizer flags and grad-norm buffers, grad-buffer warm-up, the schedules' token
-  counters, checkpoint exchange buffers, the local multi-tensor L2 norm): those modules see a ``torch`` whose factories put them on the CPU.
+  counters, checkpoint exchange buffers, the local multi-tensor L2 norm): those modules see a ``torch`` whose
+  factories put them on the CPU.
 """
 
 from __future__ import annotations
@@ -88,6 +93,20 @@ def _type_named_as_cuda(self: torch.Tensor, dtype: Any = None, non_blocking: boo
     return _tensor_type(self, dtype, non_blocking, **kwargs)
 
 
+def _keep_adam_step_aside(original: Callable) -> Callable:
+    def set_states(self: Any, model_param: torch.nn.Parameter, tensors: dict[str, torch.Tensor]) -> None:
+        group_index, group_order = self.model_param_group_index_map[model_param]
+        state = self.optimizer.state[self.optimizer.param_groups[group_index]["params"][group_order]]
+        step = None if "step" in tensors else state.pop("step", None)
+        try:
+            original(self, model_param, tensors)
+        finally:
+            if step is not None:
+                state["step"] = step
+
+    return set_states
+
+
 def apply() -> bool:
     """Patch once per process when CUDA is absent; returns whether patches are in place."""
     global _APPLIED
@@ -96,6 +115,7 @@ def apply() -> bool:
     if _APPLIED:
         return True
     from megatron.core.fusions import fused_softmax
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
     from megatron.core.tensor_parallel import random as tp_random
     from megatron.core.transformer import utils as transformer_utils
 
@@ -110,6 +130,9 @@ def apply() -> bool:
     torch.Tensor.type = _type_named_as_cuda
     for name in CUDA_LITERAL_MODULES:
         importlib.import_module(name).torch = _TorchOnCpu()
+    DistributedOptimizer._set_main_param_and_optimizer_states = _keep_adam_step_aside(
+        DistributedOptimizer._set_main_param_and_optimizer_states
+    )
     tp_random._get_cuda_rng_state = _cpu_rng_state
     tp_random._set_cuda_rng_state = _set_cpu_rng_state
     transformer_utils.get_default_causal_mask = _cpu_causal_mask

@@ -1,0 +1,120 @@
+"""The Megatron-core backend on CPU with gloo: converted logits against Hugging Face at TP=1 and TP=2, and the
+worker group on real Ray actors following the FSDP2 loss curve at TP=2, PP=2 and DP=2 (distributed
+optimizer), with a TP=2 checkpoint reloaded at TP=1."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from engine.algorithms.sft import sft_loss
+from engine.config import PolicyConfig, TinyModelConfig
+from engine.models.tiny import make_tiny_model
+from tests.integration.test_fsdp2 import BATCH, STEPS, assert_same_curve, examples, make_policy, train_curve
+
+__all__ = ["examples"]  # the module fixture, shared with the FSDP2 tests
+
+MEGATRON = {"policy.backend": "megatron"}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _logits_rank(rank: int, world_size: int, port: int, model_dir: str, results) -> None:
+    """One rank of a TP=world_size Megatron model built by the worker: full logits against the HF model's."""
+    from megatron.core import tensor_parallel
+    from transformers import AutoModelForCausalLM
+
+    from engine.policy.megatron import MegatronPolicyWorker
+
+    policy = PolicyConfig(backend="megatron", world_size=world_size, megatron={"tensor_parallel": world_size})
+    worker = MegatronPolicyWorker(rank, world_size, model_dir, policy.model_dump(), {}, 1, seed=0)
+    worker.init_distributed("127.0.0.1", port)
+    input_ids = torch.randint(0, worker.shape.vocab_size, (3, 17), generator=torch.Generator().manual_seed(0))
+    positions = torch.arange(17).expand_as(input_ids)
+    with torch.no_grad():
+        local = worker.model(input_ids, positions, None)
+        logits = tensor_parallel.gather_from_tensor_model_parallel_region(local)[..., : worker.shape.vocab_size]
+        reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)(input_ids).logits
+    results[rank] = float((logits - reference).abs().max())
+
+
+@pytest.mark.parametrize("tensor_parallel", [1, 2])
+def test_converted_logits_equal_hugging_face(tmp_path, tensor_parallel):
+    # Qwen2 with grouped-query attention, qkv biases and an untied output layer
+    model_dir = make_tiny_model(
+        tmp_path / "qwen2", TinyModelConfig(arch="qwen2", num_kv_heads=2, tie_word_embeddings=False)
+    )
+    results = mp.Manager().dict()
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    mp.spawn(_logits_rank, args=(tensor_parallel, _free_port(), str(model_dir), results), nprocs=tensor_parallel)
+    assert len(results) == tensor_parallel
+    assert max(results.values()) < 1e-5, dict(results)
+
+
+@pytest.fixture(scope="module")
+def fsdp2_curve(ray_local, tiny_model_dir, examples):
+    data, pad = examples
+    policy = make_policy(tiny_model_dir, pad, world_size=1, token_budget=100_000)
+    try:
+        return train_curve(policy, data)
+    finally:
+        policy.shutdown()
+
+
+@pytest.mark.parametrize(
+    "layout,token_budget",
+    [
+        ({"policy.megatron.tensor_parallel": 2}, 100_000),
+        ({"policy.megatron.pipeline_parallel": 2}, 64),  # several micro-batches through the pipeline schedule
+        ({}, 100_000),  # two data-parallel replicas with the distributed optimizer
+    ],
+    ids=["tp2", "pp2", "dp2"],
+)
+def test_megatron_follows_the_fsdp2_curve(ray_local, tiny_model_dir, examples, fsdp2_curve, layout, token_budget):
+    data, pad = examples
+    policy = make_policy(tiny_model_dir, pad, world_size=2, token_budget=token_budget, **MEGATRON, **layout)
+    try:
+        info = policy.group.call("info")
+        assert {i["backend"] for i in info} == {"gloo"}
+        assert len(policy.reporting_ranks) == (2 if not layout else 1)
+        assert_same_curve(train_curve(policy, data), fsdp2_curve, tol=1e-5)
+    finally:
+        policy.shutdown()
+
+
+def test_tp2_checkpoint_reloads_at_tp1(ray_local, tiny_model_dir, examples, tmp_path):
+    data, pad = examples
+    tp2 = make_policy(
+        tiny_model_dir, pad, world_size=2, token_budget=100_000, **MEGATRON, **{"policy.megatron.tensor_parallel": 2}
+    )
+    try:
+        train_curve(tp2, data, steps=2)
+        tp2.group.call("save_checkpoint", str(tmp_path / "ckpt"))
+        logprobs_tp2 = tp2.forward(data[:BATCH])
+        next_step_tp2 = tp2.train(data[2 * BATCH : 3 * BATCH], sft_loss)
+        export = tmp_path / "export"
+        tp2.group.call("export_hf", str(export))
+    finally:
+        tp2.shutdown()
+    tp1 = make_policy(tiny_model_dir, pad, world_size=1, token_budget=100_000, **MEGATRON)
+    try:
+        tp1.group.call("load_checkpoint", str(tmp_path / "ckpt"))
+        logprobs_tp1 = tp1.forward(data[:BATCH])
+        for got, want in zip(logprobs_tp1, logprobs_tp2):
+            assert torch.allclose(got, want, atol=1e-5)
+        # weights, optimizer moments and step resharded: the next step is the same step
+        next_step_tp1 = tp1.train(data[2 * BATCH : 3 * BATCH], sft_loss)
+        assert next_step_tp1["loss"] == pytest.approx(next_step_tp2["loss"], abs=1e-5)
+        assert next_step_tp1["lr"] == pytest.approx(next_step_tp2["lr"])
+    finally:
+        tp1.shutdown()
+    assert {"config.json", "model.safetensors"} <= {p.name for p in export.iterdir()}
+    assert STEPS == 3
