@@ -74,6 +74,26 @@ def test_changing_the_grpo_learning_rate_reruns_grpo_and_evaluate_only(tmp_path)
     assert cached == {"model": True, "data": True, "sft": True, "reward_model": True, "grpo": False, "evaluate": False}
 
 
+def test_grpo_pipeline_on_the_megatron_backend(tmp_path):
+    """policy.backend=megatron at TP=2 is the only change: every stage trains on Megatron-core, the vLLM refit
+    from Megatron's weights reproduces the trainer's logprobs, and SFT follows the FSDP2 loss curve."""
+    megatron = ["--set", "policy.backend=megatron", "--set", "policy.megatron.tensor_parallel=2"]
+    summary = summary_of(run_cli(["run", "grpo-pipeline", "--json", *SMALL, *megatron], cwd=tmp_path))
+    stages = summary["stages"]
+    assert not any(stages[name]["cached"] for name in ("sft", "reward_model", "grpo", "evaluate"))
+    assert stages["grpo"]["metrics"]["token_mult_prob_error_median"] < 1.05
+    assert stages["grpo"]["metrics"]["steps"] == 8
+    fsdp2 = summary_of(run_cli(["run", "sft", "--config", "grpo_tiny", "--json", *SMALL], cwd=tmp_path))
+    assert fsdp2["stages"]["sft"]["artifact"] != stages["sft"]["artifact"]  # the backend is part of the cache key
+
+    client, runs = stage_runs(tmp_path, "sft")
+    assert [run.data.params["policy.backend"] for run in runs] == ["megatron", "fsdp2"]
+    on_megatron, on_fsdp2 = (metric_curve(client, run.info.run_id, "train/loss") for run in runs)
+    assert sorted(on_megatron) == sorted(on_fsdp2) == list(range(1, 31))
+    for step, loss in on_fsdp2.items():
+        assert on_megatron[step] == pytest.approx(loss, abs=1e-4), step
+
+
 def test_kill_in_the_middle_of_grpo_then_resume_matches(tmp_path):
     reference_dir, killed_dir = tmp_path / "reference", tmp_path / "killed"
     reference_dir.mkdir(), killed_dir.mkdir()

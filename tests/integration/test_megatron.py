@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 from engine.algorithms.sft import sft_loss
 from engine.config import PolicyConfig, TinyModelConfig
 from engine.models.tiny import make_tiny_model
-from tests.integration.test_fsdp2 import BATCH, STEPS, assert_same_curve, examples, make_policy, train_curve
+from tests.integration.test_fsdp2 import BATCH, assert_same_curve, examples, make_policy, train_curve
 
 __all__ = ["examples"]  # the module fixture, shared with the FSDP2 tests
 
@@ -75,8 +75,9 @@ def fsdp2_curve(ray_local, tiny_model_dir, examples):
         ({"policy.megatron.tensor_parallel": 2}, 100_000),
         ({"policy.megatron.pipeline_parallel": 2}, 64),  # several micro-batches through the pipeline schedule
         ({}, 100_000),  # two data-parallel replicas with the distributed optimizer
+        ({"policy.megatron.tensor_parallel": 2, "policy.activation_checkpointing": True}, 100_000),
     ],
-    ids=["tp2", "pp2", "dp2"],
+    ids=["tp2", "pp2", "dp2", "tp2-recompute"],
 )
 def test_megatron_follows_the_fsdp2_curve(ray_local, tiny_model_dir, examples, fsdp2_curve, layout, token_budget):
     data, pad = examples
@@ -84,10 +85,23 @@ def test_megatron_follows_the_fsdp2_curve(ray_local, tiny_model_dir, examples, f
     try:
         info = policy.group.call("info")
         assert {i["backend"] for i in info} == {"gloo"}
-        assert len(policy.reporting_ranks) == (2 if not layout else 1)
+        assert len(policy.reporting_ranks) == (2 if not layout else 1)  # data-parallel replicas
         assert_same_curve(train_curve(policy, data), fsdp2_curve, tol=1e-5)
     finally:
         policy.shutdown()
+
+
+def test_bf16_mixed_precision_trains_close_to_fp32(ray_local, tiny_model_dir, examples, fsdp2_curve):
+    data, pad = examples
+    extra = {"policy.megatron.tensor_parallel": 2, "policy.precision": "bf16"}
+    policy = make_policy(tiny_model_dir, pad, world_size=2, token_budget=100_000, **MEGATRON, **extra)
+    try:
+        curve = train_curve(policy, data)
+    finally:
+        policy.shutdown()
+    for got, want in zip(curve, fsdp2_curve):
+        assert got["loss"] == pytest.approx(want["loss"], abs=0.05)
+    assert curve[-1]["loss"] < curve[0]["loss"]
 
 
 def test_tp2_checkpoint_reloads_at_tp1(ray_local, tiny_model_dir, examples, tmp_path):
@@ -117,4 +131,3 @@ def test_tp2_checkpoint_reloads_at_tp1(ray_local, tiny_model_dir, examples, tmp_
     finally:
         tp1.shutdown()
     assert {"config.json", "model.safetensors"} <= {p.name for p in export.iterdir()}
-    assert STEPS == 3
