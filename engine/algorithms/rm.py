@@ -18,6 +18,7 @@ from engine.config import PipelineConfig
 from engine.data.batching import MicroBatch
 from engine.data.datasets import read_jsonl
 from engine.data.preferences import pair_examples
+from engine.errors import ConfigError
 from engine.storage import ArtifactRef, ArtifactStore
 from engine.tracking import StageRun
 
@@ -54,6 +55,11 @@ def run_reward_model(
     from transformers import AutoTokenizer
 
     rm = cfg.reward_model
+    if rm.head == "scalar" and cfg.policy.backend == "megatron":
+        raise ConfigError(
+            "reward_model.head=scalar needs policy.backend=fsdp2 (the Megatron backend trains causal LMs): "
+            "set reward_model.head=likelihood"
+        )
     tokenizer = AutoTokenizer.from_pretrained(sft_model_dir)
     system = cfg.data.system_prompt
     train = pair_examples(tokenizer, read_jsonl(dataset_dir / "train.jsonl"), rm.max_seq_len, system)

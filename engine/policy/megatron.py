@@ -26,7 +26,6 @@ import torch.distributed as dist
 
 from engine.config import MegatronConfig, OptimizerConfig, PolicyConfig
 from engine.data.batching import MicroBatch, pad_micro_batch
-from engine.errors import PosttrainError
 from engine.models import megatron_convert
 from engine.models.megatron_convert import GPTShape
 from engine.policy.interfaces import LossFn
@@ -133,11 +132,8 @@ class MegatronPolicyWorker:
         seed: int,
         model_kind: str = "causal_lm",
     ):
-        if model_kind != "causal_lm":
-            raise PosttrainError(
-                "policy.backend=megatron trains causal LMs only: use reward_model.head=likelihood, "
-                "or policy.backend=fsdp2 for the scalar head"
-            )
+        if model_kind != "causal_lm":  # the reward-model stage refuses the scalar head with Megatron
+            raise ValueError(f"the Megatron worker trains causal LMs, not {model_kind!r}")
         self.rank, self.world_size = rank, world_size
         self.model_path = model_path
         self.policy = PolicyConfig.model_validate(policy)

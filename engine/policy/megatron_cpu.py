@@ -15,6 +15,8 @@ Patched, and why:
 - ``transformer.utils.get_default_causal_mask`` (and its import in ``fusions.fused_softmax``): built on "cuda".
 - ``torch.cuda.synchronize`` / ``empty_cache`` / ``is_current_stream_capturing`` -> no-ops / ``False``:
   called by the distributed optimizer, the schedules and the CUDA-graph checks.
+- ``torch.cuda.current_stream`` -> a stream whose waits are no-ops: megatron-core >= 0.19 waits on CUDA-graph
+  events of the current stream before reducing gradients (there are none on CPU).
 - ``torch.Tensor.cuda`` -> the tensor itself: optimizer state and checkpoint loading move tensors "back" to the GPU.
 - ``torch.Tensor.type()`` (no argument) -> the CUDA type name: the optimizers sort parameters into fp32/fp16
   groups by comparing it with ``"torch.cuda.FloatTensor"`` and friends, and reject anything else.
@@ -83,6 +85,16 @@ def _set_cpu_rng_state(new_state: torch.Tensor, device=None, graph_safe: bool = 
     torch.set_rng_state(new_state)
 
 
+class _HostStream:
+    """The 'current stream' of a CPU process: work is already ordered, so waiting is a no-op."""
+
+    def wait_event(self, event: Any) -> None:
+        pass
+
+    def wait_stream(self, stream: Any) -> None:
+        pass
+
+
 _tensor_type = torch.Tensor.type
 
 
@@ -126,6 +138,7 @@ def apply() -> bool:
     torch.cuda.synchronize = lambda device=None: None
     torch.cuda.empty_cache = lambda: None
     torch.cuda.is_current_stream_capturing = lambda: False
+    torch.cuda.current_stream = lambda device=None: _HostStream()
     torch.Tensor.cuda = lambda self, *args, **kwargs: self
     torch.Tensor.type = _type_named_as_cuda
     for name in CUDA_LITERAL_MODULES:

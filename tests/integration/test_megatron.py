@@ -131,3 +131,30 @@ def test_tp2_checkpoint_reloads_at_tp1(ray_local, tiny_model_dir, examples, tmp_
     finally:
         tp1.shutdown()
     assert {"config.json", "model.safetensors"} <= {p.name for p in export.iterdir()}
+
+
+@pytest.mark.gpu
+def test_megatron_nccl_on_cuda_matches_cpu_math(ray_local, tiny_model_dir, examples, fsdp2_curve):
+    """The Megatron trainer on CUDA with NCCL (skipped where no CUDA device is present): the CPU patches stay off."""
+    data, pad = examples
+    tensor_parallel = min(2, torch.cuda.device_count())
+    extra = {"policy.megatron.tensor_parallel": tensor_parallel}
+    policy = make_policy(tiny_model_dir, pad, world_size=tensor_parallel, token_budget=100_000, **MEGATRON, **extra)
+    try:
+        info = policy.group.call("info")
+        assert all(i["backend"] == "nccl" and i["device"].startswith("cuda") for i in info)
+        curve = train_curve(policy, data)
+    finally:
+        policy.shutdown()
+    for got, want in zip(curve, fsdp2_curve):  # other kernels: close, not bitwise
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-3)
+
+
+def test_the_reward_model_stage_refuses_the_scalar_head_on_megatron(tmp_path):
+    from engine.algorithms.rm import run_reward_model
+    from engine.config import load_config
+    from engine.errors import ConfigError
+
+    cfg = load_config(None, {"policy.backend": "megatron", "reward_model.head": "scalar"})
+    with pytest.raises(ConfigError, match="reward_model.head=scalar needs policy.backend=fsdp2"):
+        run_reward_model(cfg, None, None, tmp_path, tmp_path, "stages/reward_model")

@@ -67,3 +67,17 @@ def test_resolved_config_round_trips_through_yaml(tmp_path):
     cfg = load_config("sft_tiny", {"workdir": str(tmp_path)})
     again = PipelineConfig.model_validate(yaml.safe_load(cfg.to_yaml()))
     assert again == cfg
+
+
+@pytest.mark.parametrize("recipe", sorted((CONFIG_DIR / "recipes").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_recipe_validates(recipe):
+    assert isinstance(load_config(recipe), PipelineConfig)
+
+
+def test_megatron_layout_must_fit_the_world_size():
+    cfg = load_config("sft_tiny", ["policy.backend=megatron", "policy.megatron.tensor_parallel=2"])
+    assert (cfg.policy.world_size, cfg.policy.megatron.tensor_parallel) == (2, 2)
+    with pytest.raises(ConfigError, match="policy.world_size=2 is not a multiple of policy.megatron.tensor_parallel"):
+        load_config("sft_tiny", ["policy.backend=megatron", "policy.megatron.pipeline_parallel=4"])
+    with pytest.raises(ConfigError, match="policy.backend"):
+        load_config("sft_tiny", ["policy.backend=deepspeed"])
