@@ -166,6 +166,25 @@ def hf_to_megatron(
     return out
 
 
+# Transformer Engine's layer spec fuses each pre-norm into the linear layer that follows it
+TE_FUSED_NORMS = {
+    "input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
+    "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight",
+}
+
+
+def rename_norms(shard: Shards, to_transformer_engine: bool) -> Shards:
+    """Local-spec norm names <-> the Transformer Engine spec's fused ones (the rest of the layout is shared)."""
+    pairs = TE_FUSED_NORMS.items() if to_transformer_engine else ((te, local) for local, te in TE_FUSED_NORMS.items())
+    renames = dict(pairs)
+    out: Shards = {}
+    for key, value in shard.items():
+        prefix, _, name = key.partition(".layers.")
+        index, _, rest = name.partition(".")
+        out[f"{prefix}.layers.{index}.{renames[rest]}" if rest in renames else key] = value
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- Megatron -> HF
 
 

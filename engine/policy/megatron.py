@@ -196,6 +196,7 @@ class MegatronPolicyWorker:
             self.first_stage,
             self.last_stage,
         )
+        shard = megatron_convert.rename_norms(shard, to_transformer_engine=_has_transformer_engine())
         missing, unexpected = module.load_state_dict(shard, strict=False)
         missing = [key for key in missing if not key.endswith("_extra_state")]
         if missing or unexpected:
@@ -401,11 +402,13 @@ class MegatronPolicyWorker:
         return module.module if hasattr(module, "module") else module
 
     def _local_weights(self) -> dict[str, torch.Tensor]:
-        return {
+        """This rank's weights under the local spec's names, in fp32 on the CPU."""
+        weights = {
             key: value.detach().float().cpu()
             for key, value in self._gpt_model().state_dict().items()
             if not key.endswith("_extra_state")
         }
+        return megatron_convert.rename_norms(weights, to_transformer_engine=False)
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         """Hugging Face weights of the whole model on global rank 0 (None elsewhere); every rank takes part."""

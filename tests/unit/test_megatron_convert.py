@@ -125,3 +125,15 @@ def test_convert_cli_round_trip(models, tmp_path, capsys):
         f"error: model folder not found: {tmp_path / 'nowhere'}",
     ]
     assert not (tmp_path / "tp3").exists() and not list(tmp_path.glob(".*partial"))
+
+
+def test_transformer_engine_norm_names_round_trip(models):
+    hf_config, state = mc.load_hf_folder(models["llama"])
+    shape = mc.shape_of(hf_config)
+    local = mc.hf_to_megatron(state, shape, 1, 0, range(0, 4), True, True)
+    fused = mc.rename_norms(local, to_transformer_engine=True)
+    assert "decoder.layers.3.self_attention.linear_qkv.layer_norm_weight" in fused
+    assert "decoder.layers.0.mlp.linear_fc1.layer_norm_weight" in fused
+    assert not any("input_layernorm" in key or "pre_mlp_layernorm" in key for key in fused)
+    assert "decoder.final_layernorm.weight" in fused  # not fused: no linear layer follows it
+    assert mc.rename_norms(fused, to_transformer_engine=False).keys() == local.keys()
