@@ -31,6 +31,7 @@ WARMUP = 2
 GRPO = {"prompts_per_step": 32, "generations_per_prompt": 8, "max_new_tokens": 6, "temperature": 1.0, "lr": 1e-4}
 SIZES = {  # model.tiny overrides on top of configs/grpo_tiny.yaml, and how long its SFT warm-up runs
     "tiny (0.5 M)": ({}, 400),
+    "2.6 M": ({"hidden_size": 256, "num_layers": 4, "num_heads": 8, "num_kv_heads": 8, "intermediate_size": 512}, 60),
     "19 M": (
         {"hidden_size": 512, "num_layers": 6, "num_heads": 8, "num_kv_heads": 8, "intermediate_size": 1280},
         60,
@@ -38,7 +39,7 @@ SIZES = {  # model.tiny overrides on top of configs/grpo_tiny.yaml, and how long
 }
 
 
-def run_ours(workdir: Path, tiny: dict, sft_steps: int, steps: int, salt: int) -> dict:
+def run_ours(workdir: Path, tiny: dict, sft_steps: int, steps: int, salt: int, grpo: dict = GRPO) -> dict:
     """One `posttrain run grpo`; ``salt`` varies a GRPO-only setting so GRPO reruns while SFT stays cached."""
     overrides = {
         "workdir": str(workdir),
@@ -48,8 +49,8 @@ def run_ours(workdir: Path, tiny: dict, sft_steps: int, steps: int, salt: int) -
         "grpo.val_every": steps,
         "grpo.checkpoint_every": steps,
         "grpo.val_size": 32 + salt,
-        **{f"grpo.{k}": v for k, v in GRPO.items() if k != "lr"},
-        "grpo.optimizer.lr": GRPO["lr"],
+        **{f"grpo.{k}": v for k, v in grpo.items() if k != "lr"},
+        "grpo.optimizer.lr": grpo["lr"],
         **{f"model.tiny.{k}": v for k, v in tiny.items()},
     }
     args = [POSTTRAIN, "run", "grpo", "--json"] + [a for k, v in overrides.items() for a in ("--set", f"{k}={v}")]
@@ -141,7 +142,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--sizes", nargs="+", default=list(SIZES))
+    parser.add_argument("--sizes", nargs="+", default=["tiny (0.5 M)", "19 M"])
     args = parser.parse_args()
     python = trl_python()
     with tempfile.TemporaryDirectory() as tmp:

@@ -18,9 +18,10 @@ import torch
 
 def main(spec_path: str) -> None:
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
 
+    from bench.trl_timing import step_timer
     from engine.environments.math_verifier import is_correct
 
     spec = json.loads(open(spec_path).read())
@@ -66,25 +67,13 @@ def main(spec_path: str) -> None:
         disable_tqdm=True,
     )
     steps: list[dict] = []
-
-    class StepTimer(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kwargs):
-            self.started = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            steps.append({"seconds": time.perf_counter() - self.started})
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs and "reward" in logs and steps:
-                steps[-1]["reward"] = logs["reward"]
-
     trainer = GRPOTrainer(
         model=model,
         processing_class=tokenizer,
         reward_funcs=exact_answer,
         args=config,
         train_dataset=dataset,
-        callbacks=[StepTimer()],
+        callbacks=[step_timer(steps, logged=("reward",))],
     )
     started = time.perf_counter()
     trainer.train()

@@ -12,6 +12,7 @@ loop owns batching, resume, logging and the artifact.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -105,10 +106,13 @@ def run_loop(
         last_loss = float("nan")
         progress = tqdm(range(start, spec.max_steps), initial=start, total=spec.max_steps, desc=spec.name, unit="step")
         for step in progress:
-            units = sampler.indices(step)
-            stats = policy.train(_unit_examples(spec.train, units, spec.group_size), spec.loss_fn, spec.group_size)
+            started = time.perf_counter()
+            batch = _unit_examples(spec.train, sampler.indices(step), spec.group_size)
+            stats = policy.train(batch, spec.loss_fn, spec.group_size)
             last_loss, done = stats["loss"], step + 1
             metrics = {f"train/{k}": stats[k] for k in ("loss", "grad_norm", "lr", "normalizer_tokens")}
+            metrics["train/tokens"] = float(sum(len(example) for example in batch))  # non-padding input tokens
+            metrics["timing/step"] = time.perf_counter() - started
             if spec.val and (done % spec.val_every == 0 or done == spec.max_steps):
                 metrics.update(validate(done))
             run.log_metrics(metrics, step=done)
