@@ -81,6 +81,14 @@ def start_policy_group(
     pad_id: int,
     model_kind: str = "causal_lm",
 ) -> PolicyGroup:
+    if cfg.policy.backend == "megatron":  # one config error here rather than one per rank from the actors
+        from transformers import AutoConfig
+
+        from engine.models import megatron_convert
+
+        layout = cfg.policy.megatron
+        shape = megatron_convert.shape_of(AutoConfig.from_pretrained(model_dir))
+        megatron_convert.check_parallel_sizes(shape, layout.tensor_parallel, layout.pipeline_parallel)
     cluster.connect(cfg.ray)
     world_size = cfg.policy.world_size
     gpus = 1.0 if torch.cuda.is_available() else 0.0

@@ -165,7 +165,6 @@ class MegatronPolicyWorker:
         megatron_cpu.apply()
         layout = self.policy.megatron
         self.shape = megatron_convert.shape_of(AutoConfig.from_pretrained(self.model_path))
-        megatron_convert.check_parallel_sizes(self.shape, layout.tensor_parallel, layout.pipeline_parallel)
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=layout.tensor_parallel, pipeline_model_parallel_size=layout.pipeline_parallel
         )
@@ -182,11 +181,7 @@ class MegatronPolicyWorker:
         self.model, self.optimizer = self._wrap(module)
 
     def _load_hf_weights(self, module: torch.nn.Module) -> None:
-        from transformers import AutoModelForCausalLM
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-        hf_state = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch.float32).state_dict()
+        _, hf_state = megatron_convert.load_hf_folder(Path(self.model_path), self.layers)
         shard = megatron_convert.hf_to_megatron(
             hf_state,
             self.shape,

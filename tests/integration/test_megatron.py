@@ -158,3 +158,12 @@ def test_the_reward_model_stage_refuses_the_scalar_head_on_megatron(tmp_path):
     cfg = load_config(None, {"policy.backend": "megatron", "reward_model.head": "scalar"})
     with pytest.raises(ConfigError, match="reward_model.head=scalar needs policy.backend=fsdp2"):
         run_reward_model(cfg, None, None, tmp_path, tmp_path, "stages/reward_model")
+
+
+def test_a_layout_the_model_cannot_split_fails_before_any_worker_starts(tiny_model_dir, examples):
+    from engine.errors import PosttrainError
+
+    _, pad = examples
+    layout = {"policy.megatron.tensor_parallel": 3}  # the tiny model has 4 key/value heads
+    with pytest.raises(PosttrainError, match="tensor parallel size 3 does not divide the model's key/value heads"):
+        make_policy(tiny_model_dir, pad, world_size=3, token_budget=100_000, **MEGATRON, **layout)
