@@ -13,7 +13,7 @@ from engine.config import OptimizerConfig, PipelineConfig
 from engine.data.batching import MicroBatch, plan_step
 from engine.data.chat import TokenizedExample
 
-PER_RANK_VALUES = ("grad_norm", "lr")  # the same on every rank: taken from rank 0, not summed
+PER_RANK_VALUES = ("grad_norm", "lr")  # the same on every rank: taken from the first reporter, not summed
 
 
 @dataclass
