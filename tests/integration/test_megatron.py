@@ -14,9 +14,16 @@ import torch.multiprocessing as mp
 from engine.algorithms.sft import sft_loss
 from engine.config import PolicyConfig, TinyModelConfig
 from engine.models.tiny import make_tiny_model
-from tests.integration.test_fsdp2 import BATCH, assert_same_curve, examples, make_policy, train_curve
+from tests.integration.test_fsdp2 import (
+    BATCH,
+    assert_same_curve,
+    examples,
+    make_policy,
+    reference_curve,
+    train_curve,
+)
 
-__all__ = ["examples"]  # the module fixture, shared with the FSDP2 tests
+__all__ = ["examples", "reference_curve"]  # module fixtures shared with the FSDP2 tests (reference: 1 FSDP2 rank)
 
 MEGATRON = {"policy.backend": "megatron"}
 
@@ -59,16 +66,6 @@ def test_converted_logits_equal_hugging_face(tmp_path, tensor_parallel):
     assert max(results.values()) < 1e-5, dict(results)
 
 
-@pytest.fixture(scope="module")
-def fsdp2_curve(ray_local, tiny_model_dir, examples):
-    data, pad = examples
-    policy = make_policy(tiny_model_dir, pad, world_size=1, token_budget=100_000)
-    try:
-        return train_curve(policy, data)
-    finally:
-        policy.shutdown()
-
-
 @pytest.mark.parametrize(
     "layout,token_budget",
     [
@@ -79,19 +76,21 @@ def fsdp2_curve(ray_local, tiny_model_dir, examples):
     ],
     ids=["tp2", "pp2", "dp2", "tp2-recompute"],
 )
-def test_megatron_follows_the_fsdp2_curve(ray_local, tiny_model_dir, examples, fsdp2_curve, layout, token_budget):
+def test_megatron_follows_the_fsdp2_curve(
+    ray_local, tiny_model_dir, examples, reference_curve, layout, token_budget
+):
     data, pad = examples
     policy = make_policy(tiny_model_dir, pad, world_size=2, token_budget=token_budget, **MEGATRON, **layout)
     try:
         info = policy.group.call("info")
         assert {i["backend"] for i in info} == {"gloo"}
         assert len(policy.reporting_ranks) == (2 if not layout else 1)  # data-parallel replicas
-        assert_same_curve(train_curve(policy, data), fsdp2_curve, tol=1e-5)
+        assert_same_curve(train_curve(policy, data), reference_curve, tol=1e-5)
     finally:
         policy.shutdown()
 
 
-def test_bf16_mixed_precision_trains_close_to_fp32(ray_local, tiny_model_dir, examples, fsdp2_curve):
+def test_bf16_mixed_precision_trains_close_to_fp32(ray_local, tiny_model_dir, examples, reference_curve):
     data, pad = examples
     extra = {"policy.megatron.tensor_parallel": 2, "policy.precision": "bf16"}
     policy = make_policy(tiny_model_dir, pad, world_size=2, token_budget=100_000, **MEGATRON, **extra)
@@ -99,7 +98,7 @@ def test_bf16_mixed_precision_trains_close_to_fp32(ray_local, tiny_model_dir, ex
         curve = train_curve(policy, data)
     finally:
         policy.shutdown()
-    for got, want in zip(curve, fsdp2_curve):
+    for got, want in zip(curve, reference_curve):
         assert got["loss"] == pytest.approx(want["loss"], abs=0.05)
     assert curve[-1]["loss"] < curve[0]["loss"]
 
@@ -134,7 +133,7 @@ def test_tp2_checkpoint_reloads_at_tp1(ray_local, tiny_model_dir, examples, tmp_
 
 
 @pytest.mark.gpu
-def test_megatron_nccl_on_cuda_matches_cpu_math(ray_local, tiny_model_dir, examples, fsdp2_curve):
+def test_megatron_nccl_on_cuda_matches_cpu_math(ray_local, tiny_model_dir, examples, reference_curve):
     """The Megatron trainer on CUDA with NCCL (skipped where no CUDA device is present): the CPU patches stay off."""
     data, pad = examples
     tensor_parallel = min(2, torch.cuda.device_count())
@@ -146,7 +145,7 @@ def test_megatron_nccl_on_cuda_matches_cpu_math(ray_local, tiny_model_dir, examp
         curve = train_curve(policy, data)
     finally:
         policy.shutdown()
-    for got, want in zip(curve, fsdp2_curve):  # other kernels: close, not bitwise
+    for got, want in zip(curve, reference_curve):  # other kernels: close, not bitwise
         assert got["loss"] == pytest.approx(want["loss"], rel=1e-3)
 
 
