@@ -21,7 +21,7 @@ def main(spec_path: str) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
 
-    from bench.trl_timing import step_timer
+    from bench.trl_common import step_timer, trainer_args
     from engine.environments.math_verifier import is_correct
 
     spec = json.loads(open(spec_path).read())
@@ -38,33 +38,17 @@ def main(spec_path: str) -> None:
 
     n = spec["generations_per_prompt"]
     config = GRPOConfig(
-        output_dir=spec["output_dir"],
         per_device_train_batch_size=spec["prompts_per_step"] * n,
         num_generations=n,
         steps_per_generation=1,
         num_iterations=1,
         max_completion_length=spec["max_new_tokens"],
         temperature=spec["temperature"],
-        learning_rate=spec["lr"],
-        lr_scheduler_type="constant",
-        warmup_steps=0,
-        adam_beta1=0.9,
-        adam_beta2=0.95,
-        weight_decay=0.0,
-        max_grad_norm=1.0,
         beta=0.0,
         epsilon=0.2,
         loss_type="dapo",
         scale_rewards="none",
-        max_steps=spec["max_steps"],
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        bf16=False,
-        seed=spec["seed"],
-        dataloader_num_workers=0,
-        disable_tqdm=True,
+        **trainer_args(spec),
     )
     steps: list[dict] = []
     trainer = GRPOTrainer(

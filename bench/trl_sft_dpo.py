@@ -20,33 +20,11 @@ def _rows(spec: dict) -> list[dict]:
     return [json.loads(line) for line in open(spec["train_jsonl"])]
 
 
-def _common(spec: dict) -> dict:
-    return dict(
-        output_dir=spec["output_dir"],
-        learning_rate=spec["lr"],
-        lr_scheduler_type="constant",
-        warmup_steps=0,
-        adam_beta1=0.9,
-        adam_beta2=0.95,
-        weight_decay=0.0,
-        max_grad_norm=1.0,
-        max_steps=spec["max_steps"],
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        bf16=spec.get("bf16", False),
-        seed=0,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
-    )
-
-
 def run_sft(spec: dict, model, tokenizer, steps: list[dict]):
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    from bench.trl_timing import step_timer
+    from bench.trl_common import step_timer, trainer_args
 
     rows = _rows(spec)[: spec["batch_size"] * spec["max_steps"]]
     dataset = Dataset.from_list(
@@ -58,7 +36,9 @@ def run_sft(spec: dict, model, tokenizer, steps: list[dict]):
             for r in rows
         ]
     )
-    config = SFTConfig(per_device_train_batch_size=spec["batch_size"], max_length=spec["max_seq_len"], **_common(spec))
+    config = SFTConfig(
+        per_device_train_batch_size=spec["batch_size"], max_length=spec["max_seq_len"], **trainer_args(spec)
+    )
     return SFTTrainer(
         model=model,
         processing_class=tokenizer,
@@ -72,7 +52,7 @@ def run_dpo(spec: dict, model, tokenizer, steps: list[dict]):
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
-    from bench.trl_timing import step_timer
+    from bench.trl_common import step_timer, trainer_args
     from engine.data.preferences import pair_messages
 
     pairs = []
@@ -86,7 +66,7 @@ def run_dpo(spec: dict, model, tokenizer, steps: list[dict]):
         loss_type=["sigmoid", "sft"],
         loss_weights=[1.0, spec["sft_weight"]],
         precompute_ref_log_probs=True,
-        **_common(spec),
+        **trainer_args(spec),
     )
     return DPOTrainer(
         model=model,

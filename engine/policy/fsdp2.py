@@ -8,7 +8,6 @@ the step's gradient is then the same whatever the number of ranks or micro-batch
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from engine.config import OptimizerConfig, PolicyConfig
 from engine.data.batching import MicroBatch
+from engine.policy import process_group
 from engine.policy.interfaces import LossFn
 from engine.policy.optim import build_optimizer
 
@@ -64,12 +64,7 @@ class FSDP2PolicyWorker:
         return cluster.rendezvous_point()
 
     def init_distributed(self, address: str, port: int) -> None:
-        os.environ.update(MASTER_ADDR=address, MASTER_PORT=str(port))
-        use_cuda = torch.cuda.is_available()
-        if use_cuda:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
-        self.device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
-        dist.init_process_group("nccl" if use_cuda else "gloo", rank=self.rank, world_size=self.world_size)
+        self.device = process_group.join(self.rank, self.world_size, address, port)
         torch.manual_seed(self.seed)
         self.model = self._build_model()
         self.optimizer, self.scheduler = build_optimizer(self.model.parameters(), self.optimizer_cfg, self.total_steps)

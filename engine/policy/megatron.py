@@ -15,7 +15,6 @@ vocabulary padding rows (``GPTShape.padded_vocab_size``) are masked out of the s
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from functools import partial
 from pathlib import Path
@@ -28,6 +27,7 @@ from engine.config import MegatronConfig, OptimizerConfig, PolicyConfig
 from engine.data.batching import MicroBatch, pad_micro_batch
 from engine.models import megatron_convert
 from engine.models.megatron_convert import GPTShape
+from engine.policy import process_group
 from engine.policy.interfaces import LossFn
 from engine.policy.optim import lr_multiplier
 
@@ -156,12 +156,7 @@ class MegatronPolicyWorker:
 
         from engine.policy import megatron_cpu
 
-        os.environ.update(MASTER_ADDR=address, MASTER_PORT=str(port))
-        use_cuda = torch.cuda.is_available()
-        if use_cuda:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
-        self.device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
-        dist.init_process_group("nccl" if use_cuda else "gloo", rank=self.rank, world_size=self.world_size)
+        self.device = process_group.join(self.rank, self.world_size, address, port)
         megatron_cpu.apply()
         layout = self.policy.megatron
         self.shape = megatron_convert.shape_of(AutoConfig.from_pretrained(self.model_path))
