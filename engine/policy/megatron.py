@@ -269,6 +269,7 @@ class MegatronPolicyWorker:
         return loss, torch.tensor(1, dtype=torch.int), {"loss": float(loss.detach()), "metrics": metrics}
 
     def _summed(self, results: list[dict[str, Any]]) -> dict[str, float]:
+        """This rank's share of the loss and its metric sums (zero on ranks that are not a last stage)."""
         metric_sums: dict[str, float] = {"loss_share": 0.0}
         for result in results:
             metric_sums["loss_share"] += result["loss"]
@@ -294,8 +295,11 @@ class MegatronPolicyWorker:
         if not success:
             raise RuntimeError("Megatron optimizer step failed (non-finite gradients)")
         self.step += 1
-        summed = self._summed(results) if results else {"loss_share": 0.0}
-        return {**summed, "grad_norm": float(grad_norm if grad_norm is not None else clipped_norm), "lr": lr}
+        return {
+            **self._summed(results),
+            "grad_norm": float(grad_norm if grad_norm is not None else clipped_norm),
+            "lr": lr,
+        }
 
     @torch.no_grad()
     def evaluate(
@@ -306,7 +310,7 @@ class MegatronPolicyWorker:
             results = self._schedule(micro_batches, partial(self._loss_func, loss_fn, normalizers), forward_only=True)
         finally:
             self.model.train()
-        return self._summed(results) if results else {"loss_share": 0.0}
+        return self._summed(results)
 
     @torch.no_grad()
     def forward_only(self, micro_batches: list[MicroBatch]) -> list[torch.Tensor]:
