@@ -15,7 +15,7 @@ import platform
 import tempfile
 from pathlib import Path
 
-from bench.grpo_vs_trl import GRPO, SIZES, WARMUP, after_warmup, run_ours
+from bench.grpo_vs_trl import GRPO, SIZES, WARMUP, after_warmup, our_layout, run_ours
 from bench.results import write_section
 
 SFT_STEPS = 20  # step time does not depend on how well the model answers, only on how long it answers
@@ -59,7 +59,7 @@ def main() -> None:
         ".venv/bin/python -m bench.grpo_scaling",
         f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
         "\n".join(table)
-        + f"\n\n{GRPO['prompts_per_step']} prompts a step, up to {GRPO['max_new_tokens']} new tokens, 2 FSDP2 ranks + "
+        + f"\n\n{GRPO['prompts_per_step']} prompts a step, up to {GRPO['max_new_tokens']} new tokens, {our_layout()} + "
         f"1 vLLM worker; {args.steps} steps per point, median after {WARMUP} warm-up steps.",
     )
 

@@ -6,7 +6,8 @@ goes; and the fixed cost of a pipeline run.
 For each model size: our `grpo` flow (the CLI, as users run it) prepares the data and the SFT model, then GRPO
 runs alternately with TRL from that same SFT model (ours, TRL, ours, TRL), each for the same number of steps;
 step times are medians after the first WARMUP steps. TRL generates with transformers' `generate` (its vLLM path
-needs CUDA); both use the machine's two cores (ours: 2 FSDP2 ranks + 1 vLLM worker; TRL: one process, 2 threads).
+needs CUDA); both use the machine's two cores (ours: the config's FSDP2 ranks + 1 vLLM worker; TRL: one process,
+2 threads).
 """
 
 from __future__ import annotations
@@ -37,6 +38,15 @@ SIZES = {  # model.tiny overrides on top of configs/grpo_tiny.yaml, and how long
         60,
     ),
 }
+
+
+def our_layout(config: str = "grpo_tiny") -> str:
+    """How our trainer uses the cores under ``config``, for the tables' notes: e.g. '1 FSDP2 rank (2 threads)'."""
+    from engine.config import load_config
+
+    policy = load_config(config).policy
+    ranks = f"{policy.world_size} FSDP2 rank{'s' if policy.world_size > 1 else ''}"
+    return f"{ranks} ({policy.threads_per_worker} thread{'s' if policy.threads_per_worker > 1 else ''} each)"
 
 
 def run_ours(workdir: Path, tiny: dict, sft_steps: int, steps: int, salt: int, grpo: dict = GRPO) -> dict:
@@ -79,12 +89,17 @@ def grpo_timings(workdir: Path) -> dict[str, list[float]]:
     }
 
 
-def run_trl(python: str, workdir: Path, summary: dict, steps: int, tag: str) -> dict:
+def run_trl(
+    python: str, workdir: Path, summary: dict, steps: int, tag: str, grpo: dict = GRPO, extra: dict | None = None
+) -> dict:
+    """TRL's GRPOTrainer from our run's SFT model and training rows; ``extra`` adds runner keys (a time budget,
+    a folder to save the final model in)."""
     from engine.storage import ArtifactStore
 
     store = ArtifactStore(f"file://{workdir}/store", workdir / "cache")
     spec = {
-        **GRPO,
+        **grpo,
+        **(extra or {}),
         "model_dir": str(store.download(summary["stages"]["sft"]["artifact"])),
         "train_jsonl": str(store.download(summary["stages"]["data"]["artifact"]) / "train.jsonl"),
         "output_dir": str(workdir / f"trl-{tag}"),
@@ -178,7 +193,8 @@ def main() -> None:
         + f"\n\n{GRPO['prompts_per_step']} prompts x {GRPO['generations_per_prompt']} generations, up to "
         f"{GRPO['max_new_tokens']} new tokens, temperature 1.0, lr {GRPO['lr']} constant, no KL, clip 0.2, "
         f"token-level loss, unscaled group advantages; {args.steps} steps per run, {args.rounds} alternating rounds "
-        f"(ours, TRL, ours, TRL), median step after {WARMUP} warm-up steps. Shares are of our median step.\n\n" + fixed,
+        f"(ours, TRL, ours, TRL), median step after {WARMUP} warm-up steps. Ours: {our_layout()} + 1 vLLM worker; "
+        f"TRL: one process, 2 threads. Shares are of our median step.\n\n" + fixed,
     )
 
 

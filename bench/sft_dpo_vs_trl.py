@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.grpo_vs_trl import POSTTRAIN, REPO, SIZES, WARMUP, after_warmup
+from bench.grpo_vs_trl import POSTTRAIN, REPO, SIZES, WARMUP, after_warmup, our_layout
 from bench.results import write_section
 from bench.trl_env import trl_python
 
@@ -205,7 +205,7 @@ def main() -> None:
         f"SFT: {SFT['batch_size']} sequences a step, lr {SFT['lr']} constant; DPO: {DPO['batch_size']} pairs a step, "
         f"beta {DPO['beta']}, sigmoid + NLL on chosen (weight {DPO['sft_weight']}), reference logprobs computed once "
         f"before training by both; {args.steps} steps per run, {args.rounds} alternating rounds, median after "
-        f"{WARMUP} warm-up steps. Ours: 2 FSDP2 ranks (1 thread each); TRL: one process, 2 threads.\n\n"
+        f"{WARMUP} warm-up steps. Ours: {our_layout()}; TRL: one process, 2 threads.\n\n"
         f"Measured matmul peak (2 threads): fp32 {peaks['float32'] / 1e9:.1f} GFLOP/s, bf16 "
         f"{peaks['bfloat16'] / 1e9:.1f} GFLOP/s. "
         + " ".join(

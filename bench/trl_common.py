@@ -29,8 +29,9 @@ def trainer_args(spec: dict) -> dict:
     )
 
 
-def step_timer(steps: list[dict], logged: tuple[str, ...] = ()):
-    """A TrainerCallback appending {"seconds", <logged keys>} to ``steps`` for every optimizer step."""
+def step_timer(steps: list[dict], logged: tuple[str, ...] = (), budget_s: float | None = None):
+    """A TrainerCallback appending {"seconds", <logged keys>} to ``steps`` for every optimizer step; with
+    ``budget_s`` it stops training once the steps together have taken that long (equal-wall-time comparisons)."""
     from transformers import TrainerCallback
 
     class StepTimer(TrainerCallback):
@@ -39,6 +40,8 @@ def step_timer(steps: list[dict], logged: tuple[str, ...] = ()):
 
         def on_step_end(self, args, state, control, **kwargs):
             steps.append({"seconds": time.perf_counter() - self.started})
+            if budget_s is not None and sum(s["seconds"] for s in steps) >= budget_s:
+                control.should_training_stop = True
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             for key in logged:

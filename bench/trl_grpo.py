@@ -2,9 +2,10 @@
 
     <trl venv>/bin/python -m bench.trl_grpo SPEC_JSON     (bench.grpo_vs_trl writes SPEC_JSON and runs this)
 
-Prints one JSON line: per-step wall times and rewards. Settings mirrored from ours: prompts x generations per
-step, max new tokens, temperature, learning rate (constant, no warm-up), no KL (beta 0), clip 0.2, token-level
-loss over the whole batch ("dapo"), unscaled group advantages, one optimizer step per generation batch.
+Prints one JSON line: per-step wall times and rewards. Optional spec keys: ``time_budget_s`` stops training once
+the steps have taken that long, ``save_dir`` saves the final model there. Settings mirrored from ours: prompts x
+generations per step, max new tokens, temperature, learning rate (constant, no warm-up), no KL (beta 0), clip 0.2,
+token-level loss over the whole batch ("dapo"), unscaled group advantages, one optimizer step per generation batch.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def main(spec_path: str) -> None:
         reward_funcs=exact_answer,
         args=config,
         train_dataset=dataset,
-        callbacks=[step_timer(steps, logged=("reward",))],
+        callbacks=[step_timer(steps, logged=("reward",), budget_s=spec.get("time_budget_s"))],
     )
     started = time.perf_counter()
     trainer.train()

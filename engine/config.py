@@ -17,7 +17,6 @@ from typing import Any, Iterable, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from engine.algorithms.losses import PolicyLossConfig
 from engine.errors import ConfigError
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -210,6 +209,33 @@ class RewardModelConfig(Section):
     val_every: int = Field(20, gt=0)
     val_size: int = Field(128, gt=0, description="validation pairs")
     optimizer: OptimizerConfig = OptimizerConfig(lr=1e-3, warmup_steps=5)
+
+
+class PolicyLossConfig(Section):
+    """Settings of the clipped policy-gradient loss (PPO/GRPO family)."""
+
+    ratio_clip_min: float = Field(0.2, ge=0.0)
+    ratio_clip_max: float = Field(0.2, ge=0.0)
+    ratio_clip_c: float | None = Field(None, gt=1.0, description="dual-clip bound for negative advantages")
+    kl_beta: float = Field(0.0, ge=0.0)
+    kl_type: Literal["k1", "k2", "k3"] = "k3"
+    kl_input_clamp: float | None = 20.0
+    kl_output_clamp: float | None = 10.0
+    token_level_loss: bool = True
+    disable_ppo_ratio: bool = Field(False, description="plain REINFORCE: -A * logprob")
+    force_on_policy_ratio: bool = False
+    sequence_level_ratio: bool = Field(False, description="GSPO: one ratio per sequence")
+    importance_sampling: Literal["tis", "icepop"] | None = None
+    is_max: float | None = None
+    is_min: float | None = None
+
+    @model_validator(mode="after")
+    def _check_is_bounds(self) -> "PolicyLossConfig":
+        if self.importance_sampling == "tis" and self.is_max is None:
+            raise ValueError("importance_sampling='tis' needs is_max")
+        if self.is_min is not None and self.is_max is not None and self.is_min > self.is_max:
+            raise ValueError("is_min must be <= is_max")
+        return self
 
 
 class GRPOConfig(Section):

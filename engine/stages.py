@@ -153,44 +153,32 @@ def _run_stage(
 
 
 def train_sft(rt: Runtime, model: ArtifactRef, data: ArtifactRef, parent_run_id: str | None) -> StageResult:
-    from engine.algorithms.sft import run_sft
-
     cfg = rt.cfg
     stage_config = {"seed": cfg.seed, **cfg.section("policy", "sft")}
-    return _run_stage(
-        rt,
-        "sft",
-        stage_config,
-        {"model": model.digest, "data": data.digest},
-        parent_run_id,
-        lambda run, prefix: run_sft(
-            cfg, rt.store, run, local_model_dir(rt, model), rt.store.download(data.uri), prefix
-        ),
-    )
+
+    def body(run: "StageRun", prefix: str) -> ArtifactRef:
+        from engine.algorithms.sft import run_sft  # the trainers' imports take seconds; a cache hit skips them
+
+        return run_sft(cfg, rt.store, run, local_model_dir(rt, model), rt.store.download(data.uri), prefix)
+
+    return _run_stage(rt, "sft", stage_config, {"model": model.digest, "data": data.digest}, parent_run_id, body)
 
 
 def train_reward_model(rt: Runtime, sft: ArtifactRef, data: ArtifactRef, parent_run_id: str | None) -> StageResult:
-    from engine.algorithms.rm import run_reward_model
-
     cfg = rt.cfg
     stage_config = {"seed": cfg.seed, "system_prompt": cfg.data.system_prompt, **cfg.section("policy", "reward_model")}
-    return _run_stage(
-        rt,
-        "reward_model",
-        stage_config,
-        {"sft": sft.digest, "data": data.digest},
-        parent_run_id,
-        lambda run, prefix: run_reward_model(
-            cfg, rt.store, run, local_model_dir(rt, sft), rt.store.download(data.uri), prefix
-        ),
-    )
+
+    def body(run: "StageRun", prefix: str) -> ArtifactRef:
+        from engine.algorithms.rm import run_reward_model
+
+        return run_reward_model(cfg, rt.store, run, local_model_dir(rt, sft), rt.store.download(data.uri), prefix)
+
+    return _run_stage(rt, "reward_model", stage_config, {"sft": sft.digest, "data": data.digest}, parent_run_id, body)
 
 
 def train_grpo(
     rt: Runtime, sft: ArtifactRef, data: ArtifactRef, reward_model: ArtifactRef | None, parent_run_id: str | None
 ) -> StageResult:
-    from engine.algorithms.grpo import run_grpo
-
     cfg = rt.cfg
     uses_rm = reward_model is not None and cfg.grpo.reward_model_weight > 0
     stage_config = {
@@ -199,46 +187,33 @@ def train_grpo(
         **cfg.section("policy", "generation", "grpo"),
     }
     inputs = {"sft": sft.digest, "data": data.digest, **({"reward_model": reward_model.digest} if uses_rm else {})}
-    return _run_stage(
-        rt,
-        "grpo",
-        stage_config,
-        inputs,
-        parent_run_id,
-        lambda run, prefix: run_grpo(
-            cfg,
-            rt.store,
-            run,
-            local_model_dir(rt, sft),
-            rt.store.download(data.uri),
-            prefix,
-            local_model_dir(rt, reward_model) if uses_rm else None,
-        ),
-    )
+
+    def body(run: "StageRun", prefix: str) -> ArtifactRef:
+        from engine.algorithms.grpo import run_grpo
+
+        reward_model_dir = local_model_dir(rt, reward_model) if uses_rm else None
+        sft_dir, data_dir = local_model_dir(rt, sft), rt.store.download(data.uri)
+        return run_grpo(cfg, rt.store, run, sft_dir, data_dir, prefix, reward_model_dir)
+
+    return _run_stage(rt, "grpo", stage_config, inputs, parent_run_id, body)
 
 
 def train_dpo(rt: Runtime, sft: ArtifactRef, data: ArtifactRef, parent_run_id: str | None) -> StageResult:
-    from engine.algorithms.dpo import run_dpo
-
     cfg = rt.cfg
     stage_config = {"seed": cfg.seed, "system_prompt": cfg.data.system_prompt, **cfg.section("policy", "dpo")}
-    return _run_stage(
-        rt,
-        "dpo",
-        stage_config,
-        {"sft": sft.digest, "data": data.digest},
-        parent_run_id,
-        lambda run, prefix: run_dpo(
-            cfg, rt.store, run, local_model_dir(rt, sft), rt.store.download(data.uri), prefix, sft.digest, data.digest
-        ),
-    )
+
+    def body(run: "StageRun", prefix: str) -> ArtifactRef:
+        from engine.algorithms.dpo import run_dpo
+
+        sft_dir, data_dir = local_model_dir(rt, sft), rt.store.download(data.uri)
+        return run_dpo(cfg, rt.store, run, sft_dir, data_dir, prefix, sft.digest, data.digest)
+
+    return _run_stage(rt, "dpo", stage_config, {"sft": sft.digest, "data": data.digest}, parent_run_id, body)
 
 
 def evaluate(
     rt: Runtime, sft: ArtifactRef, final: ArtifactRef, data: ArtifactRef, parent_run_id: str | None
 ) -> StageResult:
-    from engine.algorithms.evaluate import run_evaluate
-
     cfg = rt.cfg
     stage_config = {
         "environment": cfg.grpo.environment,
@@ -248,6 +223,8 @@ def evaluate(
     }
 
     def body(run: "StageRun", prefix: str) -> ArtifactRef:
+        from engine.algorithms.evaluate import run_evaluate
+
         with tempfile.TemporaryDirectory(prefix="evaluate-") as tmp:
             out = Path(tmp)
             metrics = run_evaluate(

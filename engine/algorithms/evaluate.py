@@ -10,25 +10,35 @@ from engine.algorithms.rollouts import greedy_accuracy
 from engine.config import PipelineConfig
 from engine.data.datasets import read_jsonl
 from engine.environments.router import EnvironmentRouter, environment_specs
-from engine.generation.group import GenerationGroup
+from engine.generation.group import GenerationGroup, load_saved_weights
 
 
-def accuracy_of(cfg: PipelineConfig, model_dir: Path, rows: list[dict]) -> float:
+def held_out_accuracies(cfg: PipelineConfig, model_dirs: list[Path], rows: list[dict]) -> list[float]:
+    """Greedy pass@1 of each model on ``rows``. One generation engine serves them all: it starts on the first
+    model and each later one's weights are swapped in, since an engine start costs more than the evaluation
+    itself on small models. The models share the first one's architecture and tokenizer."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    generation = GenerationGroup(cfg.generation, str(model_dir), seed=cfg.seed)
+    tokenizer = AutoTokenizer.from_pretrained(model_dirs[0])
+    generation = GenerationGroup(cfg.generation, str(model_dirs[0]), seed=cfg.seed)
     router = EnvironmentRouter(environment_specs(cfg.grpo.environment, cfg.grpo.max_rollout_turns))
     try:
-        return greedy_accuracy(
-            generation,
-            router,
-            tokenizer,
-            rows,
-            cfg.evaluate.max_new_tokens,
-            cfg.grpo.max_rollout_turns,
-            cfg.data.system_prompt,
-        )
+        accuracies = []
+        for version, model_dir in enumerate(model_dirs):
+            if version:
+                load_saved_weights(generation, model_dir, version)
+            accuracies.append(
+                greedy_accuracy(
+                    generation,
+                    router,
+                    tokenizer,
+                    rows,
+                    cfg.evaluate.max_new_tokens,
+                    cfg.grpo.max_rollout_turns,
+                    cfg.data.system_prompt,
+                )
+            )
+        return accuracies
     finally:
         generation.shutdown()
         router.shutdown()
@@ -71,7 +81,7 @@ def run_evaluate(
     cfg: PipelineConfig, sft_model_dir: Path, final_model_dir: Path, dataset_dir: Path, out_dir: Path
 ) -> dict[str, float]:
     rows = read_jsonl(dataset_dir / "val.jsonl")[: cfg.evaluate.size]
-    accuracy = {"sft": accuracy_of(cfg, sft_model_dir, rows), "final": accuracy_of(cfg, final_model_dir, rows)}
+    accuracy = dict(zip(("sft", "final"), held_out_accuracies(cfg, [sft_model_dir, final_model_dir], rows)))
     history_file = final_model_dir / "history.jsonl"
     history = [json.loads(line) for line in history_file.read_text().splitlines()] if history_file.exists() else []
     plot_results(out_dir, accuracy, history)

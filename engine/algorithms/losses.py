@@ -15,7 +15,8 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from engine.config import PolicyLossConfig
 
 Metrics = dict[str, float]
 
@@ -63,35 +64,6 @@ def kl_penalty(
     if output_clamp is not None:
         kl = torch.clamp(kl, -output_clamp, output_clamp)
     return kl
-
-
-class PolicyLossConfig(BaseModel):
-    """Settings of the clipped policy-gradient loss (PPO/GRPO family)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    ratio_clip_min: float = Field(0.2, ge=0.0)
-    ratio_clip_max: float = Field(0.2, ge=0.0)
-    ratio_clip_c: float | None = Field(None, gt=1.0, description="dual-clip bound for negative advantages")
-    kl_beta: float = Field(0.0, ge=0.0)
-    kl_type: Literal["k1", "k2", "k3"] = "k3"
-    kl_input_clamp: float | None = 20.0
-    kl_output_clamp: float | None = 10.0
-    token_level_loss: bool = True
-    disable_ppo_ratio: bool = Field(False, description="plain REINFORCE: -A * logprob")
-    force_on_policy_ratio: bool = False
-    sequence_level_ratio: bool = Field(False, description="GSPO: one ratio per sequence")
-    importance_sampling: Literal["tis", "icepop"] | None = None
-    is_max: float | None = None
-    is_min: float | None = None
-
-    @model_validator(mode="after")
-    def _check_is_bounds(self) -> "PolicyLossConfig":
-        if self.importance_sampling == "tis" and self.is_max is None:
-            raise ValueError("importance_sampling='tis' needs is_max")
-        if self.is_min is not None and self.is_max is not None and self.is_min > self.is_max:
-            raise ValueError("is_min must be <= is_max")
-        return self
 
 
 def _sequence_mean_loss(

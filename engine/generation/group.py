@@ -9,6 +9,7 @@ parameters before it loads anything.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -78,3 +79,13 @@ def refit(policy_group: cluster.WorkerGroup, generation: GenerationGroup, versio
     manifest, buckets, total_bytes = next(r for r in results if r is not None)
     generation.update_weights(manifest, buckets, version)
     return {"refit/seconds": time.perf_counter() - started, "refit/bytes": float(total_bytes)}
+
+
+def load_saved_weights(generation: GenerationGroup, model_dir: Path, version: int) -> None:
+    """Swap a saved Hugging Face model's weights into the running engines, as a refit does: one engine serves
+    several checkpoints of one architecture without a restart (the update checks every name and shape)."""
+    from engine.models.loading import load_hf_folder
+
+    _, state = load_hf_folder(model_dir)
+    manifest, buckets, _ = cluster.put_weight_buckets(state, generation.cfg.refit_bucket_bytes)
+    generation.update_weights(manifest, buckets, version)

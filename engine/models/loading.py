@@ -10,12 +10,15 @@ import hashlib
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import fsspec
 
 from engine.errors import ModelLoadError
 from engine.storage import ArtifactStore
+
+if TYPE_CHECKING:
+    import torch
 
 REQUIRED_FILES = ("config.json",)
 
@@ -75,3 +78,23 @@ def resolve_model(name: str, store: ArtifactStore, cache_dir: Path) -> Path:
     if name.startswith(("/", ".", "~")):
         raise ModelLoadError(f"model folder not found: {name}")
     return _download_hub(name, cache_dir)
+
+
+def load_hf_folder(folder: Path, layers: range | None = None) -> tuple[Any, dict[str, torch.Tensor]]:
+    """A Hugging Face model folder's config and state dict (all safetensors shards), in fp32; with ``layers``,
+    only those decoder layers (plus embeddings, final norm and head), so a pipeline stage reads what it holds."""
+    from safetensors import safe_open
+    from transformers import AutoConfig
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not (folder / "config.json").is_file() or not files:
+        raise ModelLoadError(f"{folder} is not a Hugging Face model folder (config.json and *.safetensors)")
+
+    def wanted(key: str) -> bool:
+        return layers is None or not key.startswith("model.layers.") or int(key.split(".")[2]) in layers
+
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as shard:
+            state.update({key: shard.get_tensor(key).float() for key in shard.keys() if wanted(key)})
+    return AutoConfig.from_pretrained(folder), state

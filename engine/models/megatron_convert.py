@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from engine.errors import PosttrainError
+from engine.models.loading import load_hf_folder
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
 VOCAB_DIVISOR = 128  # Megatron-LM's default: the padded vocabulary then splits evenly for any TP size up to 128
@@ -247,26 +248,6 @@ HF_SIDE_FILES = (
 def rank_folder(tp_rank: int, pp_rank: int, pipeline_parallel: int) -> str:
     """Megatron-LM's per-rank folder name: mp_rank_TT, or mp_rank_TT_PPP with pipeline stages."""
     return f"mp_rank_{tp_rank:02d}" if pipeline_parallel == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
-
-
-def load_hf_folder(folder: Path, layers: range | None = None) -> tuple[Any, dict[str, torch.Tensor]]:
-    """A Hugging Face model folder's config and state dict (all safetensors shards), in fp32; with ``layers``,
-    only those decoder layers (plus embeddings, final norm and head), so a pipeline stage reads what it holds."""
-    from safetensors import safe_open
-    from transformers import AutoConfig
-
-    files = sorted(folder.glob("*.safetensors"))
-    if not (folder / "config.json").is_file() or not files:
-        raise PosttrainError(f"{folder} is not a Hugging Face model folder (config.json and *.safetensors)")
-
-    def wanted(key: str) -> bool:
-        return layers is None or not key.startswith("model.layers.") or int(key.split(".")[2]) in layers
-
-    state: dict[str, torch.Tensor] = {}
-    for file in files:
-        with safe_open(str(file), framework="pt") as shard:
-            state.update({key: shard.get_tensor(key).float() for key in shard.keys() if wanted(key)})
-    return AutoConfig.from_pretrained(folder), state
 
 
 def _staged(target: Path) -> Path:

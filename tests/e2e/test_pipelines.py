@@ -39,7 +39,7 @@ def metric_curve(client, run_id: str, key: str) -> dict[int, float]:
 def test_grpo_pipeline_tiny_defaults(tmp_path):
     """The main job on its defaults: every stage runs, the reward model separates right from wrong answers,
     GRPO raises the reward, generator and trainer agree, and a second run is all cache hits. (Held-out
-    accuracy +0.15 is not reached yet: see the issue notes; this test asserts what the pipeline does today.)"""
+    accuracy +0.15 is not reached: SFT alone solves about 96 % of the held-out problems; see the issue notes.)"""
     started = time.monotonic()
     first = summary_of(run_cli(["run", "grpo-pipeline", "--json"], cwd=tmp_path, timeout=1200))
     wall = time.monotonic() - started
@@ -53,7 +53,7 @@ def test_grpo_pipeline_tiny_defaults(tmp_path):
     assert grpo["reward_mean_last"] > grpo["reward_mean_first"], grpo
     accuracy = stages["evaluate"]["metrics"]
     assert 0.0 <= accuracy["accuracy_sft"] <= 1.0 and 0.0 <= accuracy["accuracy_final"] <= 1.0
-    assert accuracy["accuracy_sft"] > 0.2  # SFT alone already solves part of the held-out problems
+    assert accuracy["accuracy_sft"] > 0.5  # SFT alone already solves most of the held-out problems
 
     client, runs = stage_runs(tmp_path, "evaluate")
     artifacts = {a.path for a in client.list_artifacts(runs[-1].info.run_id, "plots")}
@@ -75,9 +75,11 @@ def test_changing_the_grpo_learning_rate_reruns_grpo_and_evaluate_only(tmp_path)
 
 
 def test_grpo_pipeline_on_the_megatron_backend(tmp_path):
-    """policy.backend=megatron at TP=2 is the only change: every stage trains on Megatron-core, the vLLM refit
-    from Megatron's weights reproduces the trainer's logprobs, and SFT follows the FSDP2 loss curve."""
+    """policy.backend=megatron at TP=2 (two ranks) is the only change: every stage trains on Megatron-core, the
+    vLLM refit from Megatron's weights reproduces the trainer's logprobs, and SFT follows the loss curve of the
+    default FSDP2 trainer (one rank)."""
     megatron = ["--set", "policy.backend=megatron", "--set", "policy.megatron.tensor_parallel=2"]
+    megatron += ["--set", "policy.world_size=2", "--set", "policy.threads_per_worker=1"]
     summary = summary_of(run_cli(["run", "grpo-pipeline", "--json", *SMALL, *megatron], cwd=tmp_path))
     stages = summary["stages"]
     assert not any(stages[name]["cached"] for name in ("sft", "reward_model", "grpo", "evaluate"))

@@ -144,3 +144,34 @@ def test_bad_weight_push_is_refused_and_engine_keeps_serving(backend, vllm_group
     assert group.call("weight_version") == [version]
     after = group.generate(prompts, SAMPLING)
     assert [[c.token_ids for c in s] for s in after] == [[c.token_ids for c in s] for s in before]
+
+
+@pytest.mark.parametrize("backend", ["vllm", "hf"])
+def test_saved_weights_swapped_in_generate_like_a_fresh_engine(
+    backend, vllm_group, hf_group, tiny_model_dir, prompts, tmp_path
+):
+    """The evaluator's one-engine path: another checkpoint's weights loaded into a running engine give the
+    completions a fresh engine on that checkpoint gives, and the first model's come back when it is reloaded."""
+    from engine.config import TinyModelConfig
+    from engine.generation.group import load_saved_weights
+    from engine.models.tiny import make_tiny_model
+
+    other_dir = make_tiny_model(tmp_path / "other", TinyModelConfig(seed=1))
+    greedy = SamplingParams(n=1, temperature=0.0, max_tokens=12, seed=0)
+    group = vllm_group if backend == "vllm" else hf_group
+    version = group.call("weight_version")[0]
+    original = group.generate(prompts, greedy)
+    fresh = GenerationGroup(GenerationConfig(backend=backend), str(other_dir))
+    try:
+        expected = fresh.generate(prompts, greedy)
+    finally:
+        fresh.shutdown()
+
+    def tokens(completions):
+        return [[c.token_ids for c in s] for s in completions]
+
+    assert tokens(expected) != tokens(original)  # the two checkpoints really differ
+    load_saved_weights(group, other_dir, version + 1)
+    assert tokens(group.generate(prompts, greedy)) == tokens(expected)
+    load_saved_weights(group, tiny_model_dir, version + 2)
+    assert tokens(group.generate(prompts, greedy)) == tokens(original)
