@@ -45,8 +45,10 @@ def our_layout(config: str = "grpo_tiny") -> str:
     from engine.config import load_config
 
     policy = load_config(config).policy
-    ranks = f"{policy.world_size} FSDP2 rank{'s' if policy.world_size > 1 else ''}"
-    return f"{ranks} ({policy.threads_per_worker} thread{'s' if policy.threads_per_worker > 1 else ''} each)"
+    threads = f"{policy.threads_per_worker} thread{'s' if policy.threads_per_worker > 1 else ''}"
+    if policy.world_size == 1:
+        return f"1 FSDP2 rank ({threads})"
+    return f"{policy.world_size} FSDP2 ranks ({threads} each)"
 
 
 def run_ours(workdir: Path, tiny: dict, sft_steps: int, steps: int, salt: int, grpo: dict = GRPO) -> dict:
