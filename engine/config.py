@@ -67,6 +67,13 @@ class SyntheticDataConfig(Section):
     tool_use_fraction: float = Field(
         0.0, ge=0.0, le=1.0, description="share of training demonstrations that call the <calc> tool"
     )
+    rounded_answer_rate: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="share of training demonstrations whose teacher wrote the answer rounded toward zero to the "
+        "tens (37+45 -> 80); verifier answers, preference pairs and validation rows stay exact",
+    )
     seed: int = 0
 
 

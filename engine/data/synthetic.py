@@ -1,7 +1,8 @@
 """A synthetic task with verifiable answers: "What is 37+45?" -> "82".
 
-Small enough that a 0.5 M-parameter model learns it on two CPU cores, hard enough that SFT leaves room
-for RL. Each problem carries wrong-answer variants, so the same data yields preference pairs (correct
+Small enough that a 0.5 M-parameter model learns it on two CPU cores. The demonstrations can come from a
+teacher who often rounds its answers (``rounded_answer_rate``): SFT copies that habit, an exact verifier
+does not reward it, which leaves RL room to improve on SFT. Each problem carries wrong-answer variants, so the same data yields preference pairs (correct
 vs wrong) for reward models and DPO. Train and validation problems are disjoint by construction.
 """
 
@@ -56,9 +57,27 @@ def make_arithmetic(cfg: SyntheticDataConfig) -> tuple[list[dict[str, Any]], lis
         seen.add(problem)
         rows.append(problem_row(*problem, rng=rng, num_wrong=cfg.num_wrong_answers))
     train = rows[: cfg.num_train]
+    _add_rounded_demonstrations(train, cfg)
     for row in train[: int(len(train) * cfg.tool_use_fraction)]:
         row["messages"] = tool_demonstration(row)
     return train, rows[cfg.num_train :]
+
+
+def _add_rounded_demonstrations(train: list[dict[str, Any]], cfg: SyntheticDataConfig) -> None:
+    """Give ``rounded_answer_rate`` of the demonstrations the teacher's estimate instead of the exact answer.
+
+    Imitation copies the teacher's habit; an exact verifier does not reward it, which is the room GRPO has over
+    SFT. The draw has its own random stream, so the problems themselves do not depend on the rate."""
+    if not cfg.rounded_answer_rate:
+        return
+    rng = random.Random(f"rounded-{cfg.seed}")
+    for row in train:
+        if rng.random() < cfg.rounded_answer_rate:
+            estimate = int(int(row["answer"]) / 10) * 10
+            row["messages"] = [
+                {"role": "user", "content": row["prompt"]},
+                {"role": "assistant", "content": str(estimate)},
+            ]
 
 
 def tool_demonstration(row: dict[str, Any]) -> list[dict[str, str]]:

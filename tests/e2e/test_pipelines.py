@@ -37,9 +37,9 @@ def metric_curve(client, run_id: str, key: str) -> dict[int, float]:
 
 
 def test_grpo_pipeline_tiny_defaults(tmp_path):
-    """The main job on its defaults: every stage runs, the reward model separates right from wrong answers,
-    GRPO raises the reward, generator and trainer agree, and a second run is all cache hits. (Held-out
-    accuracy +0.15 is not reached: SFT alone solves about 96 % of the held-out problems; see the issue notes.)"""
+    """The main job on its defaults: every stage runs in under 10 minutes, the reward model separates right from
+    wrong answers, GRPO raises the reward and held-out accuracy by at least 0.15 over the SFT model (which copied
+    its teacher's rounded answers), generator and trainer agree, and a second run is all cache hits."""
     started = time.monotonic()
     first = summary_of(run_cli(["run", "grpo-pipeline", "--json"], cwd=tmp_path, timeout=1200))
     wall = time.monotonic() - started
@@ -53,7 +53,7 @@ def test_grpo_pipeline_tiny_defaults(tmp_path):
     assert grpo["reward_mean_last"] > grpo["reward_mean_first"], grpo
     accuracy = stages["evaluate"]["metrics"]
     assert 0.0 <= accuracy["accuracy_sft"] <= 1.0 and 0.0 <= accuracy["accuracy_final"] <= 1.0
-    assert accuracy["accuracy_sft"] > 0.5  # SFT alone already solves most of the held-out problems
+    assert accuracy["accuracy_final"] >= accuracy["accuracy_sft"] + 0.15, accuracy
 
     client, runs = stage_runs(tmp_path, "evaluate")
     artifacts = {a.path for a in client.list_artifacts(runs[-1].info.run_id, "plots")}

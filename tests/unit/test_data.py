@@ -175,3 +175,18 @@ def test_preference_pairs_and_tool_demonstrations(tiny_model_dir):
     rows = [{"prompt": "p", "chosen": "good", "rejected": "bad"}]
     chosen, rejected = pair_examples(tok, rows, 64, None)
     assert tok.decode([t for t, m in zip(chosen.input_ids, chosen.loss_mask) if m]) == "good<|im_end|>"
+
+
+
+def test_rounded_demonstrations_change_only_what_sft_imitates():
+    exact_train, exact_val = make_arithmetic(SyntheticDataConfig(num_train=2000, operations=["+", "-"]))
+    train, val = make_arithmetic(SyntheticDataConfig(num_train=2000, operations=["+", "-"], rounded_answer_rate=0.7))
+    assert val == exact_val
+    assert [{k: r[k] for k in ("prompt", "answer", "wrong_answers")} for r in train] == [
+        {k: r[k] for k in ("prompt", "answer", "wrong_answers")} for r in exact_train
+    ]
+    rounded = [r for r in train if "messages" in r]
+    assert 0.65 < len(rounded) / len(train) < 0.75
+    for row in rounded:
+        answer, estimate = int(row["answer"]), int(row["messages"][-1]["content"])
+        assert estimate % 10 == 0 and abs(answer - estimate) < 10 and abs(estimate) <= abs(answer)
