@@ -3,7 +3,8 @@
 Small enough that a 0.5 M-parameter model learns it on two CPU cores. The demonstrations can come from a
 teacher who often rounds its answers (``rounded_answer_rate``): SFT copies that habit, an exact verifier
 does not reward it, which leaves RL room to improve on SFT. Each problem carries wrong-answer variants, so
-the same data yields preference pairs (correct vs wrong) for reward models and DPO. Train and validation problems are disjoint by construction.
+the same data yields preference pairs (correct vs wrong) for reward models and DPO. Train and validation
+problems are disjoint by construction.
 """
 
 from __future__ import annotations
