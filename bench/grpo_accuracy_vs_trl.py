@@ -2,10 +2,11 @@
 
     .venv/bin/python -m bench.grpo_accuracy_vs_trl     # builds TRL's venv on first use; writes bench/RESULTS.md
 
-Our `grpo` flow runs the tiny pipeline's GRPO settings (configs/grpo_tiny.yaml) for its configured steps. The time
-its steps took (the training loop; Ray and vLLM start-up excluded, as TRL's model loading is) becomes TRL's budget:
-GRPOTrainer runs the same settings from the same SFT model until its own steps have taken as long. The SFT model
-and both final models are then scored by the pipeline's evaluator (greedy pass@1 on the held-out prompts).
+Our `grpo` flow runs the tiny pipeline's GRPO settings (configs/grpo_tiny.yaml) for its configured steps (or
+`--steps`). The time its steps took (the training loop; Ray and vLLM start-up excluded, as TRL's model loading is)
+becomes TRL's budget: GRPOTrainer runs the same settings from the same SFT model until its own steps have taken as
+long. The SFT model and both final models are then scored by the pipeline's evaluator (greedy pass@1 on the
+held-out prompts).
 """
 
 from __future__ import annotations
@@ -49,19 +50,21 @@ def held_out_accuracy(cfg: PipelineConfig, dataset_dir: Path, model_dirs: dict[s
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--config", default="grpo_tiny")
+    parser.add_argument("--steps", type=int, help="our GRPO steps (default: the config's grpo.max_steps)")
     args = parser.parse_args()
     python = trl_python()
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         cfg = load_config(args.config, {"workdir": str(workdir)})
         grpo = grpo_settings(cfg)
-        ours = run_ours(workdir, {}, cfg.sft.max_steps, cfg.grpo.max_steps, salt=0, grpo=grpo)
+        steps = args.steps or cfg.grpo.max_steps
+        ours = run_ours(workdir, {}, cfg.sft.max_steps, steps, salt=0, grpo=grpo)
         budget = sum(ours["timings"]["timing/step"])
         trl = run_trl(
             python,
             workdir,
             ours["summary"],
-            cfg.grpo.max_steps * 20,
+            steps * 20,
             tag="budget",
             grpo=grpo,
             extra={"time_budget_s": budget, "save_dir": str(workdir / "trl-model")},
@@ -94,7 +97,7 @@ def main() -> None:
     write_section(
         "grpo_accuracy_vs_trl",
         "Held-out accuracy in the same wall time, ours vs TRL",
-        ".venv/bin/python -m bench.grpo_accuracy_vs_trl",
+        ".venv/bin/python -m bench.grpo_accuracy_vs_trl" + (f" --steps {args.steps}" if args.steps else ""),
         f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, TRL 1.16.0 (its own venv)",
         "\n".join(table) + f"\n\n`{args.config}`'s GRPO settings for both: {grpo['prompts_per_step']} prompts x "
         f"{grpo['generations_per_prompt']} generations, up to {grpo['max_new_tokens']} new tokens, temperature "
