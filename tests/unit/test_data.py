@@ -177,7 +177,6 @@ def test_preference_pairs_and_tool_demonstrations(tiny_model_dir):
     assert tok.decode([t for t, m in zip(chosen.input_ids, chosen.loss_mask) if m]) == "good<|im_end|>"
 
 
-
 def test_rounded_demonstrations_change_only_what_sft_imitates():
     exact_train, exact_val = make_arithmetic(SyntheticDataConfig(num_train=2000, operations=["+", "-"]))
     train, val = make_arithmetic(SyntheticDataConfig(num_train=2000, operations=["+", "-"], rounded_answer_rate=0.7))
