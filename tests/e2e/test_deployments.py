@@ -253,10 +253,10 @@ def test_two_runs_of_one_stage_take_turns(services):
         assert held.wait(timeout=120)
         with temporary_settings({PREFECT_API_URL: services.api}):
             with prefect_stage_lock(root, other, timeout_s=120):
-                pass  # another stage key: granted while the first run holds its own
+                assert not released_at  # another stage key: granted while the first run holds its own
             with pytest.raises(TimeoutError):
                 with prefect_stage_lock(root, stage, timeout_s=3):
-                    pass  # the same stage key: refused while held
+                    pytest.fail("the same stage key was granted while the first run held it")
             release.set()
             with prefect_stage_lock(root, stage, timeout_s=120):
                 granted_at = time.monotonic()  # granted once the first run has let go
