@@ -51,10 +51,14 @@ def our_layout(config: str = "grpo_tiny") -> str:
     return f"{policy.world_size} FSDP2 ranks ({threads} each)"
 
 
-def run_ours(workdir: Path, tiny: dict, sft_steps: int, steps: int, salt: int, grpo: dict = GRPO) -> dict:
-    """One `posttrain run grpo`; ``salt`` varies a GRPO-only setting so GRPO reruns while SFT stays cached."""
+def run_ours(
+    workdir: Path, tiny: dict, sft_steps: int, steps: int, salt: int, grpo: dict = GRPO, backend: str = "vllm"
+) -> dict:
+    """One `posttrain run grpo` generating with ``backend``; ``salt`` varies a GRPO-only setting so GRPO reruns
+    while SFT stays cached."""
     overrides = {
         "workdir": str(workdir),
+        "generation.backend": backend,
         "sft.max_steps": sft_steps,
         "reward_model.max_steps": 2,
         "grpo.max_steps": steps,
@@ -126,33 +130,36 @@ def after_warmup(values: list[float]) -> float:
     return statistics.median(values[WARMUP:] if len(values) > WARMUP + 2 else values)
 
 
-def bench_size(label: str, python: str, steps: int, rounds: int, root: Path) -> dict:
+def bench_size(label: str, python: str, steps: int, rounds: int, root: Path, backends: list[str]) -> list[dict]:
+    """One row per generation backend of ours, each against the TRL runs of the same rounds."""
     tiny, sft_steps = SIZES[label]
     workdir = root / label.split()[0]
     workdir.mkdir(parents=True)
-    ours, trl = [], []
+    ours: dict[str, list[dict]] = {backend: [] for backend in backends}
+    trl = []
     for salt in range(rounds):
-        ours.append(run_ours(workdir, tiny, sft_steps, steps, salt))
-        trl.append(run_trl(python, workdir, ours[0]["summary"], steps, tag=str(salt)))
-        print(
-            label,
-            "ours",
-            after_warmup(ours[-1]["timings"]["timing/step"]),
-            "trl",
-            after_warmup([s["seconds"] for s in trl[-1]["steps"]]),
-            flush=True,
-        )
-    our_step = statistics.median(after_warmup(o["timings"]["timing/step"]) for o in ours)
+        for backend in backends:
+            ours[backend].append(run_ours(workdir, tiny, sft_steps, steps, salt, backend=backend))
+            print(label, backend, after_warmup(ours[backend][-1]["timings"]["timing/step"]), flush=True)
+        trl.append(run_trl(python, workdir, ours[backends[0]][0]["summary"], steps, tag=str(salt)))
+        print(label, "trl", after_warmup([s["seconds"] for s in trl[-1]["steps"]]), flush=True)
     trl_step = statistics.median(after_warmup([s["seconds"] for s in t["steps"]]) for t in trl)
-    parts = {k: statistics.median(after_warmup(o["timings"][k]) for o in ours) for k in ours[0]["timings"]}
-    return {
-        "label": label,
-        "ours": our_step,
-        "trl": trl_step,
-        "parts": parts,
-        "fixed": fixed_costs(workdir, tiny, sft_steps, steps),
-        "pipeline_wall": ours[-1]["wall"],
-    }
+    fixed = fixed_costs(workdir, tiny, sft_steps, steps)
+    rows = []
+    for backend, runs in ours.items():
+        parts = {k: statistics.median(after_warmup(o["timings"][k]) for o in runs) for k in runs[0]["timings"]}
+        rows.append(
+            {
+                "label": label,
+                "backend": backend,
+                "ours": statistics.median(after_warmup(o["timings"]["timing/step"]) for o in runs),
+                "trl": trl_step,
+                "parts": parts,
+                "fixed": fixed,
+                "pipeline_wall": runs[-1]["wall"],
+            }
+        )
+    return rows
 
 
 def main() -> None:
@@ -160,13 +167,19 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--sizes", nargs="+", default=["tiny (0.5 M)", "19 M"])
+    parser.add_argument("--generation", nargs="+", default=["vllm", "hf"], help="our generation backends")
     args = parser.parse_args()
     python = trl_python()
     with tempfile.TemporaryDirectory() as tmp:
-        rows = [bench_size(label, python, args.steps, args.rounds, Path(tmp)) for label in args.sizes]
+        rows = [
+            row
+            for label in args.sizes
+            for row in bench_size(label, python, args.steps, args.rounds, Path(tmp), args.generation)
+        ]
     table = [
-        "| model | ours s/step | TRL s/step | ours / TRL | generation | logprobs | training | refit | other |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| model | our generation | ours s/step | TRL s/step | ours / TRL | generation | logprobs | training | refit "
+        "| other |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         p = r["parts"]
@@ -174,7 +187,7 @@ def main() -> None:
         other = step - sum(p[k] for k in ("timing/generation", "timing/logprobs", "timing/training", "timing/refit"))
         shares = [p[k] / step for k in ("timing/generation", "timing/logprobs", "timing/training", "timing/refit")]
         table.append(
-            f"| {r['label']} | {r['ours']:.2f} | {r['trl']:.2f} | {r['ours'] / r['trl']:.2f}x | "
+            f"| {r['label']} | {r['backend']} | {r['ours']:.2f} | {r['trl']:.2f} | {r['ours'] / r['trl']:.2f}x | "
             + " | ".join(f"{s:.0%}" for s in shares)
             + f" | {other / step:.0%} |"
         )
@@ -182,6 +195,7 @@ def main() -> None:
         f"- {r['label']}: a run with every stage cached takes {r['fixed']:.1f} s of wall time (process start, "
         f"Prefect's temporary server, MLflow, teardown); the last uncached GRPO run took {r['pipeline_wall']:.1f} s."
         for r in rows
+        if r["backend"] == args.generation[0]
     )
     import torch
 
@@ -195,8 +209,10 @@ def main() -> None:
         + f"\n\n{GRPO['prompts_per_step']} prompts x {GRPO['generations_per_prompt']} generations, up to "
         f"{GRPO['max_new_tokens']} new tokens, temperature 1.0, lr {GRPO['lr']} constant, no KL, clip 0.2, "
         f"token-level loss, unscaled group advantages; {args.steps} steps per run, {args.rounds} alternating rounds "
-        f"(ours, TRL, ours, TRL), median step after {WARMUP} warm-up steps. Ours: {our_layout()} + 1 vLLM worker; "
-        f"TRL: one process, 2 threads. Shares are of our median step.\n\n" + fixed,
+        f"(ours, TRL, ours, TRL; each round runs ours once per generation backend), median step after {WARMUP} "
+        f"warm-up steps. Ours: {our_layout()} + 1 generation worker (vLLM, the default, or our transformers "
+        f"backend, `generation.backend=hf`); TRL: one process, 2 threads, transformers' `generate`. Shares are of "
+        f"our median step.\n\n" + fixed,
     )
 
 

@@ -36,6 +36,13 @@ def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     return flat
 
 
+def open_store(cfg: TrackingConfig) -> None:
+    """Open the tracking store ahead of the first run. MLflow keeps one store per URI for the process, and a SQL
+    store takes about 2 s to import and connect: the CLI opens it while Prefect's temporary server starts."""
+    if cfg.enabled:
+        MlflowClient(tracking_uri=cfg.uri)
+
+
 class StageRun:
     """A run (pipeline or stage) with buffered metrics."""
 

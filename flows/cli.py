@@ -71,6 +71,7 @@ def _quiet_user_error_tracebacks() -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     from engine.config import RunParameters
     from engine.stages import preflight
+    from tasks.prefect_api import prepare_prefect_api
 
     if args.pipeline not in PIPELINES:
         raise PosttrainError(f"unknown pipeline {args.pipeline!r}; choose from {', '.join(PIPELINES)}")
@@ -79,10 +80,17 @@ def cmd_run(args: argparse.Namespace) -> int:
         overrides=dict(_split_override(o) for o in args.set),
         resume=args.resume,
     )
-    preflight(params.resolve())  # a bad config, store or input path fails here, before Prefect starts
+    cfg = params.resolve()
+    preflight(cfg)  # a bad config, store or input path fails here, before Prefect starts
+    startup_timeout_s = float(os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"])
+    use_api = prepare_prefect_api(startup_timeout_s)  # a temporary server starts up while the flow imports...
     flow = _flow(args.pipeline)
+    from engine.tracking import open_store  # imported with the flow: MLflow takes 2 s
+
+    open_store(cfg.tracking)  # ...and MLflow opens its store
     _quiet_user_error_tracebacks()  # after the import: Prefect installs its log handlers then
-    summary = flow(params)
+    with use_api():
+        summary = flow(params)
     if args.json:
         print(json.dumps(summary), flush=True)
     else:

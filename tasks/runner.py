@@ -8,7 +8,6 @@ artifact at once (the second waits, then finds the first one's artifact in the c
 from __future__ import annotations
 
 import hashlib
-import os
 from contextlib import contextmanager
 from typing import Any, Iterator
 
@@ -20,6 +19,7 @@ from engine import stages
 from engine.config import PipelineConfig
 from engine.errors import PosttrainError
 from engine.storage import ArtifactRef
+from tasks.prefect_api import reporting_api_url
 
 STAGES = ("prepare_model", "prepare_data", "train_sft", "train_reward_model", "train_grpo", "train_dpo", "evaluate")
 
@@ -48,11 +48,9 @@ def prefect_stage_lock(store_root: str, prefix: str, timeout_s: float | None) ->
 
 
 def has_prefect_server() -> bool:
-    """True where runs report to a Prefect server (deployments, `posttrain server up`). Prefect's temporary server
-    (the plain CLI) revokes no expired lease, so a killed run would hold its stage lock for ever: no lock there."""
-    from prefect.settings import get_current_settings
-
-    return bool(get_current_settings().api.url)
+    """True where runs report to a Prefect server (deployments, `posttrain server up`). A temporary server (the plain
+    CLI) revokes no expired lease, so a killed run would hold its stage lock for ever: no lock there."""
+    return reporting_api_url() is not None
 
 
 def open_runtime(cfg: PipelineConfig) -> stages.Runtime:
@@ -97,5 +95,6 @@ def stage_task_options(cfg: PipelineConfig) -> dict[str, Any]:
 
 
 def prefect_api_env() -> dict[str, str]:
-    """The Prefect API a submitted job reports its lock to (none for an ephemeral server)."""
-    return {key: os.environ[key] for key in ("PREFECT_API_URL",) if os.environ.get(key)}
+    """The Prefect API a submitted job reports its lock to (none for a temporary server)."""
+    url = reporting_api_url()
+    return {"PREFECT_API_URL": url} if url else {}
