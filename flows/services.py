@@ -13,11 +13,11 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 from engine.errors import PosttrainError
+from tasks.prefect_api import answers
 
 HOST = "127.0.0.1"
 WORK_POOL = "local"
@@ -82,12 +82,8 @@ def _wait_healthy(url: str, name: str, directory: Path, timeout_s: float = 90.0)
     while time.monotonic() < deadline:
         if _pid(directory, name) is None:
             raise PosttrainError(f"{name} exited while starting; see {directory / (name + '.log')}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
+        if answers(url):
+            return
         time.sleep(0.5)
     raise PosttrainError(f"{name} did not answer {url} within {timeout_s:.0f}s; see {directory / (name + '.log')}")
 

@@ -23,9 +23,12 @@ import tempfile
 import time
 import urllib.request
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from engine.errors import PosttrainError
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
 
 HOST = "127.0.0.1"
 # names the API URL of this run's temporary server: Prefect talks to it, but no stage lock or Ray job relies on it
@@ -42,11 +45,20 @@ def reporting_api_url() -> str | None:
     return url if url and url != os.environ.get(TEMPORARY_API_ENV) else None
 
 
-def create_app():  # noqa: ANN201 (FastAPI, imported late)
+def create_app() -> FastAPI:
     """The uvicorn factory of the temporary server: Prefect's API without its UI and background services."""
     from prefect.server.api.server import create_app as create_prefect_app
 
     return create_prefect_app(ephemeral=True, final=True)
+
+
+def answers(url: str) -> bool:
+    """True when ``url`` (a server's health check) answers 200."""
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
 
 
 def _end_with_parent() -> None:
@@ -102,12 +114,8 @@ class TemporaryPrefectServer:
                 raise PosttrainError(
                     f"Prefect's temporary server exited with code {self.process.returncode}: {self._log_tail()}"
                 )
-            try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as response:
-                    if response.status == 200:
-                        return
-            except OSError:
-                pass
+            if answers(f"{self.url}/health"):
+                return
             time.sleep(0.1)
         raise PosttrainError(f"Prefect's temporary server did not answer {self.url}/health within {timeout_s:.0f}s")
 
