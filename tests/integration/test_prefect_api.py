@@ -42,10 +42,10 @@ PROBE = textwrap.dedent(
 )
 
 
-def _run_probe(tmp_path, **env: str) -> dict:
-    full_env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PYTHONPATH": str(REPO), **env}
+def _run_probe(tmp_path) -> dict:
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PYTHONPATH": str(REPO)}
     out = subprocess.run(
-        [sys.executable, "-c", PROBE], cwd=tmp_path, env=full_env, capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", PROBE], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
     )
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
