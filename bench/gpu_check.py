@@ -56,7 +56,8 @@ def run_mode(mode: str, model_dir: Path, work: Path) -> dict:
     """Train STEPS steps as rank 0 of 1; on CUDA also replay steps after a checkpoint and export."""
     from engine.config import OptimizerConfig, PolicyConfig
     from engine.data.batching import collate, plan_step
-    from engine.policy.fsdp2 import FSDP2PolicyWorker, token_logprobs_from_logits
+    from engine.models.logprobs import token_logprobs_from_logits
+    from engine.policy.fsdp2 import FSDP2PolicyWorker
 
     policy = PolicyConfig(world_size=1, micro_batch_tokens=100_000)
     if mode == "cuda-bf16":

@@ -1,4 +1,5 @@
-"""Training checkpoints in the store, and the explicit resume policy (auto | never | <uri>).
+"""Training checkpoints in the store, the explicit resume policy (auto | never | <uri>), and the final export:
+the loop scaffolding every training stage (SFT, reward model, DPO, GRPO) shares.
 
 A checkpoint is a committed artifact ``<stage prefix>/checkpoints/step_NNNNNN`` holding the trainer's
 shards (DCP), per-rank RNG and scheduler state, and ``trainer_state.json`` written by the controller:
@@ -11,6 +12,7 @@ import json
 import random
 import shutil
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,7 +22,9 @@ from engine.errors import ConfigError
 from engine.storage import ArtifactRef, ArtifactStore
 
 if TYPE_CHECKING:
-    from engine.cluster import WorkerGroup
+    from engine.config import PipelineConfig
+    from engine.policy.group import PolicyGroup
+    from engine.tracking import StageRun
 
 TRAINER_STATE = "trainer_state.json"
 TOKENIZER_FILES = (
@@ -66,13 +70,57 @@ def new_staging_dir(prefix: str) -> Path:
     return Path(tempfile.mkdtemp(prefix=prefix))
 
 
+@dataclass
+class LoopState:
+    """What a stage's loop carries across a checkpoint: the steps done and the metrics logged so far."""
+
+    step: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)  # per-step metrics
+    val_history: list[Any] = field(default_factory=list)  # validation results, in the stage's own form
+
+
+def resume(
+    store: ArtifactStore, policy: "PolicyGroup", stage_prefix: str, resume_policy: str, run: "StageRun"
+) -> LoopState:
+    """The state to continue from: a fresh one, or the chosen checkpoint's, loaded into the trainer (model,
+    optimizer, scheduler, RNG) with the controller's RNG restored, so the resumed curve is the uninterrupted one."""
+    resume_dir = find_resume_checkpoint(store, stage_prefix, resume_policy)
+    if resume_dir is None:
+        return LoopState()
+    policy.load_checkpoint(resume_dir)
+    state = read_trainer_state(resume_dir)
+    restore_rng(state["rng"])
+    run.set_tags({"posttrain.resumed_from_step": str(state["step"])})
+    return LoopState(state["step"], state.get("history", []), state["val_history"])
+
+
+def checkpoint(
+    store: ArtifactStore,
+    policy: "PolicyGroup",
+    stage_prefix: str,
+    cfg: "PipelineConfig",
+    state: LoopState,
+    data_position: int,
+) -> str:
+    """Commit the trainer's shards with the loop's state; returns the checkpoint's URI."""
+    trainer_state = {
+        "step": state.step,
+        "data_position": data_position,
+        "history": state.history,
+        "val_history": state.val_history,
+        "rng": capture_rng(),
+        "config": cfg.model_dump(mode="json"),
+    }
+    return save_checkpoint(store, policy, stage_prefix, trainer_state)
+
+
 def save_checkpoint(
-    store: ArtifactStore, workers: "WorkerGroup", stage_prefix: str, trainer_state: dict[str, Any]
+    store: ArtifactStore, policy: "PolicyGroup", stage_prefix: str, trainer_state: dict[str, Any]
 ) -> str:
     """The workers' shards and the controller's state (which holds ``step``), committed; returns the URI."""
     staging = new_staging_dir("ckpt-")
     try:
-        workers.call("save_checkpoint", str(staging))
+        policy.save_checkpoint(staging)
         (staging / TRAINER_STATE).write_text(json.dumps(trainer_state))
         step = trainer_state["step"]
         key = f"{checkpoint_prefix(stage_prefix)}/step_{step:06d}"
@@ -89,7 +137,7 @@ def copy_tokenizer(source: Path, target: Path) -> None:
 
 def export_model(
     store: ArtifactStore,
-    workers: "WorkerGroup",
+    policy: "PolicyGroup",
     base_model_dir: Path,
     key: str,
     config_yaml: str,
@@ -99,7 +147,7 @@ def export_model(
     """Full Hugging Face weights, the base model's tokenizer and the resolved config, committed to ``key``."""
     export = new_staging_dir("model-")
     try:
-        workers.call("export_hf", str(export))
+        policy.export(export)
         copy_tokenizer(base_model_dir, export)
         (export / "posttrain_config.yaml").write_text(config_yaml)
         for name, text in (extra_files or {}).items():

@@ -53,24 +53,6 @@ def rendezvous_point() -> tuple[str, int]:
         return address, sock.getsockname()[1]
 
 
-def put_weight_buckets(state: dict[str, Any], bucket_bytes: int) -> tuple[list, list, int]:
-    """Full weights as Ray object-store buckets of about ``bucket_bytes`` each, for a refit:
-    (manifest, bucket refs, total bytes)."""
-    from engine.generation.interfaces import manifest_of
-
-    buckets, current, size, total = [], [], 0, 0
-    for name, tensor in state.items():
-        current.append((name, tensor))
-        size += tensor.numel() * tensor.element_size()
-        if size >= bucket_bytes:
-            buckets.append(ray.put(current))
-            total, current, size = total + size, [], 0
-    if current:
-        buckets.append(ray.put(current))
-        total += size
-    return manifest_of(state), buckets, total
-
-
 def shutdown() -> None:
     if ray.is_initialized():
         ray.shutdown()

@@ -75,7 +75,7 @@ def reference_logprobs(
     if store.is_committed(key):
         return store.read_json(key, REFERENCE_FILE)
     outputs = policy.forward(examples)
-    values = [float((lp * torch.tensor(e.loss_mask[1:], dtype=lp.dtype)).sum()) for lp, e in zip(outputs, examples)]
+    values = [float((lp * torch.tensor(e.loss_mask, dtype=lp.dtype)).sum()) for lp, e in zip(outputs, examples)]
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / REFERENCE_FILE).write_text(json.dumps(values))
         store.commit_dir(tmp, key)

@@ -10,7 +10,8 @@ from engine.algorithms.rollouts import greedy_accuracy
 from engine.config import PipelineConfig
 from engine.data.datasets import read_jsonl
 from engine.environments.router import EnvironmentRouter, environment_specs
-from engine.generation.group import GenerationGroup, load_saved_weights
+from engine.generation.group import GenerationGroup
+from engine.weight_sync import load_saved_weights
 
 
 def held_out_accuracies(cfg: PipelineConfig, model_dirs: list[Path], rows: list[dict]) -> list[float]:

@@ -1,19 +1,19 @@
 """Group Relative Policy Optimization: the controller.
 
     for step in steps:
-        prompts   = the step's prompts (a pure function of seed and step: exact resume)
-        episodes  = n rollouts per prompt on the generator (multi-turn with tool environments)
-        rewards   = verifier (1/0) * w_v + sigmoid(reward model) * w_rm
-        A         = leave-one-out group advantages, normalized by the group's std where it has one
-        loss      = clipped_pg_loss over generated tokens, divided by the step's global token count
-        train one optimizer step, then refit the generator with the new weights
+        episodes  = collect(step)       n rollouts per prompt on the generator (multi-turn with tool environments);
+                                        the step's prompts are a pure function of seed and step: exact resume
+        examples  = score(episodes)     rewards = verifier * w_v + sigmoid(reward model) * w_rm; leave-one-out
+                                        group advantages; groups without spread dropped (dynamic sampling)
+        stats     = train(examples)     clipped_pg_loss over generated tokens / the step's global token count
+        refit()                         the generator gets the new weights (also after a step with nothing to train)
         every val_every: greedy pass@1 on held-out prompts; every checkpoint_every: checkpoint
 
 What is kept from the paper and why: one gradient step per batch, so the old policy is the current one
 (ratio = exp(logprob - logprob.detach()), which carries the gradient of the ratio while its value is 1);
 the generator's own logprobs are compared with the trainer's every step (token_mult_prob_error) and can
-correct the difference by importance sampling (loss.importance_sampling). A KL penalty to the SFT model
-is optional (loss.kl_beta; a frozen reference worker group is started only then).
+correct the difference by importance sampling (loss.importance_sampling). A KL penalty to the initial model
+is optional (loss.kl_beta; a frozen reference group is started only then).
 """
 
 from __future__ import annotations
@@ -21,28 +21,30 @@ from __future__ import annotations
 import json
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import ray
 import torch
 from tqdm import tqdm
 
 from engine import checkpointing
 from engine.algorithms.advantages import grpo_advantages
 from engine.algorithms.losses import PolicyLossConfig, clipped_pg_loss
+from engine.algorithms.rewards import RewardModelScorer
 from engine.algorithms.rollouts import Episode, greedy_accuracy, new_episodes, run_rollouts
 from engine.algorithms.supervised import StepSampler
-from engine.config import PipelineConfig
+from engine.config import GRPOConfig, PipelineConfig
 from engine.data.batching import MicroBatch
+from engine.data.chat import TokenizedExample
 from engine.data.datasets import read_jsonl
-from engine.environments.reward_model import RewardModelEnv
 from engine.environments.router import EnvironmentRouter, environment_specs
-from engine.generation.group import GenerationGroup, refit
+from engine.generation.group import GenerationGroup
 from engine.generation.interfaces import SamplingParams
-from engine.policy.group import start_policy_group
+from engine.policy.group import PolicyGroup, start_policy_group
 from engine.storage import ArtifactRef, ArtifactStore
 from engine.tracking import StageRun
+from engine.weight_sync import refit
 
 HISTORY_FILE = "history.jsonl"
 
@@ -79,12 +81,145 @@ class GRPOLoss:
         return loss, sums
 
 
-def episode_rewards(episodes: list[Episode], cfg: PipelineConfig, reward_model: Any) -> torch.Tensor:
-    rewards = torch.tensor([e.reward for e in episodes]) * cfg.grpo.verifier_weight
-    if reward_model is not None:
-        scores = ray.get(reward_model.step.remote([e.messages for e in episodes], [e.metadata for e in episodes]))
-        rewards += torch.tensor(scores.rewards) * cfg.grpo.reward_model_weight
-    return rewards
+@dataclass
+class GRPORoles:
+    """The workers a GRPO run drives, each reached only through its group's methods."""
+
+    policy: PolicyGroup
+    generation: GenerationGroup
+    environments: EnvironmentRouter
+    reference: PolicyGroup | None = None  # frozen: the KL reference
+    reward_model: RewardModelScorer | None = None
+
+    def shutdown(self) -> None:
+        for role in (self.policy, self.reference, self.reward_model, self.generation, self.environments):
+            if role is not None:
+                role.shutdown()
+
+
+@dataclass
+class ScoredStep:
+    rewards: torch.Tensor
+    advantages: torch.Tensor
+    kept: list[int]  # episodes trained on (dynamic sampling drops groups without spread)
+
+
+class GRPOLoop:
+    """One GRPO run's step logic over its roles; ``step`` is what the loop repeats."""
+
+    def __init__(
+        self,
+        cfg: GRPOConfig,
+        seed: int,
+        tokenizer,
+        train_rows: list[dict[str, Any]],
+        val_rows: list[dict[str, Any]],
+        roles: GRPORoles,
+        system_prompt: str | None = None,
+    ):
+        self.cfg, self.seed, self.tokenizer = cfg, seed, tokenizer
+        self.train_rows, self.val_rows = train_rows, val_rows
+        self.roles = roles
+        self.system_prompt = system_prompt
+        self.sampler = StepSampler(len(train_rows), cfg.prompts_per_step, seed)
+        self.loss = GRPOLoss(cfg.loss)
+
+    def collect(self, step: int) -> list[Episode]:
+        """The step's prompts, each answered ``generations_per_prompt`` times (seeded by step: exact resume)."""
+        g = self.cfg
+        rows = [self.train_rows[i] for i in self.sampler.indices(step)]
+        params = SamplingParams(
+            temperature=g.temperature, top_p=g.top_p, max_tokens=g.max_new_tokens, seed=self.seed * 100_003 + step
+        )
+        episodes = new_episodes(self.tokenizer, rows, g.generations_per_prompt, self.system_prompt)
+        return run_rollouts(
+            episodes, self.roles.generation, self.roles.environments, self.tokenizer, params, g.max_rollout_turns
+        )
+
+    def score(self, episodes: list[Episode]) -> ScoredStep:
+        """Rewards, group advantages, and which episodes are kept for training."""
+        g = self.cfg
+        rewards = torch.tensor([e.reward for e in episodes]) * g.verifier_weight
+        if self.roles.reward_model is not None:
+            scores = self.roles.reward_model.rewards([e.messages for e in episodes])
+            rewards += torch.tensor(scores) * g.reward_model_weight
+        groups = torch.tensor([e.group for e in episodes])
+        advantages = grpo_advantages(rewards, groups, leave_one_out=g.leave_one_out, normalize=g.normalize_advantages)
+        kept = list(range(len(episodes)))
+        if g.dynamic_sampling:
+            spread = {int(gid) for gid in groups.unique() if rewards[groups == gid].std() > 0}
+            kept = [i for i in kept if episodes[i].group in spread]
+        return ScoredStep(rewards, advantages, kept)
+
+    def examples(self, episodes: list[Episode], scored: ScoredStep) -> list[TokenizedExample]:
+        """Training examples of the kept episodes, with the reference model's logprobs where a KL term needs them."""
+        examples = [episodes[i].example(advantage=float(scored.advantages[i])) for i in scored.kept]
+        if self.roles.reference is not None and examples:
+            for example, reference in zip(examples, self.roles.reference.forward(examples)):
+                example.token_values["reference_logprobs"] = reference.tolist()  # aligned to the input ids
+        return examples
+
+    def step(self, step: int) -> dict[str, float]:
+        """collect -> score -> train -> refit; returns the step's metrics."""
+        started = time.perf_counter()
+        episodes = self.collect(step)
+        generated = time.perf_counter()
+        scored = self.score(episodes)
+        examples = self.examples(episodes, scored)
+        prepared = time.perf_counter()
+        stats = self.roles.policy.train(examples, self.loss) if examples else {}
+        trained = time.perf_counter()
+        refit_metrics = refit(self.roles.policy, self.roles.generation, version=step + 1)
+        return {
+            **episode_metrics(episodes, scored),
+            **training_metrics(stats),
+            "timing/generation": generated - started,
+            "timing/logprobs": prepared - generated,
+            "timing/training": trained - prepared,
+            "timing/refit": refit_metrics["refit/seconds"],
+            "refit/bytes": refit_metrics["refit/bytes"],
+        }
+
+    def validate(self) -> float:
+        g = self.cfg
+        return greedy_accuracy(
+            self.roles.generation,
+            self.roles.environments,
+            self.tokenizer,
+            self.val_rows,
+            g.max_new_tokens,
+            g.max_rollout_turns,
+            self.system_prompt,
+        )
+
+
+def episode_metrics(episodes: list[Episode], scored: ScoredStep) -> dict[str, float]:
+    count = len(episodes)
+    tool_calls = [e.metadata.get("tool_calls", 0) for e in episodes]
+    tool_errors = [e.metadata.get("tool_errors", 0) for e in episodes]
+    return {
+        "reward/mean": float(scored.rewards.mean()),
+        "reward/std": float(scored.rewards.std()),
+        "accuracy": sum(e.reward > 0.5 for e in episodes) / count,
+        "response_length": sum(len(e.generated_tokens) for e in episodes) / count,
+        "turns": sum(e.turns for e in episodes) / count,
+        "tool_call_rate": sum(calls > 0 for calls in tool_calls) / count,
+        "tool_correct_call_rate": sum(c > 0 and err == 0 for c, err in zip(tool_calls, tool_errors)) / count,
+        "kept_samples": float(len(scored.kept)),
+    }
+
+
+def training_metrics(stats: dict[str, float]) -> dict[str, float]:
+    """Per-token means of the trainer's summed metrics (a step that trained nothing reports neutral values)."""
+    tokens = stats.get("valid_tokens", 0.0) or 1.0
+    return {
+        "loss": stats.get("loss", 0.0),
+        "grad_norm": stats.get("grad_norm", 0.0),
+        "clip_fraction": stats.get("clip_tokens", 0.0) / tokens,
+        "entropy": stats.get("entropy_sum", 0.0) / tokens,
+        "token_mult_prob_error": stats.get("token_mult_prob_error_sum", tokens) / tokens,
+        "kl": stats.get("kl_sum", 0.0) / tokens,
+    }
 
 
 def _edge_mean(values: list[float], last: bool) -> float:
@@ -108,6 +243,55 @@ def summarize(history: list[dict[str, float]], val_history: list[list[float]]) -
     }
 
 
+def train_loop(
+    loop: GRPOLoop, store: ArtifactStore, run: StageRun, cfg: PipelineConfig, stage_prefix: str
+) -> checkpointing.LoopState:
+    """The steps from the resume point to ``max_steps``, with validation, metrics and checkpoints."""
+    g = cfg.grpo
+    policy = loop.roles.policy
+    state = checkpointing.resume(store, policy, stage_prefix, cfg.resume, run)
+    if state.step:
+        refit(policy, loop.roles.generation, version=state.step)
+    if not state.val_history:
+        state.val_history.append([0, loop.validate()])
+        run.log_metrics({"val/accuracy": state.val_history[-1][1]}, step=0)
+    progress = tqdm(range(state.step, g.max_steps), initial=state.step, total=g.max_steps, desc="grpo", unit="step")
+    for step in progress:
+        started = time.perf_counter()
+        metrics = loop.step(step)
+        state.step = step + 1
+        if state.step % g.val_every == 0 or state.step == g.max_steps:
+            state.val_history.append([state.step, loop.validate()])
+            metrics["val/accuracy"] = state.val_history[-1][1]
+        metrics["timing/step"] = time.perf_counter() - started
+        state.history.append(metrics)
+        run.log_metrics(metrics, step=state.step)
+        progress.set_postfix(reward=f"{metrics['reward/mean']:.3f}", acc=f"{state.val_history[-1][1]:.2f}")
+        if state.step % g.checkpoint_every == 0 and state.step < g.max_steps:
+            checkpointing.checkpoint(store, policy, stage_prefix, cfg, state, state.step * g.prompts_per_step)
+    run.flush()
+    return state
+
+
+def start_roles(cfg: PipelineConfig, init_model_dir: Path, pad_id: int, reward_model_dir: Path | None) -> GRPORoles:
+    g = cfg.grpo
+    if g.reward_model_weight > 0 and reward_model_dir is None:
+        raise ValueError("grpo.reward_model_weight > 0 needs a trained reward model")
+    started: list[Any] = []
+    try:
+        started.append(start_policy_group(cfg, init_model_dir, g.optimizer, g.max_steps, pad_id))
+        started.append(start_policy_group(cfg, init_model_dir, None, g.max_steps, pad_id) if g.loss.kl_beta else None)
+        started.append(GenerationGroup(cfg.generation, str(init_model_dir), seed=cfg.seed))
+        started.append(EnvironmentRouter(environment_specs(g.environment, g.max_rollout_turns)))
+        started.append(RewardModelScorer.start(cfg, reward_model_dir) if g.reward_model_weight > 0 else None)
+    except BaseException:
+        for role in filter(None, started):
+            role.shutdown()
+        raise
+    policy, reference, generation, environments, reward_model = started
+    return GRPORoles(policy, generation, environments, reference, reward_model)
+
+
 def run_grpo(
     cfg: PipelineConfig,
     store: ArtifactStore,
@@ -123,133 +307,18 @@ def run_grpo(
     tokenizer = AutoTokenizer.from_pretrained(init_model_dir)
     train_rows = read_jsonl(dataset_dir / "train.jsonl")
     val_rows = read_jsonl(dataset_dir / "val.jsonl")[: g.val_size]
-    sampler = StepSampler(len(train_rows), g.prompts_per_step, cfg.seed)
-    system_prompt = cfg.data.system_prompt
-
-    policy = start_policy_group(cfg, init_model_dir, g.optimizer, g.max_steps, tokenizer.pad_token_id)
-    reference = (
-        start_policy_group(cfg, init_model_dir, g.optimizer, g.max_steps, tokenizer.pad_token_id)
-        if g.loss.kl_beta > 0
-        else None
-    )
-    generation = GenerationGroup(cfg.generation, str(init_model_dir), seed=cfg.seed)
-    router = EnvironmentRouter(environment_specs(g.environment, g.max_rollout_turns))
-    reward_model = None
-    if g.reward_model_weight > 0:
-        if reward_model_dir is None:
-            raise ValueError("grpo.reward_model_weight > 0 needs a trained reward model")
-        reward_model = ray.remote(RewardModelEnv).options(num_cpus=0).remote(str(reward_model_dir))
-
-    def validate() -> float:
-        return greedy_accuracy(
-            generation, router, tokenizer, val_rows, g.max_new_tokens, g.max_rollout_turns, system_prompt
-        )
-
+    roles = start_roles(cfg, init_model_dir, tokenizer.pad_token_id, reward_model_dir)
     try:
-        start, history, val_history = 0, [], []
-        resume_dir = checkpointing.find_resume_checkpoint(store, stage_prefix, cfg.resume)
-        if resume_dir is not None:
-            policy.group.call("load_checkpoint", str(resume_dir))
-            state = checkpointing.read_trainer_state(resume_dir)
-            start, history, val_history = state["step"], state["history"], state["val_history"]
-            checkpointing.restore_rng(state["rng"])
-            refit(policy.group, generation, version=start)
-            run.set_tags({"posttrain.resumed_from_step": str(start)})
-        if not val_history:
-            val_history.append([0, validate()])
-            run.log_metrics({"val/accuracy": val_history[-1][1]}, step=0)
-
-        progress = tqdm(range(start, g.max_steps), initial=start, total=g.max_steps, desc="grpo", unit="step")
-        for step in progress:
-            started = time.perf_counter()
-            rows = [train_rows[i] for i in sampler.indices(step)]
-            params = SamplingParams(
-                temperature=g.temperature, top_p=g.top_p, max_tokens=g.max_new_tokens, seed=cfg.seed * 100_003 + step
-            )
-            episodes = new_episodes(tokenizer, rows, g.generations_per_prompt, system_prompt)
-            run_rollouts(episodes, generation, router, tokenizer, params, g.max_rollout_turns)
-            generated = time.perf_counter()
-
-            rewards = episode_rewards(episodes, cfg, reward_model)
-            groups = torch.tensor([e.group for e in episodes])
-            advantages = grpo_advantages(
-                rewards, groups, leave_one_out=g.leave_one_out, normalize=g.normalize_advantages
-            )
-            keep = list(range(len(episodes)))
-            if g.dynamic_sampling:
-                spread = {int(gid) for gid in groups.unique() if rewards[groups == gid].std() > 0}
-                keep = [i for i in keep if episodes[i].group in spread]
-            examples = [episodes[i].example(advantage=float(advantages[i])) for i in keep]
-
-            if reference is not None and examples:
-                for example, ref in zip(examples, reference.forward(examples)):
-                    example.token_values["reference_logprobs"] = [0.0] + ref.tolist()
-            scored = time.perf_counter()
-            stats = policy.train(examples, GRPOLoss(g.loss)) if examples else {}
-            trained = time.perf_counter()
-            refit_metrics = refit(policy.group, generation, version=step + 1)
-            done = step + 1
-
-            tokens = stats.get("valid_tokens", 0.0) or 1.0
-            metrics = {
-                "reward/mean": float(rewards.mean()),
-                "reward/std": float(rewards.std()),
-                "accuracy": sum(e.reward > 0.5 for e in episodes) / len(episodes),
-                "response_length": sum(len(e.generated_tokens) for e in episodes) / len(episodes),
-                "turns": sum(e.turns for e in episodes) / len(episodes),
-                "tool_call_rate": sum(e.metadata.get("tool_calls", 0) > 0 for e in episodes) / len(episodes),
-                "tool_correct_call_rate": sum(
-                    e.metadata.get("tool_calls", 0) > 0 and e.metadata.get("tool_errors", 0) == 0 for e in episodes
-                )
-                / len(episodes),
-                "kept_samples": float(len(examples)),
-                "loss": stats.get("loss", 0.0),
-                "grad_norm": stats.get("grad_norm", 0.0),
-                "clip_fraction": stats.get("clip_tokens", 0.0) / tokens,
-                "entropy": stats.get("entropy_sum", 0.0) / tokens,
-                "token_mult_prob_error": stats.get("token_mult_prob_error_sum", tokens) / tokens,
-                "kl": stats.get("kl_sum", 0.0) / tokens,
-                "timing/generation": generated - started,
-                "timing/logprobs": scored - generated,
-                "timing/training": trained - scored,
-                "timing/refit": refit_metrics["refit/seconds"],
-                "refit/bytes": refit_metrics["refit/bytes"],
-            }
-            if done % g.val_every == 0 or done == g.max_steps:
-                val_history.append([done, validate()])
-                metrics["val/accuracy"] = val_history[-1][1]
-            metrics["timing/step"] = time.perf_counter() - started
-            history.append(metrics)
-            run.log_metrics(metrics, step=done)
-            progress.set_postfix(reward=f"{metrics['reward/mean']:.3f}", acc=f"{val_history[-1][1]:.2f}")
-
-            if done % g.checkpoint_every == 0 and done < g.max_steps:
-                state = {
-                    "step": done,
-                    "data_position": done * g.prompts_per_step,
-                    "history": history,
-                    "val_history": val_history,
-                    "rng": checkpointing.capture_rng(),
-                    "config": cfg.model_dump(mode="json"),
-                }
-                checkpointing.save_checkpoint(store, policy.group, stage_prefix, state)
-        run.flush()
-
-        history_text = "".join(json.dumps(h) + "\n" for h in history)
+        loop = GRPOLoop(g, cfg.seed, tokenizer, train_rows, val_rows, roles, cfg.data.system_prompt)
+        state = train_loop(loop, store, run, cfg, stage_prefix)
         return checkpointing.export_model(
             store,
-            policy.group,
+            roles.policy,
             init_model_dir,
             f"{stage_prefix}/model",
             cfg.to_yaml(),
-            summarize(history, val_history),
-            extra_files={HISTORY_FILE: history_text},
+            summarize(state.history, state.val_history),
+            extra_files={HISTORY_FILE: "".join(json.dumps(h) + "\n" for h in state.history)},
         )
     finally:
-        policy.shutdown()
-        if reference is not None:
-            reference.shutdown()
-        generation.shutdown()
-        router.shutdown()
-        if reward_model is not None:
-            ray.kill(reward_model)
+        roles.shutdown()

@@ -83,54 +83,52 @@ def run_loop(
     policy: PolicyGroup | None = None,
 ) -> ArtifactRef:
     """Train, checkpoint and export; returns the committed model's ref with the stage's metrics."""
-    sampler = StepSampler(len(spec.train) // spec.group_size, spec.batch_size, cfg.seed)
     if policy is None:
         policy = start_policy_group(cfg, model_dir, spec.optimizer, spec.max_steps, pad_id, spec.model_kind)
     try:
-        start, val_history = 0, []
-        resume_dir = checkpointing.find_resume_checkpoint(store, stage_prefix, cfg.resume)
-        if resume_dir is not None:
-            policy.group.call("load_checkpoint", str(resume_dir))
-            state = checkpointing.read_trainer_state(resume_dir)
-            start, val_history = state["step"], state["val_history"]
-            checkpointing.restore_rng(state["rng"])
-            run.set_tags({"posttrain.resumed_from_step": str(start)})
-
-        def validate(step: int) -> dict[str, float]:
-            metrics = spec.validation(policy.evaluate(spec.val, spec.loss_fn, spec.group_size))
-            val_history.append({"step": step, **metrics})
-            return metrics
-
-        if not val_history and spec.val:
-            run.log_metrics(validate(0), step=0)
-        last_loss = float("nan")
-        progress = tqdm(range(start, spec.max_steps), initial=start, total=spec.max_steps, desc=spec.name, unit="step")
-        for step in progress:
-            started = time.perf_counter()
-            batch = _unit_examples(spec.train, sampler.indices(step), spec.group_size)
-            stats = policy.train(batch, spec.loss_fn, spec.group_size)
-            last_loss, done = stats["loss"], step + 1
-            metrics = {f"train/{k}": stats[k] for k in ("loss", "grad_norm", "lr", "normalizer_tokens")}
-            metrics["train/tokens"] = float(sum(len(example) for example in batch))  # non-padding input tokens
-            metrics["timing/step"] = time.perf_counter() - started
-            if spec.val and (done % spec.val_every == 0 or done == spec.max_steps):
-                metrics.update(validate(done))
-            run.log_metrics(metrics, step=done)
-            progress.set_postfix(loss=f"{last_loss:.4f}")
-            if done % spec.checkpoint_every == 0 and done < spec.max_steps:
-                state = {
-                    "step": done,
-                    "data_position": done * spec.batch_size,
-                    "val_history": val_history,
-                    "rng": checkpointing.capture_rng(),
-                    "config": cfg.model_dump(mode="json"),
-                }
-                checkpointing.save_checkpoint(store, policy.group, stage_prefix, state)
-        run.flush()
-
-        metrics = {**spec.summary(val_history, last_loss), "steps": float(spec.max_steps)}
-        return checkpointing.export_model(
-            store, policy.group, model_dir, f"{stage_prefix}/model", cfg.to_yaml(), metrics
-        )
+        return _train(cfg, store, run, model_dir, spec, stage_prefix, policy)
     finally:
         policy.shutdown()
+
+
+def _train(
+    cfg: PipelineConfig,
+    store: ArtifactStore,
+    run: StageRun,
+    model_dir: Path,
+    spec: LoopSpec,
+    stage_prefix: str,
+    policy: PolicyGroup,
+) -> ArtifactRef:
+    sampler = StepSampler(len(spec.train) // spec.group_size, spec.batch_size, cfg.seed)
+    state = checkpointing.resume(store, policy, stage_prefix, cfg.resume, run)
+
+    def validate(step: int) -> dict[str, float]:
+        metrics = spec.validation(policy.evaluate(spec.val, spec.loss_fn, spec.group_size))
+        state.val_history.append({"step": step, **metrics})
+        return metrics
+
+    if not state.val_history and spec.val:
+        run.log_metrics(validate(0), step=0)
+    last_loss = float("nan")
+    progress = tqdm(
+        range(state.step, spec.max_steps), initial=state.step, total=spec.max_steps, desc=spec.name, unit="step"
+    )
+    for step in progress:
+        started = time.perf_counter()
+        batch = _unit_examples(spec.train, sampler.indices(step), spec.group_size)
+        stats = policy.train(batch, spec.loss_fn, spec.group_size)
+        last_loss, state.step = stats["loss"], step + 1
+        metrics = {f"train/{k}": stats[k] for k in ("loss", "grad_norm", "lr", "normalizer_tokens")}
+        metrics["train/tokens"] = float(sum(len(example) for example in batch))  # non-padding input tokens
+        metrics["timing/step"] = time.perf_counter() - started
+        if spec.val and (state.step % spec.val_every == 0 or state.step == spec.max_steps):
+            metrics.update(validate(state.step))
+        run.log_metrics(metrics, step=state.step)
+        progress.set_postfix(loss=f"{last_loss:.4f}")
+        if state.step % spec.checkpoint_every == 0 and state.step < spec.max_steps:
+            checkpointing.checkpoint(store, policy, stage_prefix, cfg, state, state.step * spec.batch_size)
+    run.flush()
+
+    metrics = {**spec.summary(state.val_history, last_loss), "steps": float(spec.max_steps)}
+    return checkpointing.export_model(store, policy, model_dir, f"{stage_prefix}/model", cfg.to_yaml(), metrics)

@@ -1,15 +1,11 @@
-"""Data-parallel generation workers on Ray, and the refit that pushes trainer weights into them.
+"""Data-parallel generation workers on Ray.
 
-Prompts are split into contiguous shards, one per worker, and the results put back in order. A refit
-takes the trainer's full state dict from its rank 0 as buckets in the Ray object store (never through
-the driver), announces their manifest, and every generation worker checks that manifest against its own
-parameters before it loads anything.
+Prompts are split into contiguous shards, one per worker, and the results put back in order. Weights arrive
+through ``update_weights`` (the refit of ``engine.weight_sync``).
 """
 
 from __future__ import annotations
 
-import time
-from pathlib import Path
 from typing import Any
 
 import ray
@@ -70,22 +66,3 @@ class GenerationGroup:
             ray.kill(worker)
         self.workers = []
         self.virtual.release()
-
-
-def refit(policy_group: cluster.WorkerGroup, generation: GenerationGroup, version: int) -> dict[str, float]:
-    """Push the trainer's current weights into every generation worker; returns refit/* metrics."""
-    started = time.perf_counter()
-    results = policy_group.call("weight_buckets", generation.cfg.refit_bucket_bytes)
-    manifest, buckets, total_bytes = next(r for r in results if r is not None)
-    generation.update_weights(manifest, buckets, version)
-    return {"refit/seconds": time.perf_counter() - started, "refit/bytes": float(total_bytes)}
-
-
-def load_saved_weights(generation: GenerationGroup, model_dir: Path, version: int) -> None:
-    """Swap a saved Hugging Face model's weights into the running engines, as a refit does: one engine serves
-    several checkpoints of one architecture without a restart (the update checks every name and shape)."""
-    from engine.models.loading import load_hf_folder
-
-    _, state = load_hf_folder(model_dir)
-    manifest, buckets, _ = cluster.put_weight_buckets(state, generation.cfg.refit_bucket_bytes)
-    generation.update_weights(manifest, buckets, version)

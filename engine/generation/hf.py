@@ -11,15 +11,9 @@ from typing import Any
 
 import torch
 
-from engine.generation.interfaces import (
-    Completion,
-    SamplingParams,
-    WeightManifest,
-    check_manifest,
-    gather_checked,
-    manifest_of,
-)
+from engine.generation.interfaces import Completion, SamplingParams
 from engine.generation.sampling import sample_seed
+from engine.weight_sync import WeightManifest, check_manifest, gather_checked, manifest_of
 
 
 class HFGenerationWorker:

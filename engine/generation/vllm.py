@@ -15,15 +15,9 @@ import struct
 from pathlib import Path
 from typing import Any
 
-from engine.generation.interfaces import (
-    Completion,
-    SamplingParams,
-    TensorSpec,
-    WeightManifest,
-    check_manifest,
-    gather_checked,
-)
+from engine.generation.interfaces import Completion, SamplingParams
 from engine.generation.sampling import sample_seed
+from engine.weight_sync import TensorSpec, WeightManifest, check_manifest, gather_checked
 
 _SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
 

@@ -24,15 +24,11 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from engine.config import OptimizerConfig, PolicyConfig
 from engine.data.batching import MicroBatch
+from engine.models.logprobs import token_logprobs_from_logits
 from engine.policy import process_group
 from engine.policy.interfaces import LossFn
 from engine.policy.optim import build_optimizer
-
-
-def token_logprobs_from_logits(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-    """log p(token t+1 | tokens <= t) in fp32 (bf16 log_softmax is 5-10x less accurate)."""
-    logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    return logprobs.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+from engine.weight_sync import WeightBuckets, put_weight_buckets
 
 
 class FSDP2PolicyWorker:
@@ -42,7 +38,7 @@ class FSDP2PolicyWorker:
         world_size: int,
         model_path: str,
         policy: dict[str, Any],
-        optimizer: dict[str, Any],
+        optimizer: dict[str, Any] | None,
         total_steps: int,
         seed: int,
         model_kind: str = "causal_lm",
@@ -51,7 +47,8 @@ class FSDP2PolicyWorker:
         self.model_kind = model_kind  # "causal_lm": per-token logprobs; "reward": one scalar per sequence
         self.model_path = model_path
         self.policy = PolicyConfig.model_validate(policy)
-        self.optimizer_cfg = OptimizerConfig.model_validate(optimizer)
+        # None: a frozen role (reference, teacher, scorer) that only runs forward passes
+        self.optimizer_cfg = OptimizerConfig.model_validate(optimizer) if optimizer is not None else None
         self.total_steps = total_steps
         self.seed = seed
         torch.set_num_threads(self.policy.threads_per_worker)
@@ -67,7 +64,11 @@ class FSDP2PolicyWorker:
         self.device = process_group.join(self.rank, self.world_size, address, port)
         torch.manual_seed(self.seed)
         self.model = self._build_model()
-        self.optimizer, self.scheduler = build_optimizer(self.model.parameters(), self.optimizer_cfg, self.total_steps)
+        self.optimizer = self.scheduler = None
+        if self.optimizer_cfg is not None:
+            self.optimizer, self.scheduler = build_optimizer(
+                self.model.parameters(), self.optimizer_cfg, self.total_steps
+            )
 
     def _build_model(self) -> torch.nn.Module:
         from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -122,6 +123,8 @@ class FSDP2PolicyWorker:
     ) -> dict[str, float]:
         """One optimizer step over this rank's micro-batches. Returns this rank's share of the loss
         (the controller sums shares over ranks), the global grad norm and the learning rate used."""
+        if self.optimizer is None:
+            raise RuntimeError("this worker holds a frozen model (started without an optimizer): it cannot train")
         self.optimizer.zero_grad(set_to_none=True)
         loss_share = 0.0
         metric_sums: dict[str, float] = {}
@@ -172,6 +175,8 @@ class FSDP2PolicyWorker:
 
     def save_checkpoint(self, directory: str) -> None:
         """Model and optimizer shards through DCP, plus this rank's scheduler and RNG state."""
+        if self.optimizer is None:
+            raise RuntimeError("a frozen model has no training state to checkpoint")
         model_state, optim_state = get_state_dict(self.model, self.optimizer)
         dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(Path(directory) / "dcp"))
         extra = {"scheduler": self.scheduler.state_dict(), "rng": torch.get_rng_state()}
@@ -181,6 +186,8 @@ class FSDP2PolicyWorker:
         dist.barrier()
 
     def load_checkpoint(self, directory: str) -> None:
+        if self.optimizer is None:
+            raise RuntimeError("a frozen model has no training state to restore")
         model_state, optim_state = get_state_dict(self.model, self.optimizer)
         state = {"model": model_state, "optim": optim_state}
         dcp.load(state, checkpoint_id=str(Path(directory) / "dcp"))
@@ -196,13 +203,11 @@ class FSDP2PolicyWorker:
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         return get_model_state_dict(self.model, options=options)
 
-    def weight_buckets(self, bucket_bytes: int) -> tuple[list, list, int] | None:
+    def weight_buckets(self, bucket_bytes: int) -> WeightBuckets | None:
         """Full weights as Ray object-store buckets, for a refit. Every rank takes part in the gather;
         rank 0 returns (manifest, bucket refs, total bytes)."""
-        from engine import cluster
-
         state = self.full_state_dict()
-        return cluster.put_weight_buckets(state, bucket_bytes) if self.rank == 0 else None
+        return put_weight_buckets(state, bucket_bytes) if self.rank == 0 else None
 
     def export_hf(self, directory: str) -> None:
         """Full Hugging Face weights (config, safetensors) written by rank 0."""

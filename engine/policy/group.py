@@ -1,10 +1,15 @@
-"""The controller's handle on a trainer worker group: plan a step, run it on every rank, sum the shares."""
+"""The controller's one handle on a trainer worker group: every trainer role (policy, reward model, DPO
+model) and every frozen role (reference, teacher, scorer) is reached through a ``PolicyGroup``.
+
+A step is planned here (dynamic batching, global normalizers), run on every rank, and the ranks' shares summed;
+checkpoints, exports and refit weights go through the same methods, so no controller names a worker method.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -12,6 +17,7 @@ from engine import cluster
 from engine.config import OptimizerConfig, PipelineConfig
 from engine.data.batching import MicroBatch, plan_step
 from engine.data.chat import TokenizedExample
+from engine.weight_sync import WeightBuckets
 
 PER_RANK_VALUES = ("grad_norm", "lr")  # the same on every rank: taken from the first reporter, not summed
 
@@ -22,14 +28,16 @@ class PolicyGroup:
     one target) and ``units`` (e.g. preference pairs).
 
     A step is planned per data-parallel replica; every rank of a replica (Megatron's tensor ranks and
-    pipeline stages) gets the replica's micro-batches, and only its reporting rank's results are counted."""
+    pipeline stages) gets the replica's micro-batches, and only its reporting rank's results are counted.
+    A group started without an optimizer (``trainable=False``) holds a frozen model: forward passes only."""
 
-    group: cluster.WorkerGroup
+    workers: cluster.WorkerGroup
     virtual: cluster.VirtualCluster
     replica_of_rank: list[int]
     reporting_ranks: list[int]
     token_budget: int
     pad_id: int
+    trainable: bool = True
 
     def _plans(self, examples: list[TokenizedExample], group_size: int) -> tuple[list[list[MicroBatch]], dict]:
         replicas = len(self.reporting_ranks)
@@ -40,7 +48,7 @@ class PolicyGroup:
 
     def _run(self, method: str, examples, loss_fn: Callable, group_size: int) -> dict[str, float]:
         plans, normalizers = self._plans(examples, group_size)
-        all_results = self.group.call_per_rank(method, [(plan, loss_fn, normalizers) for plan in plans])
+        all_results = self.workers.call_per_rank(method, [(plan, loss_fn, normalizers) for plan in plans])
         results = [all_results[rank] for rank in self.reporting_ranks]
         summed = {key: sum(r[key] for r in results) for key in results[0] if key not in PER_RANK_VALUES}
         summed["loss"] = summed.pop("loss_share")
@@ -49,38 +57,62 @@ class PolicyGroup:
 
     def train(self, examples: list[TokenizedExample], loss_fn: Callable, group_size: int = 1) -> dict[str, float]:
         """One optimizer step; returns the loss, summed metrics, grad norm and learning rate."""
+        if not self.trainable:
+            raise RuntimeError("a frozen model group (started without an optimizer) cannot train")
         return self._run("train_step", examples, loss_fn, group_size)
 
     def evaluate(self, examples: list[TokenizedExample], loss_fn: Callable, group_size: int = 1) -> dict[str, float]:
         return self._run("evaluate", examples, loss_fn, group_size)
 
     def forward(self, examples: list[TokenizedExample]) -> list[torch.Tensor]:
-        """Per-example outputs in the order given: token logprobs [len-1] (causal LM) or a score (reward)."""
+        """Per-example outputs in the order given. A causal LM gives token logprobs aligned to the input ids:
+        ``out[t]`` is log p(input_ids[t] | input_ids[:t]), [len], with ``out[0] = 0`` (nothing predicts the first
+        token); a reward model gives one score per example."""
         plans, _ = self._plans(examples, 1)
-        outputs = self.group.call_per_rank("forward_only", [(plan,) for plan in plans])
+        outputs = self.workers.call_per_rank("forward_only", [(plan,) for plan in plans])
         ordered: list[torch.Tensor | None] = [None] * len(examples)
         for rank in self.reporting_ranks:
-            plan, rank_outputs = plans[rank], outputs[rank]
-            for batch, output in zip(plan, rank_outputs):
+            for batch, output in zip(plans[rank], outputs[rank]):
                 for row, index in enumerate(batch["index"].tolist()):
                     if index >= 0:
                         value = output[row]
-                        ordered[index] = value if value.dim() == 0 else value[: len(examples[index]) - 1]
+                        if value.dim():  # the worker's [L-1] next-token logprobs, shifted onto the input ids
+                            value = torch.cat([value.new_zeros(1), value[: len(examples[index]) - 1]])
+                        ordered[index] = value
         return ordered  # type: ignore[return-value]
 
+    def save_checkpoint(self, directory: str | Path) -> None:
+        """Every rank writes its model and optimizer shards, RNG and scheduler state under ``directory``."""
+        self.workers.call("save_checkpoint", str(directory))
+
+    def load_checkpoint(self, directory: str | Path) -> None:
+        self.workers.call("load_checkpoint", str(directory))
+
+    def export(self, directory: str | Path) -> None:
+        """Full Hugging Face weights and config (no tokenizer) written into ``directory``."""
+        self.workers.call("export_hf", str(directory))
+
+    def weight_buckets(self, bucket_bytes: int) -> WeightBuckets:
+        """The current full weights as object-store buckets, for a refit (gathered by every rank)."""
+        return next(result for result in self.workers.call("weight_buckets", bucket_bytes) if result is not None)
+
+    def info(self) -> list[dict[str, Any]]:
+        return self.workers.call("info")
+
     def shutdown(self) -> None:
-        self.group.shutdown()
+        self.workers.shutdown()
         self.virtual.release()
 
 
 def start_policy_group(
     cfg: PipelineConfig,
     model_dir: Path,
-    optimizer: OptimizerConfig,
+    optimizer: OptimizerConfig | None,
     total_steps: int,
     pad_id: int,
     model_kind: str = "causal_lm",
 ) -> PolicyGroup:
+    """Trainer workers on ``model_dir``; ``optimizer=None`` starts a frozen group (forward passes only)."""
     if cfg.policy.backend == "megatron":  # one config error here rather than one per rank from the actors
         from transformers import AutoConfig
 
@@ -93,25 +125,33 @@ def start_policy_group(
     world_size = cfg.policy.world_size
     gpus = 1.0 if torch.cuda.is_available() else 0.0
     virtual = cluster.VirtualCluster(world_size, cpus_per_bundle=1.0, gpus_per_bundle=gpus)
-    group = cluster.WorkerGroup(
+    workers = cluster.WorkerGroup(
         _worker_class(cfg.policy.backend),
         virtual,
         world_size,
         init_kwargs={
             "model_path": str(model_dir),
             "policy": cfg.policy.model_dump(mode="json"),
-            "optimizer": optimizer.model_dump(mode="json"),
+            "optimizer": optimizer.model_dump(mode="json") if optimizer is not None else None,
             "total_steps": total_steps,
             "seed": cfg.seed,
             "model_kind": model_kind,
         },
     )
-    layouts = group.call("parallel_layout")
+    layouts = workers.call("parallel_layout")
     replica_of_rank = [layout["dp_rank"] for layout in layouts]
     reporting_ranks = sorted(
         (rank for rank, layout in enumerate(layouts) if layout["reports"]), key=lambda rank: replica_of_rank[rank]
     )
-    return PolicyGroup(group, virtual, replica_of_rank, reporting_ranks, cfg.policy.micro_batch_tokens, pad_id)
+    return PolicyGroup(
+        workers,
+        virtual,
+        replica_of_rank,
+        reporting_ranks,
+        cfg.policy.micro_batch_tokens,
+        pad_id,
+        trainable=optimizer is not None,
+    )
 
 
 def _worker_class(backend: str) -> type:

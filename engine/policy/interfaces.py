@@ -1,4 +1,7 @@
-"""What a controller may ask of a policy (trainer) worker, whatever its backend."""
+"""What a trainer worker offers its group (``engine.policy.group.PolicyGroup``), whatever its backend.
+
+Controllers never call these by name: they go through the group, which plans batches, sums the ranks' shares
+and picks the rank that answers (rank 0 for weights, the replicas' reporters for outputs)."""
 
 from __future__ import annotations
 
@@ -7,6 +10,7 @@ from typing import Any, Callable, Protocol
 import torch
 
 from engine.data.batching import MicroBatch
+from engine.weight_sync import WeightBuckets
 
 # loss_fn(outputs, micro_batch, global normalizers) -> (loss, metric sums); outputs are token logprobs
 # [B, L-1] of a causal LM or scores [B] of a reward model
@@ -35,5 +39,7 @@ class PolicyWorker(Protocol):
     def load_checkpoint(self, directory: str) -> None: ...
 
     def export_hf(self, directory: str) -> None: ...
+
+    def weight_buckets(self, bucket_bytes: int) -> WeightBuckets | None: ...
 
     def info(self) -> dict[str, Any]: ...

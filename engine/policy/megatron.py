@@ -30,6 +30,7 @@ from engine.models.megatron_convert import GPTShape
 from engine.policy import process_group
 from engine.policy.interfaces import LossFn
 from engine.policy.optim import lr_multiplier
+from engine.weight_sync import WeightBuckets, put_weight_buckets
 
 LAYOUT_FILE = "megatron_layout.json"
 # optimizer state gathered per parameter on save, so a checkpoint reloads at another TP, PP or DP size
@@ -127,7 +128,7 @@ class MegatronPolicyWorker:
         world_size: int,
         model_path: str,
         policy: dict[str, Any],
-        optimizer: dict[str, Any],
+        optimizer: dict[str, Any] | None,
         total_steps: int,
         seed: int,
         model_kind: str = "causal_lm",
@@ -137,7 +138,8 @@ class MegatronPolicyWorker:
         self.rank, self.world_size = rank, world_size
         self.model_path = model_path
         self.policy = PolicyConfig.model_validate(policy)
-        self.optimizer_cfg = OptimizerConfig.model_validate(optimizer)
+        # None: a frozen role (reference, teacher) that only runs forward passes
+        self.optimizer_cfg = OptimizerConfig.model_validate(optimizer) if optimizer is not None else None
         self.total_steps = total_steps
         self.seed = seed
         self.step = 0
@@ -209,7 +211,10 @@ class MegatronPolicyWorker:
             ),
             module,
         )
+        model.train()
         cfg = self.optimizer_cfg
+        if cfg is None:
+            return model, None
         optimizer = get_megatron_optimizer(
             MegatronOptimizerConfig(
                 optimizer="adam",
@@ -225,7 +230,6 @@ class MegatronPolicyWorker:
             ),
             [model],
         )
-        model.train()
         return model, optimizer
 
     def parallel_layout(self) -> dict[str, int | bool]:
@@ -283,6 +287,8 @@ class MegatronPolicyWorker:
         """One optimizer step over this replica's micro-batches; see ``FSDP2PolicyWorker.train_step``."""
         from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 
+        if self.optimizer is None:
+            raise RuntimeError("this worker holds a frozen model (started without an optimizer): it cannot train")
         lr = self.optimizer_cfg.lr * lr_multiplier(self.step, self.optimizer_cfg, self.total_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -342,6 +348,8 @@ class MegatronPolicyWorker:
         plus the step and this rank's RNG states."""
         from megatron.core import dist_checkpointing, tensor_parallel
 
+        if self.optimizer is None:
+            raise RuntimeError("a frozen model has no training state to checkpoint")
         target = Path(directory) / "dist"
         if self.rank == 0:
             target.mkdir(parents=True, exist_ok=True)
@@ -361,6 +369,8 @@ class MegatronPolicyWorker:
         """Model, optimizer and step; RNG states too where the checkpoint was written with the same layout."""
         from megatron.core import dist_checkpointing, tensor_parallel
 
+        if self.optimizer is None:
+            raise RuntimeError("a frozen model has no training state to restore")
         saved = json.loads((Path(directory) / LAYOUT_FILE).read_text())
         self._materialize_optimizer_state()
         model_state = self._gpt_model().sharded_state_dict(metadata=CHECKPOINT_METADATA)
@@ -423,12 +433,10 @@ class MegatronPolicyWorker:
             state.update(megatron_convert.megatron_to_hf(shards, self.shape, layers, stage == 0, last))
         return state
 
-    def weight_buckets(self, bucket_bytes: int) -> tuple[list, list, int] | None:
+    def weight_buckets(self, bucket_bytes: int) -> WeightBuckets | None:
         """Full Hugging Face weights as Ray object-store buckets on rank 0, for a refit."""
-        from engine import cluster
-
         state = self.full_state_dict()
-        return cluster.put_weight_buckets(state, bucket_bytes) if state is not None else None
+        return put_weight_buckets(state, bucket_bytes) if state is not None else None
 
     def export_hf(self, directory: str) -> None:
         """Full Hugging Face weights (config, safetensors) written by rank 0."""

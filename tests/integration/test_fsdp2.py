@@ -63,7 +63,7 @@ def test_two_ranks_match_one_rank(ray_local, tiny_model_dir, examples, reference
     data, pad = examples
     policy = make_policy(tiny_model_dir, pad, world_size=2, token_budget=100_000)
     try:
-        info = policy.group.call("info")
+        info = policy.info()
         assert [i["rank"] for i in info] == [0, 1] and info[0]["backend"] == "gloo"
         assert_same_curve(train_curve(policy, data), reference_curve)
     finally:
@@ -84,12 +84,12 @@ def test_checkpoint_round_trip_continues_the_same_curve(ray_local, tiny_model_di
     policy = make_policy(tiny_model_dir, pad, world_size=2, token_budget=100_000)
     try:
         first = train_curve(policy, data, steps=1)
-        policy.group.call("save_checkpoint", str(tmp_path / "ckpt"))
+        policy.save_checkpoint(str(tmp_path / "ckpt"))
     finally:
         policy.shutdown()
     resumed = make_policy(tiny_model_dir, pad, world_size=2, token_budget=100_000)
     try:
-        resumed.group.call("load_checkpoint", str(tmp_path / "ckpt"))
+        resumed.load_checkpoint(str(tmp_path / "ckpt"))
         rest = [resumed.train(data[s * BATCH : (s + 1) * BATCH], sft_loss) for s in range(1, STEPS)]
     finally:
         resumed.shutdown()
@@ -101,15 +101,15 @@ def test_export_hf_matches_trained_logprobs(ray_local, tiny_model_dir, examples,
     from transformers import AutoModelForCausalLM
 
     from engine.data.batching import collate
-    from engine.policy.fsdp2 import token_logprobs_from_logits
+    from engine.models.logprobs import token_logprobs_from_logits
 
     data, pad = examples
     policy = make_policy(tiny_model_dir, pad, world_size=2, token_budget=100_000)
     try:
         train_curve(policy, data, steps=1)
         batch = collate(data[:4], pad)
-        trainer_lp = policy.group.call("forward_only", [batch])[0][0]
-        policy.group.call("export_hf", str(tmp_path / "hf"))
+        trainer_lp = torch.nn.utils.rnn.pad_sequence([lp[1:] for lp in policy.forward(data[:4])], batch_first=True)
+        policy.export(str(tmp_path / "hf"))
     finally:
         policy.shutdown()
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32)
@@ -151,7 +151,7 @@ def test_fsdp2_nccl_on_cuda_matches_cpu_math(ray_local, tiny_model_dir, examples
 def assert_trains_on_cuda_like_cpu(policy, data, reference_curve) -> None:
     """Every rank on CUDA with NCCL; the loss curve close to the CPU reference (other kernels: not bitwise)."""
     try:
-        info = policy.group.call("info")
+        info = policy.info()
         assert all(i["backend"] == "nccl" and i["device"].startswith("cuda") for i in info)
         curve = train_curve(policy, data)
     finally:

@@ -8,10 +8,10 @@ import torch
 from engine.algorithms.metrics import logprob_agreement
 from engine.algorithms.sft import sft_loss
 from engine.config import GenerationConfig
-from engine.data.batching import collate
 from engine.data.chat import TokenizedExample, tokenize_prompt
-from engine.generation.group import GenerationGroup, refit
+from engine.generation.group import GenerationGroup
 from engine.generation.interfaces import SamplingParams
+from engine.weight_sync import refit
 from tests.integration.test_fsdp2 import make_policy
 
 SAMPLING = SamplingParams(n=2, temperature=1.0, max_tokens=12, seed=7)
@@ -43,7 +43,7 @@ def hf_group(ray_local, tiny_model_dir):
     group.shutdown()
 
 
-def trainer_vs_generator(policy, prompts, completions, pad_id):
+def trainer_vs_generator(policy, prompts, completions):
     """Trainer logprobs of the generated tokens next to the generator's, flattened in the same order."""
     examples, generated = [], []
     for prompt, samples in zip(prompts, completions):
@@ -52,9 +52,9 @@ def trainer_vs_generator(policy, prompts, completions, pad_id):
                 TokenizedExample(prompt + sample.token_ids, [0] * len(prompt) + [1] * len(sample.token_ids))
             )
             generated += sample.logprobs
-    batch = collate(examples, pad_id)
-    trainer = policy.group.call("forward_only", [batch])[0][0]
-    return trainer[batch["loss_mask"].bool()], torch.tensor(generated)
+    trainer = torch.cat(policy.forward(examples))  # aligned to the input ids, as the loss masks are
+    mask = torch.cat([torch.tensor(e.loss_mask) for e in examples]).bool()
+    return trainer[mask], torch.tensor(generated)
 
 
 def test_vllm_runs_in_its_own_environment(vllm_group):
@@ -90,7 +90,7 @@ def test_refit_after_a_trainer_step_restores_logprob_agreement(
     policy = make_policy(tiny_model_dir, pad, world_size=2, token_budget=100_000)
     try:
         stale = group.generate(prompts, SAMPLING)
-        trainer_lp, generator_lp = trainer_vs_generator(policy, prompts, stale, pad)
+        trainer_lp, generator_lp = trainer_vs_generator(policy, prompts, stale)
         assert (trainer_lp - generator_lp).abs().max() < 1e-3  # same initial weights
 
         examples = [
@@ -99,15 +99,15 @@ def test_refit_after_a_trainer_step_restores_logprob_agreement(
             for s in ss
         ][:BATCH]
         policy.train(examples, sft_loss)
-        trainer_lp, generator_lp = trainer_vs_generator(policy, prompts, stale, pad)
+        trainer_lp, generator_lp = trainer_vs_generator(policy, prompts, stale)
         before = logprob_agreement(trainer_lp, generator_lp, torch.ones_like(trainer_lp))
         assert before["logprob_max_abs_diff"] > 1e-2  # the step moved the trainer: a refit is needed
 
-        metrics = refit(policy.group, group, version=1)
+        metrics = refit(policy, group, version=1)
         assert metrics["refit/bytes"] > 1e6 and metrics["refit/seconds"] > 0
         assert group.call("weight_version") == [1]
         fresh = group.generate(prompts, SAMPLING)
-        trainer_lp, generator_lp = trainer_vs_generator(policy, prompts, fresh, pad)
+        trainer_lp, generator_lp = trainer_vs_generator(policy, prompts, fresh)
         after = logprob_agreement(trainer_lp, generator_lp, torch.ones_like(trainer_lp))
         assert after["logprob_max_abs_diff"] < 1e-3
         assert after["token_mult_prob_error"] < 1.001
@@ -119,7 +119,7 @@ def test_refit_after_a_trainer_step_restores_logprob_agreement(
 def test_bad_weight_push_is_refused_and_engine_keeps_serving(backend, vllm_group, hf_group, tiny_model_dir, prompts):
     from safetensors.torch import load_file
 
-    from engine.generation.interfaces import manifest_of
+    from engine.weight_sync import manifest_of
 
     group = vllm_group if backend == "vllm" else hf_group
     before = group.generate(prompts, SAMPLING)
@@ -153,8 +153,8 @@ def test_saved_weights_swapped_in_generate_like_a_fresh_engine(
     """The evaluator's one-engine path: another checkpoint's weights loaded into a running engine give the
     completions a fresh engine on that checkpoint gives, and the first model's come back when it is reloaded."""
     from engine.config import TinyModelConfig
-    from engine.generation.group import load_saved_weights
     from engine.models.tiny import make_tiny_model
+    from engine.weight_sync import load_saved_weights
 
     other_dir = make_tiny_model(tmp_path / "other", TinyModelConfig(seed=1))
     greedy = SamplingParams(n=1, temperature=0.0, max_tokens=12, seed=0)

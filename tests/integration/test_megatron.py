@@ -81,7 +81,7 @@ def test_megatron_follows_the_fsdp2_curve(ray_local, tiny_model_dir, examples, r
     data, pad = examples
     policy = make_policy(tiny_model_dir, pad, world_size=2, token_budget=token_budget, **MEGATRON, **layout)
     try:
-        info = policy.group.call("info")
+        info = policy.info()
         assert {i["backend"] for i in info} == {"gloo"}
         assert len(policy.reporting_ranks) == (2 if not layout else 1)  # data-parallel replicas
         assert_same_curve(train_curve(policy, data), reference_curve, tol=1e-5)
@@ -109,16 +109,16 @@ def test_tp2_checkpoint_reloads_at_tp1(ray_local, tiny_model_dir, examples, tmp_
     )
     try:
         train_curve(tp2, data, steps=2)
-        tp2.group.call("save_checkpoint", str(tmp_path / "ckpt"))
+        tp2.save_checkpoint(str(tmp_path / "ckpt"))
         logprobs_tp2 = tp2.forward(data[:BATCH])
         next_step_tp2 = tp2.train(data[2 * BATCH : 3 * BATCH], sft_loss)
         export = tmp_path / "export"
-        tp2.group.call("export_hf", str(export))
+        tp2.export(str(export))
     finally:
         tp2.shutdown()
     tp1 = make_policy(tiny_model_dir, pad, world_size=1, token_budget=100_000, **MEGATRON)
     try:
-        tp1.group.call("load_checkpoint", str(tmp_path / "ckpt"))
+        tp1.load_checkpoint(str(tmp_path / "ckpt"))
         logprobs_tp1 = tp1.forward(data[:BATCH])
         for got, want in zip(logprobs_tp1, logprobs_tp2):
             assert torch.allclose(got, want, atol=1e-5)

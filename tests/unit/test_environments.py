@@ -96,32 +96,3 @@ def test_tool_env_turn_limit_and_bad_calls():
     log = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "<calc>import os</calc>"}]
     result = env.step([log], [{"answer": "82"}])
     assert result.observations[0]["content"].startswith("error:") and result.metadata[0]["tool_errors"] == 1
-
-
-def test_reward_model_env_scores_by_likelihood_or_scalar_head(tiny_model_dir, tmp_path):
-    import torch
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
-
-    from engine.environments.reward_model import RewardModelEnv
-
-    conversation = [{"role": "user", "content": "What is 12+30?"}, {"role": "assistant", "content": "42"}]
-    likelihood = RewardModelEnv(str(tiny_model_dir))
-    assert likelihood.likelihood
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    answer = tokenizer("42", add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
-    prompt = tokenizer.apply_chat_template(conversation[:1], add_generation_prompt=True, tokenize=False)
-    ids = tokenizer(prompt, add_special_tokens=False).input_ids + answer
-    with torch.no_grad():
-        logprobs = torch.log_softmax(model(torch.tensor([ids])).logits[0, :-1], -1)
-    expected = sum(float(logprobs[len(ids) - len(answer) - 1 + k, t]) for k, t in enumerate(answer))
-    assert likelihood.score([conversation])[0] == pytest.approx(expected, abs=1e-4)
-
-    AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1).save_pretrained(tmp_path)
-    tokenizer.save_pretrained(tmp_path)
-    scalar = RewardModelEnv(str(tmp_path))
-    assert not scalar.likelihood
-    one, two = scalar.score([conversation, conversation[:1] + [{"role": "assistant", "content": "41"}]])
-    assert one != two
-    result = scalar.step([conversation], [{"task": "math"}])
-    assert 0.0 < result.rewards[0] < 1.0 and result.terminated == [True]

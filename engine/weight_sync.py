@@ -1,0 +1,124 @@
+"""Weight sync between trainers and generators: buckets, the manifest check, and the refit itself.
+
+A neutral module: trainer workers import it to hand out their weights, generation workers to check and load
+what arrives, and controllers to run a refit; neither side imports the other. A refit takes the trainer's full
+state dict from one rank as buckets in the Ray object store (never through the driver), announces its manifest
+of (name, shape, dtype), and every generation worker checks that manifest against its own parameters, then every
+bucket's tensors against the manifest, before anything touches its engine: a failed load can leave an engine
+broken, a refused one keeps serving its previous weights.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import torch
+
+if TYPE_CHECKING:
+    from engine.generation.group import GenerationGroup
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+
+WeightManifest = list[TensorSpec]
+# what a trainer hands out for a refit: (manifest, bucket refs, total bytes)
+WeightBuckets = tuple[WeightManifest, list[Any], int]
+
+
+def manifest_of(named: dict[str, torch.Tensor] | list[tuple[str, torch.Tensor]]) -> WeightManifest:
+    items = named.items() if isinstance(named, dict) else named
+    return [TensorSpec(name, tuple(t.shape), str(t.dtype).removeprefix("torch.")) for name, t in items]
+
+
+class WeightMismatch(ValueError):
+    """A weight push that does not fit the engine; the engine keeps its previous weights."""
+
+
+def check_manifest(incoming: WeightManifest, expected: dict[str, TensorSpec], aliases: set[str]) -> list[str]:
+    """Names to load, after checking every expected tensor arrives with its shape (dtype is cast).
+
+    ``aliases`` are names the engine ties to another tensor (e.g. ``lm_head.weight``): accepted, skipped.
+    """
+    by_name = {spec.name: spec for spec in incoming}
+    unknown = sorted(set(by_name) - set(expected) - aliases)
+    missing = sorted(set(expected) - set(by_name))
+    if unknown:
+        raise WeightMismatch(f"weight update has unknown tensors: {', '.join(unknown[:5])}")
+    if missing:
+        raise WeightMismatch(f"weight update is missing tensors: {', '.join(missing[:5])}")
+    for name, spec in expected.items():
+        got = by_name[name]
+        if got.shape != spec.shape:
+            raise WeightMismatch(f"weight update for {name} has shape {got.shape}, expected {spec.shape}")
+        if not getattr(torch, got.dtype).is_floating_point:
+            raise WeightMismatch(f"weight update for {name} has dtype {got.dtype}, expected a floating type")
+    return [spec.name for spec in incoming if spec.name in expected]
+
+
+def gather_checked(manifest: WeightManifest, buckets: list[Any], keep: list[str]) -> list[tuple[str, torch.Tensor]]:
+    """Fetch every bucket (Ray object refs or plain lists of (name, tensor)) and check each tensor
+    against the manifest, all before the engine is touched."""
+    import ray
+
+    specs = {spec.name: spec for spec in manifest}
+    wanted = set(keep)
+    named: list[tuple[str, torch.Tensor]] = []
+    for bucket in buckets:
+        for name, tensor in ray.get(bucket) if isinstance(bucket, ray.ObjectRef) else bucket:
+            spec = specs.get(name)
+            if spec is None or tuple(tensor.shape) != spec.shape:
+                raise WeightMismatch(f"weight bucket tensor {name} does not match the announced manifest")
+            if name in wanted:
+                named.append((name, tensor))
+    if len(named) != len(wanted):
+        raise WeightMismatch("weight buckets did not deliver every tensor of the manifest")
+    return named
+
+
+def put_weight_buckets(state: dict[str, torch.Tensor], bucket_bytes: int) -> WeightBuckets:
+    """Full weights as Ray object-store buckets of about ``bucket_bytes`` each."""
+    import ray
+
+    buckets, current, size, total = [], [], 0, 0
+    for name, tensor in state.items():
+        current.append((name, tensor))
+        size += tensor.numel() * tensor.element_size()
+        if size >= bucket_bytes:
+            buckets.append(ray.put(current))
+            total, current, size = total + size, [], 0
+    if current:
+        buckets.append(ray.put(current))
+        total += size
+    return manifest_of(state), buckets, total
+
+
+class RefitSource(Protocol):
+    """What a refit needs of a trainer group (``engine.policy.group.PolicyGroup``)."""
+
+    def weight_buckets(self, bucket_bytes: int) -> WeightBuckets: ...
+
+
+def refit(source: RefitSource, generation: "GenerationGroup", version: int) -> dict[str, float]:
+    """Push the trainer's current weights into every generation worker; returns refit/* metrics."""
+    started = time.perf_counter()
+    manifest, buckets, total_bytes = source.weight_buckets(generation.cfg.refit_bucket_bytes)
+    generation.update_weights(manifest, buckets, version)
+    return {"refit/seconds": time.perf_counter() - started, "refit/bytes": float(total_bytes)}
+
+
+def load_saved_weights(generation: "GenerationGroup", model_dir: Path, version: int) -> None:
+    """Swap a saved Hugging Face model's weights into the running engines, as a refit does: one engine serves
+    several checkpoints of one architecture without a restart (the update checks every name and shape)."""
+    from engine.models.loading import load_hf_folder
+
+    _, state = load_hf_folder(model_dir)
+    manifest, buckets, _ = put_weight_buckets(state, generation.cfg.refit_bucket_bytes)
+    generation.update_weights(manifest, buckets, version)
