@@ -25,11 +25,13 @@ browser:
 run: setup
 	$(VENV)/bin/posttrain run grpo-pipeline
 
+# --durations: the slowest tests in every run, so the suite's budget stays visible
 test: setup browser
-	$(VENV)/bin/python -m pytest
+	$(VENV)/bin/python -m pytest --durations=25
 
+# the inner loop: unit and integration tiers, no end-to-end runs
 test-fast: setup
-	$(VENV)/bin/python -m pytest tests/unit
+	$(VENV)/bin/python -m pytest --durations=10 tests/unit tests/integration
 
 clean:
 	rm -rf $(VENV) .posttrain

@@ -43,22 +43,51 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _nvidia_driver() -> bool:
+    return Path("/proc/driver/nvidia/version").exists() or shutil.which("nvidia-smi") is not None
+
+
 def pytest_collection_modifyitems(config, items):
+    """`gpu` tests run where torch sees CUDA and are skipped where the machine has no NVIDIA driver; a machine with
+    a driver but a torch that cannot use it fails them, since skipping would hide a broken install."""
     import torch
 
     if torch.cuda.is_available():
         return
-    skip = pytest.mark.skip(reason="needs a CUDA device")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+    gpu_items = [item for item in items if "gpu" in item.keywords]
+    if not _nvidia_driver():
+        for item in gpu_items:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA device (this machine has no NVIDIA driver)"))
+        return
+    reason = f"an NVIDIA driver is present but torch {torch.__version__} cannot use CUDA: install a CUDA build of torch"
+    for item in gpu_items:
+        item.stash[_BROKEN_CUDA] = reason
+
+
+_BROKEN_CUDA = pytest.StashKey[str]()
+
+
+def pytest_runtest_setup(item):
+    if _BROKEN_CUDA in item.stash:
+        pytest.fail(item.stash[_BROKEN_CUDA], pytrace=False)
+
+
+def require_tool(path: str | None, what: str, install: str) -> str:
+    """The path of a tool a test needs, or a failure naming the install step (a missing tool is not a skip)."""
+    if not path:
+        pytest.fail(f"{what} not found: {install}", pytrace=False)
+    return path
 
 
 @pytest.fixture(scope="session")
 def s3_endpoint():
     """A moto S3 server on 127.0.0.1 (a real HTTP S3 API), stopped by PID at the end."""
     port = free_port()
-    moto = shutil.which("moto_server", path=str(Path(sys.executable).parent))
+    moto = require_tool(
+        shutil.which("moto_server", path=str(Path(sys.executable).parent)),
+        "moto_server",
+        "run `make setup` (pip install -e '.[test]')",
+    )
     proc = subprocess.Popen(
         [moto, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
@@ -97,8 +126,9 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("tiny-model"), TinyModelConfig())
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def ray_local():
+    """One embedded Ray for every in-process integration test (the CLI tests start their own)."""
     from engine import cluster
     from engine.config import RayConfig
 

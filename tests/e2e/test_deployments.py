@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from tests.conftest import REPO, free_port, run_cli
+from tests.conftest import REPO, free_port, require_tool, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -206,7 +207,9 @@ def test_prefect_ui_shows_the_run_and_its_summary(completed_run, deployed):
         name = client.read_flow_run(completed_run.id).name
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(
-            executable_path="/usr/bin/chromium",
+            executable_path=require_tool(
+                shutil.which("chromium"), "chromium", "run `make browser` (Debian's chromium)"
+            ),
             args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"],
         )
         try:

@@ -31,6 +31,12 @@ def prompts(tokenizer):
 
 @pytest.fixture(scope="module")
 def vllm_group(ray_local, tiny_model_dir):
+    from engine import worker_envs
+
+    try:
+        worker_envs.python_for("vllm")
+    except worker_envs.WorkerEnvMissing as missing:
+        pytest.fail(str(missing), pytrace=False)  # a missing environment is a broken install, not a skip
     group = GenerationGroup(GenerationConfig(backend="vllm"), str(tiny_model_dir))
     yield group
     group.shutdown()
@@ -68,8 +74,8 @@ def test_vllm_runs_in_its_own_environment(vllm_group):
 
 
 @pytest.mark.parametrize("backend", ["vllm", "hf"])
-def test_same_seed_same_completions(backend, vllm_group, hf_group, prompts):
-    group = vllm_group if backend == "vllm" else hf_group
+def test_same_seed_same_completions(backend, request, prompts):
+    group = request.getfixturevalue(f"{backend}_group")
     first, second = group.generate(prompts, SAMPLING), group.generate(prompts, SAMPLING)
     assert [[c.token_ids for c in s] for s in first] == [[c.token_ids for c in s] for s in second]
     assert all(len(s) == SAMPLING.n for s in first)
@@ -80,12 +86,10 @@ def test_same_seed_same_completions(backend, vllm_group, hf_group, prompts):
 
 
 @pytest.mark.parametrize("backend", ["vllm", "hf"])
-def test_refit_after_a_trainer_step_restores_logprob_agreement(
-    backend, vllm_group, hf_group, tiny_model_dir, prompts, tokenizer
-):
+def test_refit_after_a_trainer_step_restores_logprob_agreement(backend, request, tiny_model_dir, prompts, tokenizer):
     from tests.integration.test_fsdp2 import BATCH
 
-    group = vllm_group if backend == "vllm" else hf_group
+    group = request.getfixturevalue(f"{backend}_group")
     pad = tokenizer.pad_token_id
     policy = make_policy(tiny_model_dir, pad, world_size=2, token_budget=100_000)
     try:
@@ -116,12 +120,12 @@ def test_refit_after_a_trainer_step_restores_logprob_agreement(
 
 
 @pytest.mark.parametrize("backend", ["vllm", "hf"])
-def test_bad_weight_push_is_refused_and_engine_keeps_serving(backend, vllm_group, hf_group, tiny_model_dir, prompts):
+def test_bad_weight_push_is_refused_and_engine_keeps_serving(backend, request, tiny_model_dir, prompts):
     from safetensors.torch import load_file
 
     from engine.weight_sync import manifest_of
 
-    group = vllm_group if backend == "vllm" else hf_group
+    group = request.getfixturevalue(f"{backend}_group")
     before = group.generate(prompts, SAMPLING)
     version = group.call("weight_version")[0]
     weights = load_file(tiny_model_dir / "model.safetensors")
@@ -147,9 +151,7 @@ def test_bad_weight_push_is_refused_and_engine_keeps_serving(backend, vllm_group
 
 
 @pytest.mark.parametrize("backend", ["vllm", "hf"])
-def test_saved_weights_swapped_in_generate_like_a_fresh_engine(
-    backend, vllm_group, hf_group, tiny_model_dir, prompts, tmp_path
-):
+def test_saved_weights_swapped_in_generate_like_a_fresh_engine(backend, request, tiny_model_dir, prompts, tmp_path):
     """The evaluator's one-engine path: another checkpoint's weights loaded into a running engine give the
     completions a fresh engine on that checkpoint gives, and the first model's come back when it is reloaded."""
     from engine.config import TinyModelConfig
@@ -158,7 +160,7 @@ def test_saved_weights_swapped_in_generate_like_a_fresh_engine(
 
     other_dir = make_tiny_model(tmp_path / "other", TinyModelConfig(seed=1))
     greedy = SamplingParams(n=1, temperature=0.0, max_tokens=12, seed=0)
-    group = vllm_group if backend == "vllm" else hf_group
+    group = request.getfixturevalue(f"{backend}_group")
     version = group.call("weight_version")[0]
     load_saved_weights(group, tiny_model_dir, version + 1)  # earlier tests may have refitted the engine
     original = group.generate(prompts, greedy)
