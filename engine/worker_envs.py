@@ -2,8 +2,9 @@
 
 Each kind declares a requirement set; its venv is built once into ``<envs dir>/<kind>-<hash of the set>``
 and Ray starts that kind's actors with ``runtime_env={"py_executable": <venv python>}``. The venv uses
-the driver's Python version (Ray needs the same on both sides) and sees the project's own ``engine``
-package through a ``.pth`` file, never the driver's site-packages.
+the driver's Python version (Ray needs the same on both sides) and holds third-party packages only: the
+project's own ``engine`` package reaches the actor through ``PYTHONPATH``, from the checkout that starts it, so
+one venv serves every checkout (a clean clone in CI, a colleague's worktree) with that checkout's own code.
 """
 
 from __future__ import annotations
@@ -86,10 +87,25 @@ def python_for(kind: str) -> Path:
     return path / "bin" / "python"
 
 
+def source_root() -> Path:
+    """A folder holding only an ``engine`` link to this checkout's engine package: what worker venvs import it from
+    (the checkout's root itself would also expose ``tests``, ``bench`` and others to every import)."""
+    root = envs_dir() / "sources" / hashlib.sha256(str(ENGINE_DIR).encode()).hexdigest()[:12]
+    link = root / "engine"
+    if not link.is_symlink() or link.resolve() != ENGINE_DIR:
+        root.mkdir(parents=True, exist_ok=True)
+        staged = root / f".engine-{os.getpid()}"
+        staged.unlink(missing_ok=True)
+        staged.symlink_to(ENGINE_DIR)
+        os.replace(staged, link)  # atomic: a concurrent run sees the old link or the new one
+    return root
+
+
 def runtime_env(kind: str, extra_env: dict[str, str] | None = None) -> dict:
-    """Ray runtime_env that runs an actor in the kind's venv."""
+    """Ray runtime_env that runs an actor in the kind's venv, with this checkout's engine importable."""
     spec = spec_for(kind)
-    return {"py_executable": str(python_for(kind)), "env_vars": {**spec.env_vars, **(extra_env or {})}}
+    env_vars = {**spec.env_vars, "PYTHONPATH": str(source_root()), **(extra_env or {})}
+    return {"py_executable": str(python_for(kind)), "env_vars": env_vars}
 
 
 def _pip(python: Path, *args: str) -> None:
@@ -114,17 +130,8 @@ def build_spec(spec: WorkerEnvSpec, force: bool = False) -> Path:
     _pip(python, *spec.first, *spec.requirements)  # restating `first` pins it against the resolver
     if spec.remove:
         subprocess.run([str(python), "-m", "pip", "uninstall", "-q", "-y", *spec.remove], check=False)
-    source_root = path / "posttrain-src"
-    source_root.mkdir()
-    (source_root / "engine").symlink_to(ENGINE_DIR)
-    site = subprocess.run(
-        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout.strip()
-    (Path(site) / "posttrain_engine.pth").write_text(str(source_root) + "\n")
     if spec.check_import:
-        subprocess.run([str(python), "-c", f"import {spec.check_import}, engine"], check=True)
+        env = {**os.environ, "PYTHONPATH": str(source_root())}
+        subprocess.run([str(python), "-c", f"import {spec.check_import}, engine"], check=True, env=env)
     (path / ".complete").write_text(json.dumps(asdict(spec), default=list))
     return path

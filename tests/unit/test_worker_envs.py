@@ -1,5 +1,7 @@
 """Worker environments: a missing one fails with the command that builds it."""
 
+from pathlib import Path
+
 import pytest
 
 from engine import worker_envs
@@ -19,3 +21,18 @@ def test_env_name_follows_the_requirement_set(tmp_path, monkeypatch):
     assert changed.digest() != worker_envs.WORKER_ENVS["vllm"].digest()
     with pytest.raises(Exception, match="unknown worker environment 'nope'"):
         worker_envs.env_path("nope")
+
+
+def test_actors_import_the_engine_of_the_checkout_that_starts_them(tmp_path, monkeypatch):
+    """One venv serves every checkout: the engine comes from PYTHONPATH, a folder linking only this engine."""
+    monkeypatch.setenv("POSTTRAIN_ENVS_DIR", str(tmp_path))
+    spec = worker_envs.WORKER_ENVS["vllm"]
+    built = worker_envs.spec_path(spec)
+    (built / "bin").mkdir(parents=True)
+    (built / ".complete").write_text("{}")
+    env = worker_envs.runtime_env("vllm")
+    root = env["env_vars"]["PYTHONPATH"]
+    assert env["py_executable"] == str(built / "bin" / "python")
+    assert [p.name for p in Path(root).iterdir() if not p.name.startswith(".")] == ["engine"]
+    assert (Path(root) / "engine").resolve() == worker_envs.ENGINE_DIR
+    assert worker_envs.runtime_env("vllm")["env_vars"]["PYTHONPATH"] == root  # stable, and created once
