@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from engine.tracking import StageRun
 
 TRAINER_STATE = "trainer_state.json"
+CONFIG_FILE = "posttrain_config.yaml"  # the resolved config a committed model was trained with
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -140,16 +141,17 @@ def export_model(
     policy: "PolicyGroup",
     base_model_dir: Path,
     key: str,
-    config_yaml: str,
+    cfg: "PipelineConfig",
     metrics: dict[str, float],
     extra_files: dict[str, str] | None = None,
 ) -> ArtifactRef:
-    """Full Hugging Face weights, the base model's tokenizer and the resolved config, committed to ``key``."""
+    """Full Hugging Face weights (in ``export.dtype``), the base model's tokenizer and the resolved config,
+    committed to ``key``."""
     export = new_staging_dir("model-")
     try:
-        policy.export(export)
+        policy.export(export, cfg.export_dtype())
         copy_tokenizer(base_model_dir, export)
-        (export / "posttrain_config.yaml").write_text(config_yaml)
+        (export / CONFIG_FILE).write_text(cfg.to_yaml())
         for name, text in (extra_files or {}).items():
             (export / name).write_text(text)
         ref = store.commit_dir(export, key, metadata={"metrics": metrics})

@@ -53,6 +53,29 @@ def rendezvous_point() -> tuple[str, int]:
         return address, sock.getsockname()[1]
 
 
+def ship_by_value(obj: Any) -> None:
+    """Make the module that defines ``obj`` travel with it to actors (its source, not an import by name), so a
+    user's reward function or environment runs in an actor that could not import the user's file."""
+    import sys
+
+    module = sys.modules.get(getattr(obj, "__module__", ""))
+    if module is not None and not module.__name__.startswith("engine."):
+        ray.cloudpickle.register_pickle_by_value(module)
+
+
+def get(refs: Any) -> Any:
+    """``ray.get``, with a user error raised in an actor re-raised as itself (one line, never retried) rather
+    than wrapped in Ray's task error."""
+    from engine.errors import PosttrainError
+
+    try:
+        return ray.get(refs)
+    except ray.exceptions.RayTaskError as exc:
+        if isinstance(exc.cause, PosttrainError):
+            raise exc.cause from None
+        raise
+
+
 def shutdown() -> None:
     if ray.is_initialized():
         ray.shutdown()

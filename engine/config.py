@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 import typing
 from pathlib import Path
 from typing import Any, Iterable, Literal
@@ -78,18 +79,51 @@ class SyntheticDataConfig(Section):
 
 
 class DataConfig(Section):
+    """Where the data comes from and which columns are which: TRL's standard formats are detected by column names
+    (see ``engine.data.formats``); the ``*_field`` keys map other names onto them."""
+
     source: str = Field(
-        "synthetic", description="'synthetic', a hub dataset name, or a .jsonl/.json/.parquet file or URI"
+        "synthetic",
+        description="'synthetic', a hub dataset name, a local folder (save_to_disk, or data files laid out like a hub "
+        "repo), a .jsonl/.json/.parquet/.csv file, a glob of them, or an fsspec URI (s3://...) of any of these",
     )
-    val_source: str | None = Field(None, description="separate validation file/URI; else `val_split`")
+    subset: str | None = Field(None, description="the hub config name, e.g. 'main' for openai/gsm8k")
+    revision: str | None = Field(None, description="hub branch, tag or commit (default: the main branch)")
+    data_files: list[str] | None = Field(None, description="globs of the data files inside a folder or hub repo")
     split: str = "train"
-    val_split: str | None = Field(None, description="hub split for validation; else `val_fraction` of train")
+    val_source: str | None = Field(None, description="separate validation source (any form of `source`)")
+    val_split: str | None = Field(None, description="validation split of `source`; else `val_fraction` of train")
     val_fraction: float = Field(0.05, gt=0.0, lt=1.0)
-    prompt_field: str = "prompt"
-    response_field: str = "answer"
+    text_field: str = "text"
     messages_field: str = "messages"
-    system_prompt: str | None = None
+    prompt_field: str = "prompt"
+    response_field: str = Field("completion", description="the response column of prompt-completion data")
+    chosen_field: str = "chosen"
+    rejected_field: str = "rejected"
+    task_field: str = Field("task", description="routes a row to an environment (grpo.environments)")
+    answer_field: str | None = Field(
+        None, description="column holding the reference answer verifiers compare with; default: the response"
+    )
+    answer_pattern: str | None = Field(
+        None, description="regex whose first group is the answer inside that text, e.g. '#### (.+)$' for GSM8K"
+    )
+    as_chat: bool = Field(
+        False,
+        description="wrap plain-text prompts and responses as a user and an assistant turn, so the model's chat "
+        "template applies (instruct models); conversational data is used as it is either way",
+    )
+    system_prompt: str | None = Field(None, description="opens every conversational prompt that has none")
     synthetic: SyntheticDataConfig = SyntheticDataConfig()
+
+    @field_validator("answer_pattern")
+    @classmethod
+    def _compiles(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"not a regular expression: {exc}") from None
+        return value
 
 
 class StorageConfig(Section):
@@ -104,6 +138,9 @@ class TrackingConfig(Section):
     )
     experiment: str = "posttrain"
     enabled: bool = True
+    registered_model: str | None = Field(
+        None, description="each committed model becomes a version of this MLflow registered model"
+    )
     flush_every: int = Field(10, gt=0, description="steps of metrics buffered per MLflow batch call")
 
 
@@ -245,6 +282,20 @@ class PolicyLossConfig(Section):
         return self
 
 
+class RewardFunctionConfig(Section):
+    """A user reward function with TRL's signature: ``fn(prompts, completions, **columns) -> list[float | None]``."""
+
+    function: str = Field(description="'package.module:name' or 'path/to/file.py:name'")
+    weight: float = 1.0
+    name: str | None = Field(None, description="logged as reward/<name>; default: the function's own name")
+
+
+BUILTIN_ENVIRONMENTS = {
+    "math": "engine.environments.math_verifier:MathVerifierEnv",
+    "calculator": "engine.environments.calculator:CalculatorToolEnv",
+}
+
+
 class GRPOConfig(Section):
     max_steps: int = Field(100, gt=0)
     prompts_per_step: int = Field(32, gt=0)
@@ -252,9 +303,16 @@ class GRPOConfig(Section):
     max_new_tokens: int = Field(8, gt=0, description="per assistant turn")
     temperature: float = Field(1.0, gt=0.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    environment: Literal["math", "calculator"] = "math"
+    environment: str = Field("math", description="the environment of rows without a task column")
+    environments: dict[str, str] = Field(
+        default_factory=dict,
+        description="task -> 'module:Class' or 'file.py:Class' (the environment protocol; built in: "
+        + ", ".join(BUILTIN_ENVIRONMENTS)
+        + ")",
+    )
+    reward_functions: list[RewardFunctionConfig] = Field(default_factory=list)
     max_rollout_turns: int = Field(1, gt=0)
-    verifier_weight: float = Field(1.0, ge=0.0)
+    verifier_weight: float = Field(1.0, ge=0.0, description="weight of the environment's reward")
     reward_model_weight: float = Field(0.0, ge=0.0, description="weight of sigmoid(reward model score)")
     leave_one_out: bool = True
     normalize_advantages: bool = Field(
@@ -266,6 +324,17 @@ class GRPOConfig(Section):
     checkpoint_every: int = Field(50, gt=0)
     loss: PolicyLossConfig = PolicyLossConfig()
     optimizer: OptimizerConfig = OptimizerConfig(lr=1e-4, warmup_steps=0, schedule="constant", grad_clip=1.0)
+
+    @model_validator(mode="after")
+    def _environment_known(self) -> "GRPOConfig":
+        known = {**BUILTIN_ENVIRONMENTS, **self.environments}
+        if self.environment not in known:
+            raise ValueError(f"grpo.environment {self.environment!r} is not one of {', '.join(sorted(known))}")
+        return self
+
+    def environment_classes(self) -> dict[str, str]:
+        """Every environment a run may route to, by task: the built-ins and the user's own."""
+        return {**BUILTIN_ENVIRONMENTS, **self.environments}
 
 
 class DPOConfig(Section):
@@ -283,8 +352,25 @@ class DPOConfig(Section):
 
 
 class EvaluateConfig(Section):
-    size: int = Field(256, gt=0, description="held-out prompts, greedy, one sample each")
+    size: int = Field(256, gt=0, description="held-out rows")
     max_new_tokens: int = Field(8, gt=0)
+    samples: int = Field(1, gt=0, description="k of pass@k, sampled at `temperature` (1: greedy pass@1 only)")
+    temperature: float = Field(1.0, gt=0.0)
+
+
+class StagesConfig(Section):
+    """Which optional stages a pipeline runs."""
+
+    sft: bool = Field(True, description="false: RL or DPO start from model.name itself (an instruct model)")
+    reward_model: bool | Literal["auto"] = Field(
+        "auto", description="auto: only where GRPO uses it (grpo.reward_model_weight > 0)"
+    )
+
+
+class ExportConfig(Section):
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="dtype of committed model weights; auto: bf16 for bf16 training, else fp32"
+    )
 
 
 class PipelineConfig(Section):
@@ -295,6 +381,7 @@ class PipelineConfig(Section):
     workdir: str = Field(".posttrain", description="local state: default store, MLflow db, caches")
     resume: str = Field("auto", description="auto | never | <checkpoint URI>")
     cache: bool = Field(True, description="skip a stage whose committed artifact already exists")
+    stages: StagesConfig = StagesConfig()
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     storage: StorageConfig = StorageConfig()
@@ -308,6 +395,7 @@ class PipelineConfig(Section):
     grpo: GRPOConfig = GRPOConfig()
     dpo: DPOConfig = DPOConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    export: ExportConfig = ExportConfig()
 
     @field_validator("resume")
     @classmethod
@@ -326,6 +414,19 @@ class PipelineConfig(Section):
         if self.tracking.uri is None:
             self.tracking.uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{workdir / 'mlflow.db'}"
         return self
+
+    def trains_reward_model(self) -> bool:
+        """Whether the GRPO pipeline trains a reward model (``stages.reward_model``)."""
+        if self.stages.reward_model == "auto":
+            return self.grpo.reward_model_weight > 0
+        return bool(self.stages.reward_model)
+
+    def export_dtype(self) -> str:
+        """The torch dtype name committed models are written in (``export.dtype``)."""
+        named = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+        if self.export.dtype == "auto":
+            return "bfloat16" if self.policy.precision == "bf16" else "float32"
+        return named[self.export.dtype]
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

@@ -1,8 +1,10 @@
 """Stage entry points: what each Prefect task calls, with the cache logic in one place.
 
-Every stage computes its key from its config sections and its inputs' digests; when the store already
-holds a committed artifact under that key (and caching is on) the stage returns it as cached; otherwise
-it runs the engine in a nested MLflow run and commits its artifact.
+Every stage computes its key from its config sections and its inputs' digests, by content: data files by their
+bytes, hub datasets and models by their resolved commit, local and remote models by their files, store artifacts
+by their manifest, the user's reward functions and environments by their source. When the store already holds a
+committed artifact under that key (and caching is on) the stage returns it as cached; otherwise it runs the engine
+in a nested MLflow run and commits its artifact.
 """
 
 from __future__ import annotations
@@ -15,9 +17,11 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from pydantic import BaseModel
 
-from engine.caching import stage_key
-from engine.config import PipelineConfig
-from engine.data.datasets import FILE_FORMATS, build_splits, write_jsonl
+from engine import user_code
+from engine.caching import folder_digest, stage_key
+from engine.config import GRPOConfig, PipelineConfig
+from engine.data import sources
+from engine.data.datasets import build_splits, resolve_sources, write_jsonl
 from engine.errors import DataError, ModelLoadError
 from engine.models.loading import resolve_model
 from engine.storage import ArtifactRef, ArtifactStore
@@ -71,27 +75,41 @@ def open_store(cfg: PipelineConfig) -> ArtifactStore:
 
 
 def preflight(cfg: PipelineConfig) -> None:
-    """Checks that fail fast, before any stage starts: the store is reachable, local inputs exist."""
+    """Checks that fail fast, before any stage starts: the store is reachable, local inputs exist, the user's
+    reward functions and environments import."""
     open_store(cfg)
     for name, source in (("data.source", cfg.data.source), ("data.val_source", cfg.data.val_source)):
-        if source and _names_local_file(source) and not Path(source.removeprefix("file://")).is_file():
-            raise DataError(f"dataset file not found: {source} ({name})")
+        if source and source != "synthetic" and sources.names_local_path(source):
+            try:
+                sources.local_paths(source, source)
+            except DataError as exc:
+                raise DataError(f"{exc} ({name})") from None
     if cfg.model.name.startswith(("/", "./", "~", "file://")):
         if not Path(cfg.model.name.removeprefix("file://")).expanduser().is_dir():
             raise ModelLoadError(f"model folder not found: {cfg.model.name} (model.name)")
+    for ref in user_code_refs(cfg.grpo):
+        user_code.load(ref)
 
 
-def _names_local_file(source: str) -> bool:
-    return source.startswith("file://") or ("://" not in source and Path(source).suffix in FILE_FORMATS)
+def user_code_refs(g: GRPOConfig) -> list[user_code.CodeRef]:
+    """The user's reward functions and environments (the built-in environments are the engine's own code)."""
+    refs = [
+        user_code.parse(f.function, f"grpo.reward_functions[{i}].function") for i, f in enumerate(g.reward_functions)
+    ]
+    refs += [user_code.parse(spec, f"grpo.environments.{task}") for task, spec in g.environments.items()]
+    return refs
+
+
+def user_code_digests(g: GRPOConfig) -> dict[str, str]:
+    return {f"code:{ref.spec}": user_code.digest(ref) for ref in user_code_refs(g)}
 
 
 def prepare_model(rt: Runtime) -> StageResult:
-    """The base model as a store artifact ('tiny' is built locally) or a resolvable external name."""
+    """The base model as a store artifact ('tiny' is built locally) or an external one, digested by content."""
     model = rt.cfg.model
     if model.name != "tiny":
         local = resolve_model(model.name, rt.store, rt.cache_dir)
-        digest = stage_key("model", {"name": model.name, "path": str(local)}, {})
-        return StageResult(name="model", ref=ArtifactRef(uri=model.name, digest=digest), cached=True)
+        return StageResult(name="model", ref=ArtifactRef(uri=model.name, digest=model_digest(rt, local)), cached=True)
     key = f"models/tiny-{stage_key('tiny_model', model.tiny.model_dump(mode='json'), {})}"
     hit = rt.cached("model", key)
     if hit is not None:
@@ -104,19 +122,34 @@ def prepare_model(rt: Runtime) -> StageResult:
     return StageResult(name="model", ref=ref, cached=False)
 
 
+def model_digest(rt: Runtime, local: Path) -> str:
+    """A store artifact by its manifest, a hub snapshot by its commit, any other folder by its files' bytes."""
+    name = rt.cfg.model.name
+    manifest = rt.store.manifest(name) if name.startswith(rt.store.root + "/") else None
+    if manifest is not None:
+        return manifest.digest()
+    if "://" in name or Path(name).expanduser().is_dir():
+        return folder_digest(local, rt.cache_dir / "digests")
+    return f"hub:{name}@{local.name}"  # a hub snapshot's folder is named by its commit
+
+
 def prepare_data(rt: Runtime) -> StageResult:
-    """Normalised train/val splits committed to the store as jsonl."""
+    """Normalized train/val splits committed to the store as jsonl, keyed by the data's content."""
     cfg = rt.cfg
-    key = f"datasets/{stage_key('data', {'data': cfg.data.model_dump(mode='json'), 'seed': cfg.seed}, {})}"
+    resolved = resolve_sources(cfg.data, rt.cache_dir / "data", rt.store.fs.storage_options)
+    fingerprints = resolved.fingerprints()
+    settings = {"data": cfg.data.model_dump(mode="json"), "seed": cfg.seed}
+    key = f"datasets/{stage_key('data', settings, fingerprints)}"
     hit = rt.cached("data", key)
     if hit is not None:
         return hit
-    train, val = build_splits(cfg.data, rt.cache_dir / "data", rt.store.fs.storage_options, cfg.seed)
+    train, val = build_splits(cfg.data, resolved, cfg.seed)
     with tempfile.TemporaryDirectory(prefix="dataset-") as tmp:
         write_jsonl(train, Path(tmp) / "train.jsonl")
         write_jsonl(val, Path(tmp) / "val.jsonl")
         metrics = {"train_rows": float(len(train)), "val_rows": float(len(val))}
-        ref = rt.store.commit_dir(tmp, key, metadata={"kind": "dataset", "metrics": metrics})
+        metadata = {"kind": "dataset", "metrics": metrics, "source": cfg.data.source, "fingerprints": fingerprints}
+        ref = rt.store.commit_dir(tmp, key, metadata=metadata)
     return StageResult(name="data", ref=ref.model_copy(update={"metrics": metrics}), cached=False)
 
 
@@ -146,81 +179,99 @@ def _run_stage(
         try:
             ref = body(run, prefix)
             run.log_metrics({f"final/{k}": v for k, v in ref.metrics.items()}, step=0)
+            if artifact == "model" and rt.cfg.tracking.registered_model:
+                rt.tracker.register_model(rt.cfg.tracking.registered_model, ref.uri, run.run_id, name)
             status = "FINISHED"
             return StageResult(name=name, ref=ref, cached=False, mlflow_run_id=run.run_id)
         finally:
             run.finish(status)
 
 
+def _training_config(cfg: PipelineConfig, *sections: str) -> dict[str, Any]:
+    return {"seed": cfg.seed, **cfg.section("policy", "export", *sections)}
+
+
 def train_sft(rt: Runtime, model: ArtifactRef, data: ArtifactRef, parent_run_id: str | None) -> StageResult:
     cfg = rt.cfg
-    stage_config = {"seed": cfg.seed, **cfg.section("policy", "sft")}
 
     def body(run: "StageRun", prefix: str) -> ArtifactRef:
         from engine.algorithms.sft import run_sft  # the trainers' imports take seconds; a cache hit skips them
 
         return run_sft(cfg, rt.store, run, local_model_dir(rt, model), rt.store.download(data.uri), prefix)
 
-    return _run_stage(rt, "sft", stage_config, {"model": model.digest, "data": data.digest}, parent_run_id, body)
+    inputs = {"model": model.digest, "data": data.digest}
+    return _run_stage(rt, "sft", _training_config(cfg, "sft"), inputs, parent_run_id, body)
 
 
-def train_reward_model(rt: Runtime, sft: ArtifactRef, data: ArtifactRef, parent_run_id: str | None) -> StageResult:
+def train_reward_model(rt: Runtime, start: ArtifactRef, data: ArtifactRef, parent_run_id: str | None) -> StageResult:
     cfg = rt.cfg
-    stage_config = {"seed": cfg.seed, "system_prompt": cfg.data.system_prompt, **cfg.section("policy", "reward_model")}
 
     def body(run: "StageRun", prefix: str) -> ArtifactRef:
         from engine.algorithms.rm import run_reward_model
 
-        return run_reward_model(cfg, rt.store, run, local_model_dir(rt, sft), rt.store.download(data.uri), prefix)
+        return run_reward_model(cfg, rt.store, run, local_model_dir(rt, start), rt.store.download(data.uri), prefix)
 
-    return _run_stage(rt, "reward_model", stage_config, {"sft": sft.digest, "data": data.digest}, parent_run_id, body)
+    inputs = {"start": start.digest, "data": data.digest}
+    return _run_stage(rt, "reward_model", _training_config(cfg, "reward_model"), inputs, parent_run_id, body)
 
 
 def train_grpo(
-    rt: Runtime, sft: ArtifactRef, data: ArtifactRef, reward_model: ArtifactRef | None, parent_run_id: str | None
+    rt: Runtime, start: ArtifactRef, data: ArtifactRef, reward_model: ArtifactRef | None, parent_run_id: str | None
 ) -> StageResult:
     cfg = rt.cfg
     uses_rm = reward_model is not None and cfg.grpo.reward_model_weight > 0
-    stage_config = {
-        "seed": cfg.seed,
-        "system_prompt": cfg.data.system_prompt,
-        **cfg.section("policy", "generation", "grpo"),
-    }
-    inputs = {"sft": sft.digest, "data": data.digest, **({"reward_model": reward_model.digest} if uses_rm else {})}
+    if cfg.grpo.reward_model_weight > 0 and reward_model is None:
+        raise DataError("grpo.reward_model_weight > 0 needs a reward model: set stages.reward_model to true or auto")
+    inputs = {"start": start.digest, "data": data.digest, **user_code_digests(cfg.grpo)}
+    if uses_rm:
+        inputs["reward_model"] = reward_model.digest
 
     def body(run: "StageRun", prefix: str) -> ArtifactRef:
         from engine.algorithms.grpo import run_grpo
 
         reward_model_dir = local_model_dir(rt, reward_model) if uses_rm else None
-        sft_dir, data_dir = local_model_dir(rt, sft), rt.store.download(data.uri)
-        return run_grpo(cfg, rt.store, run, sft_dir, data_dir, prefix, reward_model_dir)
+        start_dir, data_dir = local_model_dir(rt, start), rt.store.download(data.uri)
+        return run_grpo(cfg, rt.store, run, start_dir, data_dir, prefix, reward_model_dir)
 
+    stage_config = _training_config(cfg, "generation", "grpo")
     return _run_stage(rt, "grpo", stage_config, inputs, parent_run_id, body)
 
 
-def train_dpo(rt: Runtime, sft: ArtifactRef, data: ArtifactRef, parent_run_id: str | None) -> StageResult:
+def train_dpo(rt: Runtime, start: ArtifactRef, data: ArtifactRef, parent_run_id: str | None) -> StageResult:
     cfg = rt.cfg
-    stage_config = {"seed": cfg.seed, "system_prompt": cfg.data.system_prompt, **cfg.section("policy", "dpo")}
 
     def body(run: "StageRun", prefix: str) -> ArtifactRef:
         from engine.algorithms.dpo import run_dpo
 
-        sft_dir, data_dir = local_model_dir(rt, sft), rt.store.download(data.uri)
-        return run_dpo(cfg, rt.store, run, sft_dir, data_dir, prefix, sft.digest, data.digest)
+        start_dir, data_dir = local_model_dir(rt, start), rt.store.download(data.uri)
+        return run_dpo(cfg, rt.store, run, start_dir, data_dir, prefix, start.digest, data.digest)
 
-    return _run_stage(rt, "dpo", stage_config, {"sft": sft.digest, "data": data.digest}, parent_run_id, body)
+    inputs = {"start": start.digest, "data": data.digest}
+    return _run_stage(rt, "dpo", _training_config(cfg, "dpo"), inputs, parent_run_id, body)
 
 
 def evaluate(
-    rt: Runtime, sft: ArtifactRef, final: ArtifactRef, data: ArtifactRef, parent_run_id: str | None
+    rt: Runtime,
+    start: ArtifactRef,
+    final: ArtifactRef,
+    data: ArtifactRef,
+    parent_run_id: str | None,
+    start_name: str = "sft",
+    preference: bool = False,
 ) -> StageResult:
+    """Held-out generation (greedy pass@1, mean reward, pass@k) with GRPO's own rewards, and, with ``preference``,
+    the final model's preference accuracy against the start model; ``start_name`` labels the start model."""
     cfg = rt.cfg
-    stage_config = {
-        "environment": cfg.grpo.environment,
-        "max_rollout_turns": cfg.grpo.max_rollout_turns,
-        "system_prompt": cfg.data.system_prompt,
-        **cfg.section("generation", "evaluate"),
+    g = cfg.grpo
+    rewards = {
+        "environment": g.environment,
+        "environments": g.environment_classes(),
+        "reward_functions": [f.model_dump(mode="json") for f in g.reward_functions],
+        "verifier_weight": g.verifier_weight,
+        "max_rollout_turns": g.max_rollout_turns,
     }
+    stage_config = {"rewards": rewards, "start_name": start_name, "preference": preference}
+    stage_config.update(cfg.section("policy", "generation", "evaluate"))
 
     def body(run: "StageRun", prefix: str) -> ArtifactRef:
         from engine.algorithms.evaluate import run_evaluate
@@ -228,12 +279,18 @@ def evaluate(
         with tempfile.TemporaryDirectory(prefix="evaluate-") as tmp:
             out = Path(tmp)
             metrics = run_evaluate(
-                cfg, local_model_dir(rt, sft), local_model_dir(rt, final), rt.store.download(data.uri), out
+                cfg,
+                local_model_dir(rt, start),
+                local_model_dir(rt, final),
+                rt.store.download(data.uri),
+                out,
+                start_name,
+                preference,
             )
             for plot in sorted(out.glob("*.png")):
                 run.log_artifact(plot, "plots")
             ref = rt.store.commit_dir(out, f"{prefix}/result", metadata={"metrics": metrics})
         return ref.model_copy(update={"metrics": metrics})
 
-    inputs = {"sft": sft.digest, "final": final.digest, "data": data.digest}
+    inputs = {"start": start.digest, "final": final.digest, "data": data.digest, **user_code_digests(g)}
     return _run_stage(rt, "evaluate", stage_config, inputs, parent_run_id, body, artifact="result")

@@ -138,6 +138,21 @@ class Tracker:
         run.log_params(params)
         return run
 
+    def register_model(self, name: str, source: str, run_id: str | None, stage: str) -> str | None:
+        """A new version of registered model ``name`` pointing at a committed model (its store URI), linked to the
+        stage run that trained it; returns the version."""
+        if self.client is None:
+            return None
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.create_registered_model(name, description="models committed by posttrain stages")
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        version = self.client.create_model_version(name, source=source, run_id=run_id, tags={"posttrain.stage": stage})
+        return version.version
+
     def _create(self, name: str, tags: dict[str, str]) -> StageRun:
         if self.client is None:
             return StageRun(None, None, self.cfg.flush_every)

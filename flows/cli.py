@@ -2,6 +2,7 @@
 
     posttrain run grpo-pipeline --config configs/grpo_tiny.yaml --set grpo.max_steps=20 [--json]
     posttrain config show --config sft_tiny --set policy.world_size=1
+    posttrain export <artifact URI> OUT [--dtype bf16]
     posttrain make-tiny-model OUT --arch qwen2
     posttrain convert hf-to-megatron HF_DIR OUT --tensor-parallel 2 | megatron-to-hf MEGATRON_DIR OUT
     posttrain env build vllm
@@ -155,6 +156,24 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """A committed model (a store URI, or any model name) as a plain Hugging Face folder."""
+    from pathlib import Path
+
+    from engine.config import load_config
+    from engine.models.export import export_folder, stage_of
+    from engine.models.loading import resolve_model
+    from engine.stages import open_store
+
+    cfg = load_config(args.config, args.set)
+    store = open_store(cfg)
+    source = resolve_model(args.artifact, store, Path(cfg.workdir) / "cache")
+    manifest = store.manifest(args.artifact) if args.artifact.startswith(store.root + "/") else None
+    metrics = manifest.metadata.get("metrics", {}) if manifest is not None else {}
+    print(export_folder(source, Path(args.out).expanduser(), args.dtype, metrics, stage_of(args.artifact)))
+    return 0
+
+
 def cmd_env_build(args: argparse.Namespace) -> int:
     from engine import worker_envs
 
@@ -206,6 +225,14 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--config")
     show.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     show.set_defaults(handler=cmd_config_show)
+
+    export = sub.add_parser("export", help="a committed model as a plain Hugging Face folder")
+    export.add_argument("artifact", help="the model's URI (the `artifact` of a stage in the run summary)")
+    export.add_argument("out", help="the folder to write (new or empty)")
+    export.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="cast the weights (default: as committed)")
+    export.add_argument("--config", help="config whose storage settings reach the artifact (default: the defaults)")
+    export.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    export.set_defaults(handler=cmd_export)
 
     env = sub.add_parser("env", help="isolated worker environments")
     env_sub = env.add_subparsers(dest="env_command", required=True)

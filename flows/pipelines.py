@@ -1,7 +1,10 @@
 """The pipelines, and one flow per stage (each runs its upstream stages, which are cached once done).
 
-grpo-pipeline: prepare -> sft -> reward_model -> grpo -> evaluate
-dpo-pipeline:  prepare -> sft -> dpo -> evaluate
+grpo-pipeline: prepare -> [sft] -> [reward_model] -> grpo -> evaluate
+dpo-pipeline:  prepare -> [sft] -> dpo -> evaluate
+
+``stages.sft: false`` starts RL or DPO from ``model.name`` itself; the reward model is trained where GRPO uses it
+(``stages.reward_model: auto``) or where the config says so.
 """
 
 from __future__ import annotations
@@ -30,48 +33,55 @@ def _run(pipeline: str, params: RunParameters, stages: Callable[[PipelineRun, Pi
     return run.finish("completed")
 
 
-def _through_sft(run: PipelineRun, cfg: PipelineConfig) -> tuple[StageResult, StageResult]:
+def _start(run: PipelineRun, cfg: PipelineConfig) -> tuple[StageResult, StageResult]:
+    """The model later stages start from (the SFT model, or with stages.sft=false the base model) and the data."""
     model = run.stage(prepare_model, cfg)
     data = run.stage(prepare_data, cfg)
+    if not cfg.stages.sft:
+        return model, data
     return run.stage(train_sft, cfg, model.ref, data.ref, run.parent.run_id), data
 
 
 def _through_reward_model(run: PipelineRun, cfg: PipelineConfig) -> tuple[StageResult, StageResult, StageResult]:
-    sft, data = _through_sft(run, cfg)
-    return sft, data, run.stage(train_reward_model, cfg, sft.ref, data.ref, run.parent.run_id)
+    start, data = _start(run, cfg)
+    return start, data, run.stage(train_reward_model, cfg, start.ref, data.ref, run.parent.run_id)
 
 
 def _grpo_stages(run: PipelineRun, cfg: PipelineConfig) -> tuple[StageResult, StageResult, StageResult]:
-    sft, data, reward_model = _through_reward_model(run, cfg)
-    return sft, data, run.stage(train_grpo, cfg, sft.ref, data.ref, reward_model.ref, run.parent.run_id)
+    start, data = _start(run, cfg)
+    reward_model = None
+    if cfg.trains_reward_model():
+        reward_model = run.stage(train_reward_model, cfg, start.ref, data.ref, run.parent.run_id).ref
+    return start, data, run.stage(train_grpo, cfg, start.ref, data.ref, reward_model, run.parent.run_id)
 
 
 def _dpo_stages(run: PipelineRun, cfg: PipelineConfig) -> tuple[StageResult, StageResult, StageResult]:
-    sft, data = _through_sft(run, cfg)
-    return sft, data, run.stage(train_dpo, cfg, sft.ref, data.ref, run.parent.run_id)
+    start, data = _start(run, cfg)
+    return start, data, run.stage(train_dpo, cfg, start.ref, data.ref, run.parent.run_id)
 
 
-def _evaluated(stages: Callable) -> Callable[[PipelineRun, PipelineConfig], None]:
+def _evaluated(stages: Callable, preference: bool) -> Callable[[PipelineRun, PipelineConfig], None]:
     def run_all(run: PipelineRun, cfg: PipelineConfig) -> None:
-        sft, data, final = stages(run, cfg)
-        run.stage(evaluate, cfg, sft.ref, final.ref, data.ref, run.parent.run_id)
+        start, data, final = stages(run, cfg)
+        start_name = "sft" if cfg.stages.sft else "base"
+        run.stage(evaluate, cfg, start.ref, final.ref, data.ref, run.parent.run_id, start_name, preference)
 
     return run_all
 
 
 @flow(name="grpo-pipeline", flow_run_name=flow_run_name)
 def grpo_pipeline(params: RunParameters = RunParameters(config="grpo_tiny")) -> dict[str, Any]:
-    return _run("grpo-pipeline", params, _evaluated(_grpo_stages))
+    return _run("grpo-pipeline", params, _evaluated(_grpo_stages, preference=False))
 
 
 @flow(name="dpo-pipeline", flow_run_name=flow_run_name)
 def dpo_pipeline(params: RunParameters = RunParameters(config="dpo_tiny")) -> dict[str, Any]:
-    return _run("dpo-pipeline", params, _evaluated(_dpo_stages))
+    return _run("dpo-pipeline", params, _evaluated(_dpo_stages, preference=True))
 
 
 @flow(name="sft", flow_run_name=flow_run_name)
 def sft(params: RunParameters = RunParameters(config="sft_tiny")) -> dict[str, Any]:
-    return _run("sft", params, _through_sft)
+    return _run("sft", params, _start)
 
 
 @flow(name="reward-model", flow_run_name=flow_run_name)

@@ -13,6 +13,12 @@ from tasks.runner import run_stage
 
 @task(name="evaluate", cache_policy=NO_CACHE)
 def evaluate(
-    cfg: PipelineConfig, sft: ArtifactRef, final: ArtifactRef, data: ArtifactRef, parent_run_id: str | None
+    cfg: PipelineConfig,
+    start: ArtifactRef,
+    final: ArtifactRef,
+    data: ArtifactRef,
+    parent_run_id: str | None,
+    start_name: str,
+    preference: bool,
 ) -> StageResult:
-    return run_stage("evaluate", cfg, sft, final, data, parent_run_id)
+    return run_stage("evaluate", cfg, start, final, data, parent_run_id, start_name, preference)

@@ -114,9 +114,9 @@ def run_dpo(
 
     d = cfg.dpo
     tokenizer = AutoTokenizer.from_pretrained(sft_model_dir)
-    system = cfg.data.system_prompt
-    train = pair_examples(tokenizer, read_jsonl(dataset_dir / "train.jsonl"), d.max_seq_len, system)
-    val = pair_examples(tokenizer, read_jsonl(dataset_dir / "val.jsonl")[: d.val_size], d.max_seq_len, system)
+    train = pair_examples(tokenizer, read_jsonl(dataset_dir / "train.jsonl"), d.max_seq_len, "train")
+    val_rows = read_jsonl(dataset_dir / "val.jsonl")[: d.val_size]
+    val = pair_examples(tokenizer, val_rows, d.max_seq_len, "validation")
     policy = start_policy_group(cfg, sft_model_dir, d.optimizer, d.max_steps, tokenizer.pad_token_id)
     for split, examples in (("train", train), ("val", val)):
         for example, value in zip(

@@ -1,48 +1,134 @@
-"""Held-out evaluation: greedy pass@1 of the SFT model and of the final model, and the plots people
-would rather see than read (accuracy before/after, the RL reward curve)."""
+"""Held-out evaluation of the start model (SFT, or the base model) and the final model, on any dataset.
+
+    generation   greedy pass@1 and mean reward, scored exactly as GRPO scores (the environments, the user's reward
+                 functions); pass@k with ``evaluate.samples`` > 1; rows no environment can score are counted
+                 (``unscored_rows``), never a crash
+    preference   on preference data, the share of pairs where the final model prefers the chosen response more than
+                 the start model does (DPO's implicit reward, with the start model as the reference)
+
+and the plots people would rather see than read (accuracy before/after, the RL reward curve).
+"""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
-from engine.algorithms.rollouts import greedy_accuracy
+import torch
+
+from engine.algorithms.rewards import EpisodeRewards
+from engine.algorithms.rollouts import new_episodes, run_rollouts
 from engine.config import PipelineConfig
 from engine.data.datasets import read_jsonl
-from engine.environments.router import EnvironmentRouter, environment_specs
+from engine.data.preferences import pair_examples
+from engine.environments.reward_functions import RewardFunctions
+from engine.environments.router import EnvironmentRouter
 from engine.generation.group import GenerationGroup
+from engine.generation.interfaces import SamplingParams
 from engine.weight_sync import load_saved_weights
 
 
-def held_out_accuracies(cfg: PipelineConfig, model_dirs: list[Path], rows: list[dict]) -> list[float]:
-    """Greedy pass@1 of each model on ``rows``. One generation engine serves them all: it starts on the first
-    model and each later one's weights are swapped in, since an engine start costs more than the evaluation
-    itself on small models. The models share the first one's architecture and tokenizer."""
+def greedy_scores(
+    generation: GenerationGroup,
+    router: EnvironmentRouter,
+    rewards: EpisodeRewards,
+    tokenizer,
+    rows: list[dict[str, Any]],
+    max_new_tokens: int,
+    max_turns: int,
+    default_task: str,
+) -> dict[str, float]:
+    """Greedy pass@1: the share of scorable rows answered right (the environment's reward above 0.5), their mean
+    reward (as GRPO computes it) and how many rows nothing could score."""
+    episodes = new_episodes(tokenizer, rows, 1, default_task)
+    params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, seed=0)
+    run_rollouts(episodes, generation, router, tokenizer, params, max_turns)
+    scored = [rewards.functions is not None or not e.metadata.get("unscored") for e in episodes]
+    total, _ = rewards(episodes)
+    count = max(1, sum(scored))
+    return {
+        "accuracy": sum(e.reward > 0.5 for e, s in zip(episodes, scored) if s) / count,
+        "reward_mean": float(sum(r for r, s in zip(total.tolist(), scored) if s)) / count,
+        "unscored_rows": float(len(rows) - sum(scored)),
+    }
+
+
+def pass_at_k(
+    generation: GenerationGroup,
+    router: EnvironmentRouter,
+    tokenizer,
+    rows: list[dict[str, Any]],
+    k: int,
+    params: SamplingParams,
+    max_turns: int,
+    default_task: str,
+) -> float:
+    """The share of scorable rows of which at least one of ``k`` samples is right."""
+    episodes = new_episodes(tokenizer, rows, k, default_task)
+    run_rollouts(episodes, generation, router, tokenizer, params, max_turns)
+    groups = [episodes[i * k : (i + 1) * k] for i in range(len(rows))]
+    scorable = [group for group in groups if not group[0].metadata.get("unscored")]
+    return sum(any(e.reward > 0.5 for e in group) for group in scorable) / max(1, len(scorable))
+
+
+def generation_metrics(cfg: PipelineConfig, model_dirs: list[Path], rows: list[dict[str, Any]]) -> list[dict]:
+    """Per model: greedy accuracy and mean reward over the scorable rows, pass@k, and the unscored count. One
+    generation engine serves every model: it starts on the first and each later one's weights are swapped in (an
+    engine start costs more than the evaluation itself on small models); the models share one tokenizer."""
     from transformers import AutoTokenizer
 
+    g, e = cfg.grpo, cfg.evaluate
     tokenizer = AutoTokenizer.from_pretrained(model_dirs[0])
+    functions = RewardFunctions(g.reward_functions) if g.reward_functions else None
+    router = EnvironmentRouter(g.environment_classes())
     generation = GenerationGroup(cfg.generation, str(model_dirs[0]), seed=cfg.seed)
-    router = EnvironmentRouter(environment_specs(cfg.grpo.environment, cfg.grpo.max_rollout_turns))
+    rewards = EpisodeRewards(g.verifier_weight, functions)
     try:
-        accuracies = []
+        results = []
         for version, model_dir in enumerate(model_dirs):
             if version:
                 load_saved_weights(generation, model_dir, version)
-            accuracies.append(
-                greedy_accuracy(
-                    generation,
-                    router,
-                    tokenizer,
-                    rows,
-                    cfg.evaluate.max_new_tokens,
-                    cfg.grpo.max_rollout_turns,
-                    cfg.data.system_prompt,
-                )
+            turns = g.max_rollout_turns
+            metrics = greedy_scores(
+                generation, router, rewards, tokenizer, rows, e.max_new_tokens, turns, g.environment
             )
-        return accuracies
+            if e.samples > 1:
+                params = SamplingParams(temperature=e.temperature, max_tokens=e.max_new_tokens, seed=cfg.seed + 1)
+                metrics[f"pass_at_{e.samples}"] = pass_at_k(
+                    generation, router, tokenizer, rows, e.samples, params, turns, g.environment
+                )
+            results.append(metrics)
+        return results
     finally:
         generation.shutdown()
         router.shutdown()
+        if functions is not None:
+            functions.shutdown()
+
+
+def preference_accuracy(cfg: PipelineConfig, start_dir: Path, final_dir: Path, rows: list[dict[str, Any]]) -> float:
+    """The share of pairs whose implicit reward margin (final vs start logprobs, chosen vs rejected) is positive."""
+    from transformers import AutoTokenizer
+
+    from engine.policy.group import start_policy_group
+
+    tokenizer = AutoTokenizer.from_pretrained(start_dir)
+    examples = pair_examples(tokenizer, rows, cfg.dpo.max_seq_len, "validation")
+    summed = []
+    for model_dir in (start_dir, final_dir):
+        group = start_policy_group(cfg, model_dir, None, 1, tokenizer.pad_token_id)  # frozen: forward passes only
+        try:
+            outputs = group.forward(examples)
+        finally:
+            group.shutdown()
+        summed.append(
+            torch.tensor(
+                [float((out * torch.tensor(ex.loss_mask, dtype=out.dtype)).sum()) for out, ex in zip(outputs, examples)]
+            )
+        )
+    margin = summed[1] - summed[0]  # log pi_final - log pi_start, per response
+    return float(((margin[0::2] - margin[1::2]) > 0).float().mean())
 
 
 def plot_results(out_dir: Path, accuracy: dict[str, float], history: list[dict[str, float]]) -> list[Path]:
@@ -79,13 +165,32 @@ def plot_results(out_dir: Path, accuracy: dict[str, float], history: list[dict[s
 
 
 def run_evaluate(
-    cfg: PipelineConfig, sft_model_dir: Path, final_model_dir: Path, dataset_dir: Path, out_dir: Path
+    cfg: PipelineConfig,
+    start_dir: Path,
+    final_dir: Path,
+    dataset_dir: Path,
+    out_dir: Path,
+    start_name: str = "sft",
+    preference: bool = False,
 ) -> dict[str, float]:
     rows = read_jsonl(dataset_dir / "val.jsonl")[: cfg.evaluate.size]
-    accuracy = dict(zip(("sft", "final"), held_out_accuracies(cfg, [sft_model_dir, final_model_dir], rows)))
-    history_file = final_model_dir / "history.jsonl"
+    metrics: dict[str, float] = {"eval_rows": float(len(rows))}
+    prompted = [row for row in rows if "prompt" in row]
+    if prompted:
+        start, final = generation_metrics(cfg, [start_dir, final_dir], prompted)
+        for name, values in ((start_name, start), ("final", final)):
+            metrics.update({f"{key}_{name}": value for key, value in values.items() if key != "unscored_rows"})
+        metrics["unscored_rows"] = final["unscored_rows"] + float(len(rows) - len(prompted))
+        accuracy = {start_name: start["accuracy"], "final": final["accuracy"]}
+    else:
+        metrics["unscored_rows"] = float(len(rows))
+        accuracy = {}
+    pairs = [row for row in rows if "chosen" in row and "rejected" in row]
+    if preference and pairs:
+        metrics["preference_accuracy"] = preference_accuracy(cfg, start_dir, final_dir, pairs)
+    history_file = final_dir / "history.jsonl"
     history = [json.loads(line) for line in history_file.read_text().splitlines()] if history_file.exists() else []
-    plot_results(out_dir, accuracy, history)
-    metrics = {"accuracy_sft": accuracy["sft"], "accuracy_final": accuracy["final"], "eval_prompts": float(len(rows))}
+    if accuracy:
+        plot_results(out_dir, accuracy, history)
     (out_dir / "metrics.json").write_text(json.dumps(metrics))
     return metrics

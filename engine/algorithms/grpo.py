@@ -3,8 +3,9 @@
     for step in steps:
         episodes  = collect(step)       n rollouts per prompt on the generator (multi-turn with tool environments);
                                         the step's prompts are a pure function of seed and step: exact resume
-        examples  = score(episodes)     rewards = verifier * w_v + sigmoid(reward model) * w_rm; leave-one-out
-                                        group advantages; groups without spread dropped (dynamic sampling)
+        examples  = score(episodes)     rewards = environment * w_v + sum of weighted reward functions
+                                        + sigmoid(reward model) * w_rm; leave-one-out group advantages;
+                                        groups without spread dropped (dynamic sampling)
         stats     = train(examples)     clipped_pg_loss over generated tokens / the step's global token count
         refit()                         the generator gets the new weights (also after a step with nothing to train)
         every val_every: greedy pass@1 on held-out prompts; every checkpoint_every: checkpoint
@@ -30,15 +31,17 @@ from tqdm import tqdm
 
 from engine import checkpointing
 from engine.algorithms.advantages import grpo_advantages
+from engine.algorithms.evaluate import greedy_scores
 from engine.algorithms.losses import PolicyLossConfig, clipped_pg_loss
-from engine.algorithms.rewards import RewardModelScorer
-from engine.algorithms.rollouts import Episode, greedy_accuracy, new_episodes, run_rollouts
+from engine.algorithms.rewards import EpisodeRewards, RewardModelScorer
+from engine.algorithms.rollouts import Episode, new_episodes, run_rollouts
 from engine.algorithms.supervised import StepSampler
 from engine.config import GRPOConfig, PipelineConfig
 from engine.data.batching import MicroBatch
 from engine.data.chat import TokenizedExample
 from engine.data.datasets import read_jsonl
-from engine.environments.router import EnvironmentRouter, environment_specs
+from engine.environments.reward_functions import RewardFunctions
+from engine.environments.router import EnvironmentRouter
 from engine.generation.group import GenerationGroup
 from engine.generation.interfaces import SamplingParams
 from engine.policy.group import PolicyGroup, start_policy_group
@@ -90,9 +93,11 @@ class GRPORoles:
     environments: EnvironmentRouter
     reference: PolicyGroup | None = None  # frozen: the KL reference
     reward_model: RewardModelScorer | None = None
+    reward_functions: RewardFunctions | None = None
 
     def shutdown(self) -> None:
-        for role in (self.policy, self.reference, self.reward_model, self.generation, self.environments):
+        roles = (self.policy, self.reference, self.reward_model, self.generation, self.environments)
+        for role in (*roles, self.reward_functions):
             if role is not None:
                 role.shutdown()
 
@@ -102,6 +107,7 @@ class ScoredStep:
     rewards: torch.Tensor
     advantages: torch.Tensor
     kept: list[int]  # episodes trained on (dynamic sampling drops groups without spread)
+    reward_parts: dict[str, float]  # the mean of each part of the reward (reward/<name>)
 
 
 class GRPOLoop:
@@ -115,23 +121,25 @@ class GRPOLoop:
         train_rows: list[dict[str, Any]],
         val_rows: list[dict[str, Any]],
         roles: GRPORoles,
-        system_prompt: str | None = None,
     ):
         self.cfg, self.seed, self.tokenizer = cfg, seed, tokenizer
         self.train_rows, self.val_rows = train_rows, val_rows
         self.roles = roles
-        self.system_prompt = system_prompt
         self.sampler = StepSampler(len(train_rows), cfg.prompts_per_step, seed)
         self.loss = GRPOLoss(cfg.loss)
+        self.rewards = EpisodeRewards(
+            cfg.verifier_weight, roles.reward_functions, roles.reward_model, cfg.reward_model_weight
+        )
 
     def collect(self, step: int) -> list[Episode]:
         """The step's prompts, each answered ``generations_per_prompt`` times (seeded by step: exact resume)."""
         g = self.cfg
-        rows = [self.train_rows[i] for i in self.sampler.indices(step)]
+        indices = self.sampler.indices(step)
+        rows = [self.train_rows[i] for i in indices]
         params = SamplingParams(
             temperature=g.temperature, top_p=g.top_p, max_tokens=g.max_new_tokens, seed=self.seed * 100_003 + step
         )
-        episodes = new_episodes(self.tokenizer, rows, g.generations_per_prompt, self.system_prompt)
+        episodes = new_episodes(self.tokenizer, rows, g.generations_per_prompt, g.environment, indices)
         return run_rollouts(
             episodes, self.roles.generation, self.roles.environments, self.tokenizer, params, g.max_rollout_turns
         )
@@ -139,17 +147,14 @@ class GRPOLoop:
     def score(self, episodes: list[Episode]) -> ScoredStep:
         """Rewards, group advantages, and which episodes are kept for training."""
         g = self.cfg
-        rewards = torch.tensor([e.reward for e in episodes]) * g.verifier_weight
-        if self.roles.reward_model is not None:
-            scores = self.roles.reward_model.rewards([e.messages for e in episodes])
-            rewards += torch.tensor(scores) * g.reward_model_weight
+        rewards, parts = self.rewards(episodes)
         groups = torch.tensor([e.group for e in episodes])
         advantages = grpo_advantages(rewards, groups, leave_one_out=g.leave_one_out, normalize=g.normalize_advantages)
         kept = list(range(len(episodes)))
         if g.dynamic_sampling:
             spread = {int(gid) for gid in groups.unique() if rewards[groups == gid].std() > 0}
             kept = [i for i in kept if episodes[i].group in spread]
-        return ScoredStep(rewards, advantages, kept)
+        return ScoredStep(rewards, advantages, kept, parts)
 
     def examples(self, episodes: list[Episode], scored: ScoredStep) -> list[TokenizedExample]:
         """Training examples of the kept episodes, with the reference model's logprobs where a KL term needs them."""
@@ -180,17 +185,20 @@ class GRPOLoop:
             "refit/bytes": refit_metrics["refit/bytes"],
         }
 
-    def validate(self) -> float:
+    def validate(self, step: int) -> dict[str, float]:
+        """Greedy pass@1 and mean reward on the held-out prompts."""
         g = self.cfg
-        return greedy_accuracy(
+        scores = greedy_scores(
             self.roles.generation,
             self.roles.environments,
+            self.rewards,
             self.tokenizer,
             self.val_rows,
             g.max_new_tokens,
             g.max_rollout_turns,
-            self.system_prompt,
+            g.environment,
         )
+        return {"step": step, "val/accuracy": scores["accuracy"], "val/reward_mean": scores["reward_mean"]}
 
 
 def episode_metrics(episodes: list[Episode], scored: ScoredStep) -> dict[str, float]:
@@ -200,6 +208,7 @@ def episode_metrics(episodes: list[Episode], scored: ScoredStep) -> dict[str, fl
     return {
         "reward/mean": float(scored.rewards.mean()),
         "reward/std": float(scored.rewards.std()),
+        **scored.reward_parts,
         "accuracy": sum(e.reward > 0.5 for e in episodes) / count,
         "response_length": sum(len(e.generated_tokens) for e in episodes) / count,
         "turns": sum(e.turns for e in episodes) / count,
@@ -229,7 +238,7 @@ def _edge_mean(values: list[float], last: bool) -> float:
     return sum(part) / len(part)
 
 
-def summarize(history: list[dict[str, float]], val_history: list[list[float]]) -> dict[str, float]:
+def summarize(history: list[dict[str, float]], val_history: list[dict[str, float]]) -> dict[str, float]:
     rewards = [h["reward/mean"] for h in history]
     return {
         "reward_mean_first": _edge_mean(rewards, last=False),
@@ -237,8 +246,9 @@ def summarize(history: list[dict[str, float]], val_history: list[list[float]]) -
         "token_mult_prob_error_median": statistics.median(h["token_mult_prob_error"] for h in history),
         "step_seconds_median": statistics.median(h["timing/step"] for h in history),
         "refit_seconds_median": statistics.median(h["timing/refit"] for h in history),
-        "val_accuracy_first": val_history[0][1],
-        "val_accuracy_last": val_history[-1][1],
+        "val_accuracy_first": val_history[0]["val/accuracy"],
+        "val_accuracy_last": val_history[-1]["val/accuracy"],
+        "val_reward_mean_last": val_history[-1]["val/reward_mean"],
         "steps": float(len(history)),
     }
 
@@ -253,20 +263,20 @@ def train_loop(
     if state.step:
         refit(policy, loop.roles.generation, version=state.step)
     if not state.val_history:
-        state.val_history.append([0, loop.validate()])
-        run.log_metrics({"val/accuracy": state.val_history[-1][1]}, step=0)
+        state.val_history.append(loop.validate(0))
+        run.log_metrics({k: v for k, v in state.val_history[-1].items() if k != "step"}, step=0)
     progress = tqdm(range(state.step, g.max_steps), initial=state.step, total=g.max_steps, desc="grpo", unit="step")
     for step in progress:
         started = time.perf_counter()
         metrics = loop.step(step)
         state.step = step + 1
         if state.step % g.val_every == 0 or state.step == g.max_steps:
-            state.val_history.append([state.step, loop.validate()])
-            metrics["val/accuracy"] = state.val_history[-1][1]
+            state.val_history.append(loop.validate(state.step))
+            metrics.update({k: v for k, v in state.val_history[-1].items() if k != "step"})
         metrics["timing/step"] = time.perf_counter() - started
         state.history.append(metrics)
         run.log_metrics(metrics, step=state.step)
-        progress.set_postfix(reward=f"{metrics['reward/mean']:.3f}", acc=f"{state.val_history[-1][1]:.2f}")
+        progress.set_postfix(reward=f"{metrics['reward/mean']:.3f}", acc=f"{state.val_history[-1]['val/accuracy']:.2f}")
         if state.step % g.checkpoint_every == 0 and state.step < g.max_steps:
             checkpointing.checkpoint(store, policy, stage_prefix, cfg, state, state.step * g.prompts_per_step)
     run.flush()
@@ -278,18 +288,19 @@ def start_roles(cfg: PipelineConfig, init_model_dir: Path, pad_id: int, reward_m
     if g.reward_model_weight > 0 and reward_model_dir is None:
         raise ValueError("grpo.reward_model_weight > 0 needs a trained reward model")
     started: list[Any] = []
-    try:
+    try:  # the user's code is loaded first: a bad name fails before any worker starts
+        started.append(RewardFunctions(g.reward_functions) if g.reward_functions else None)
+        started.append(EnvironmentRouter(g.environment_classes()))
         started.append(start_policy_group(cfg, init_model_dir, g.optimizer, g.max_steps, pad_id))
         started.append(start_policy_group(cfg, init_model_dir, None, g.max_steps, pad_id) if g.loss.kl_beta else None)
         started.append(GenerationGroup(cfg.generation, str(init_model_dir), seed=cfg.seed))
-        started.append(EnvironmentRouter(environment_specs(g.environment, g.max_rollout_turns)))
         started.append(RewardModelScorer.start(cfg, reward_model_dir) if g.reward_model_weight > 0 else None)
     except BaseException:
         for role in filter(None, started):
             role.shutdown()
         raise
-    policy, reference, generation, environments, reward_model = started
-    return GRPORoles(policy, generation, environments, reference, reward_model)
+    functions, environments, policy, reference, generation, reward_model = started
+    return GRPORoles(policy, generation, environments, reference, reward_model, functions)
 
 
 def run_grpo(
@@ -309,14 +320,14 @@ def run_grpo(
     val_rows = read_jsonl(dataset_dir / "val.jsonl")[: g.val_size]
     roles = start_roles(cfg, init_model_dir, tokenizer.pad_token_id, reward_model_dir)
     try:
-        loop = GRPOLoop(g, cfg.seed, tokenizer, train_rows, val_rows, roles, cfg.data.system_prompt)
+        loop = GRPOLoop(g, cfg.seed, tokenizer, train_rows, val_rows, roles)
         state = train_loop(loop, store, run, cfg, stage_prefix)
         return checkpointing.export_model(
             store,
             roles.policy,
             init_model_dir,
             f"{stage_prefix}/model",
-            cfg.to_yaml(),
+            cfg,
             summarize(state.history, state.val_history),
             extra_files={HISTORY_FILE: "".join(json.dumps(h) + "\n" for h in state.history)},
         )

@@ -1,8 +1,8 @@
-"""Rewards beyond the environments' own: a trained reward model, run as a frozen trainer group.
+"""The reward of an episode: its environment's (a verifier), the user's reward functions, a trained reward model.
 
-The reward model's head decides the score: a sequence-classification head gives one scalar per conversation; a
-causal LM (the ``likelihood`` head of ``engine.algorithms.rm``) scores the response by its summed token
-log-likelihood. Either way the reward is sigmoid(score), in (0, 1).
+The reward model runs as a frozen trainer group. Its head decides the score: a sequence-classification head gives
+one scalar per conversation; a causal LM (the ``likelihood`` head of ``engine.algorithms.rm``) scores the response
+by its summed token log-likelihood. Either way its reward is sigmoid(score), in (0, 1).
 """
 
 from __future__ import annotations
@@ -11,9 +11,10 @@ from pathlib import Path
 
 import torch
 
+from engine.algorithms.rollouts import Episode
 from engine.config import PipelineConfig
-from engine.data.chat import tokenize_conversation
-from engine.environments.interfaces import Message
+from engine.data.chat import Prompt, tokenize_example
+from engine.environments.reward_functions import RewardFunctions
 from engine.policy.group import PolicyGroup, start_policy_group
 
 
@@ -32,15 +33,56 @@ class RewardModelScorer:
         group = start_policy_group(cfg, model_dir, None, 1, tokenizer.pad_token_id, kind)
         return cls(group, tokenizer, cfg.reward_model.max_seq_len, likelihood)
 
-    def scores(self, conversations: list[list[Message]]) -> list[float]:
-        examples = [tokenize_conversation(self.tokenizer, list(log), self.max_len) for log in conversations]
+    def scores(self, prompts: list[Prompt], completions: list[Prompt]) -> list[float]:
+        """Scores of responses, tokenized as the reward model was trained (``engine.data.preferences``)."""
+        examples = [tokenize_example(self.tokenizer, p, c, self.max_len) for p, c in zip(prompts, completions)]
         outputs = self.group.forward(examples)
         if not self.likelihood:
             return [float(score) for score in outputs]
         return [float((out * torch.tensor(e.loss_mask, dtype=out.dtype)).sum()) for out, e in zip(outputs, examples)]
 
-    def rewards(self, conversations: list[list[Message]]) -> list[float]:
-        return torch.sigmoid(torch.tensor(self.scores(conversations), dtype=torch.float64)).tolist()
+    def rewards(self, prompts: list[Prompt], completions: list[Prompt]) -> list[float]:
+        return torch.sigmoid(torch.tensor(self.scores(prompts, completions), dtype=torch.float64)).tolist()
 
     def shutdown(self) -> None:
         self.group.shutdown()
+
+
+class EpisodeRewards:
+    """The reward of finished episodes, as GRPO trains on it and evaluate reports it:
+
+        reward = verifier_weight * environment reward + sum_i weight_i * function_i + w_rm * sigmoid(RM score)
+
+    A reward function's ``None`` (not applicable) adds nothing. Each part's mean is a metric (``reward/<name>``)."""
+
+    def __init__(
+        self,
+        verifier_weight: float,
+        functions: RewardFunctions | None = None,
+        reward_model: RewardModelScorer | None = None,
+        reward_model_weight: float = 0.0,
+    ):
+        self.verifier_weight, self.functions = verifier_weight, functions
+        self.reward_model, self.reward_model_weight = reward_model, reward_model_weight
+
+    def __call__(self, episodes: list[Episode]) -> tuple[torch.Tensor, dict[str, float]]:
+        environment = torch.tensor([e.reward for e in episodes], dtype=torch.float64)
+        total = environment * self.verifier_weight
+        metrics = {"reward/environment": float(environment.mean())}
+        if self.functions is not None:
+            scores = self.functions.score(
+                [e.prompt for e in episodes],
+                [e.completion for e in episodes],
+                [e.columns for e in episodes],
+                [e.row_id for e in episodes],
+            )
+            for name, values in scores.items():
+                applicable = [v for v in values if v is not None]
+                total += self.functions.weights[name] * torch.tensor([v or 0.0 for v in values], dtype=torch.float64)
+                metrics[f"reward/{name}"] = sum(applicable) / len(applicable) if applicable else 0.0
+        if self.reward_model is not None:
+            rewards = self.reward_model.rewards([e.prompt for e in episodes], [e.completion for e in episodes])
+            scores = torch.tensor(rewards, dtype=torch.float64)
+            total += self.reward_model_weight * scores
+            metrics["reward/reward_model"] = float(scores.mean())
+        return total.float(), metrics

@@ -61,9 +61,9 @@ def run_reward_model(
             "set reward_model.head=likelihood"
         )
     tokenizer = AutoTokenizer.from_pretrained(sft_model_dir)
-    system = cfg.data.system_prompt
-    train = pair_examples(tokenizer, read_jsonl(dataset_dir / "train.jsonl"), rm.max_seq_len, system)
-    val = pair_examples(tokenizer, read_jsonl(dataset_dir / "val.jsonl")[: rm.val_size], rm.max_seq_len, system)
+    train = pair_examples(tokenizer, read_jsonl(dataset_dir / "train.jsonl"), rm.max_seq_len, "train")
+    val_rows = read_jsonl(dataset_dir / "val.jsonl")[: rm.val_size]
+    val = pair_examples(tokenizer, val_rows, rm.max_seq_len, "validation")
     spec = LoopSpec(
         name="reward_model",
         train=train,

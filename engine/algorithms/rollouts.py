@@ -10,9 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.data.chat import TokenizedExample, prompt_messages, tokenize_observation, tokenize_prompt
+from engine.data.chat import Prompt, TokenizedExample, tokenize_observation, tokenize_prompt
 from engine.environments.interfaces import Message
 from engine.environments.router import EnvironmentRouter
+from engine.errors import DataError
 from engine.generation.group import GenerationGroup
 from engine.generation.interfaces import SamplingParams
 
@@ -20,11 +21,14 @@ from engine.generation.interfaces import SamplingParams
 @dataclass
 class Episode:
     group: int  # index of the prompt it answers (GRPO groups by it)
-    messages: list[Message]
+    prompt: Prompt  # as the dataset gives it: text or a conversation (reward functions get this form)
+    messages: list[Message]  # the conversation so far, as environments see it (a text prompt is one user turn)
     token_ids: list[int]
     loss_mask: list[int]
     generation_logprobs: list[float]
-    metadata: dict[str, Any]
+    metadata: dict[str, Any]  # what environments read: the reference answer, the task, their own state
+    columns: dict[str, Any] = field(default_factory=dict)  # the row's other columns, for reward functions
+    row_id: int = 0  # the dataset row it answers (named in errors)
     reward: float = 0.0
     turns: int = 0
     truncated: bool = False
@@ -39,22 +43,38 @@ class Episode:
             scalars=dict(scalars),
         )
 
+    @property
+    def completion(self) -> Prompt:
+        """What was generated after the prompt, in the prompt's form (TRL's ``completions``)."""
+        turns = self.messages[len(self.prompt) :] if isinstance(self.prompt, list) else self.messages[1:]
+        if isinstance(self.prompt, list):
+            return [dict(m) for m in turns]
+        return "".join(m["content"] for m in turns)
 
-def new_episodes(tokenizer, rows: list[dict[str, Any]], samples: int, system_prompt: str | None) -> list[Episode]:
+
+def new_episodes(
+    tokenizer, rows: list[dict[str, Any]], samples: int, default_task: str, row_ids: list[int] | None = None
+) -> list[Episode]:
+    """``samples`` episodes per normalized row (``engine.data.formats``); each carries its row's reference answer,
+    task and other columns as the metadata environments and reward functions read."""
     episodes = []
     for index, row in enumerate(rows):
-        messages = prompt_messages(row["prompt"], system_prompt)
-        prompt_ids = tokenize_prompt(tokenizer, messages)
-        metadata = {"answer": row["answer"], "task": row.get("task", "arithmetic")}
+        prompt = row["prompt"]
+        messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+        prompt_ids = tokenize_prompt(tokenizer, prompt)
+        metadata = {"answer": row.get("answer"), "task": row.get("task") or default_task}
         for _ in range(samples):
             episodes.append(
                 Episode(
                     index,
+                    prompt,
                     [dict(m) for m in messages],
                     list(prompt_ids),
                     [0] * len(prompt_ids),
                     [0.0] * len(prompt_ids),
                     dict(metadata),
+                    row.get("columns", {}),
+                    row_ids[index] if row_ids is not None else index,
                 )
             )
     return episodes
@@ -69,6 +89,8 @@ def run_rollouts(
     max_turns: int,
 ) -> list[Episode]:
     """Play every episode to its end (environment says so, a turn was cut by length, or max_turns)."""
+    if max_turns > 1 and any(isinstance(e.prompt, str) for e in episodes):
+        raise DataError("multi-turn rollouts (grpo.max_rollout_turns > 1) need conversational prompts")
     for turn in range(max_turns):
         active = [e for e in episodes if not e.done]
         if not active:
@@ -97,19 +119,3 @@ def run_rollouts(
             episode.loss_mask += [0] * len(observed)
             episode.generation_logprobs += [0.0] * len(observed)
     return episodes
-
-
-def greedy_accuracy(
-    generation: GenerationGroup,
-    router: EnvironmentRouter,
-    tokenizer,
-    rows: list[dict[str, Any]],
-    max_new_tokens: int,
-    max_turns: int,
-    system_prompt: str | None,
-) -> float:
-    """pass@1 with greedy decoding: the share of held-out prompts answered exactly."""
-    episodes = new_episodes(tokenizer, rows, 1, system_prompt)
-    params = SamplingParams(n=1, temperature=0.0, max_tokens=max_new_tokens, seed=0)
-    run_rollouts(episodes, generation, router, tokenizer, params, max_turns)
-    return sum(e.reward > 0.5 for e in episodes) / max(1, len(episodes))

@@ -16,7 +16,7 @@ from engine.algorithms.losses import nll_loss
 from engine.algorithms.supervised import LoopSpec, run_loop
 from engine.config import PipelineConfig
 from engine.data.batching import MicroBatch
-from engine.data.chat import tokenize_conversation
+from engine.data.chat import supervised_example
 from engine.data.datasets import read_jsonl
 from engine.storage import ArtifactRef, ArtifactStore
 from engine.tracking import StageRun
@@ -43,7 +43,7 @@ def run_sft(
 
     def examples(split: str) -> list:
         rows = read_jsonl(dataset_dir / f"{split}.jsonl")
-        return [tokenize_conversation(tokenizer, row["messages"], sft.max_seq_len) for row in rows]
+        return [supervised_example(tokenizer, row, sft.max_seq_len, f"{split} row {i}") for i, row in enumerate(rows)]
 
     spec = LoopSpec(
         name="sft",

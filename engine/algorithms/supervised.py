@@ -131,4 +131,4 @@ def _train(
     run.flush()
 
     metrics = {**spec.summary(state.val_history, last_loss), "steps": float(spec.max_steps)}
-    return checkpointing.export_model(store, policy, model_dir, f"{stage_prefix}/model", cfg.to_yaml(), metrics)
+    return checkpointing.export_model(store, policy, model_dir, f"{stage_prefix}/model", cfg, metrics)

@@ -1,8 +1,10 @@
-"""Chat formatting through the tokenizer's own template, with a loss mask on assistant tokens only.
+"""Tokenization of prompts and responses, with a loss mask on the response tokens only.
 
-A conversation is rendered turn by turn: the tokens up to each assistant turn (with the generation
-prompt) are the context, the tokens the turn adds are the target, trained up to and including eos.
-Rendering through the template keeps training and generation on exactly the same token layout.
+A conversation goes through the tokenizer's own chat template, turn by turn: the tokens up to each assistant
+turn (with the generation prompt) are the context, the tokens the turn adds are the target, trained up to and
+including eos. Rendering through the template keeps training and generation on exactly the same token layout.
+Plain-text data (TRL's non-conversational formats) is tokenized as it is: the prompt with the tokenizer's own
+special tokens, the response after it, then eos.
 """
 
 from __future__ import annotations
@@ -45,19 +47,48 @@ def validate_messages(messages: Any, where: str) -> list[dict[str, str]]:
     return messages
 
 
-def prompt_messages(prompt: str, system_prompt: str | None = None) -> list[dict[str, str]]:
-    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
-    return messages + [{"role": "user", "content": prompt}]
-
-
 def _render(tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool) -> list[int]:
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def tokenize_prompt(tokenizer, messages: list[dict[str, str]]) -> list[int]:
-    """The token ids a generator is given: the conversation so far plus the assistant header."""
-    return _render(tokenizer, messages, add_generation_prompt=True)
+Prompt = str | list[dict[str, str]]
+
+
+def tokenize_prompt(tokenizer, prompt: Prompt) -> list[int]:
+    """The token ids a generator is given: the conversation so far plus the assistant header, or the text."""
+    if isinstance(prompt, str):
+        return tokenizer(prompt)["input_ids"]
+    return _render(tokenizer, prompt, add_generation_prompt=True)
+
+
+def tokenize_example(tokenizer, prompt: Prompt, completion: Prompt, max_len: int) -> TokenizedExample:
+    """A prompt and its response (in the prompt's form) with the response's tokens as targets."""
+    if isinstance(prompt, list) and isinstance(completion, list):
+        return tokenize_conversation(tokenizer, prompt + completion, max_len)
+    if not (isinstance(prompt, str) and isinstance(completion, str)):
+        raise DataError("a prompt and its response must both be text or both conversations")
+    context = tokenizer(prompt)["input_ids"]
+    target = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return TokenizedExample((context + target)[:max_len], ([0] * len(context) + [1] * len(target))[:max_len])
+
+
+def tokenize_text(tokenizer, text: str, max_len: int) -> TokenizedExample:
+    """Language modeling: every token a target (the first has nothing to be predicted from), then eos."""
+    ids = (tokenizer(text)["input_ids"] + [tokenizer.eos_token_id])[:max_len]
+    return TokenizedExample(ids, [0] + [1] * (len(ids) - 1))
+
+
+def supervised_example(tokenizer, row: dict, max_len: int, where: str) -> TokenizedExample:
+    """What SFT trains on in a normalized row (``engine.data.formats``)."""
+    if "text" in row:
+        return tokenize_text(tokenizer, row["text"], max_len)
+    if "completion" not in row:
+        raise DataError(
+            f"{where} has a prompt but no response to imitate: SFT needs completions (stages.sft=false "
+            "trains GRPO straight from the model)"
+        )
+    return tokenize_example(tokenizer, row["prompt"], row["completion"], max_len)
 
 
 def tokenize_conversation(tokenizer, messages: list[dict[str, str]], max_len: int) -> TokenizedExample:

@@ -16,7 +16,6 @@ from typing import Any
 from engine.config import SyntheticDataConfig
 from engine.errors import ConfigError
 
-TASK_NAME = "arithmetic"
 _OPS = {"+": operator.add, "-": operator.sub, "*": operator.mul}
 
 
@@ -31,7 +30,6 @@ def _wrong_answers(rng: random.Random, answer: int, count: int) -> list[str]:
 def problem_row(a: int, op: str, b: int, rng: random.Random, num_wrong: int) -> dict[str, Any]:
     answer = _OPS[op](a, b)
     return {
-        "task": TASK_NAME,
         "prompt": f"What is {a}{op}{b}?",
         "answer": str(answer),
         "wrong_answers": _wrong_answers(rng, answer, num_wrong),
@@ -79,6 +77,30 @@ def _add_rounded_demonstrations(train: list[dict[str, Any]], cfg: SyntheticDataC
                 {"role": "user", "content": row["prompt"]},
                 {"role": "assistant", "content": str(estimate)},
             ]
+
+
+def normalized_rows(rows: list[dict[str, Any]], system_prompt: str | None) -> list[dict[str, Any]]:
+    """The problems in posttrain's normalized form (``engine.data.formats``): the prompt, the teacher's
+    demonstration as the completion, the exact answer, and a preference pair (the exact answer against one of the
+    wrong ones, chosen by the row's index)."""
+    out = []
+    for index, row in enumerate(rows):
+        prompt = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
+            {"role": "user", "content": row["prompt"]}
+        ]
+        demonstration = row.get("messages") or [{"role": "user"}, {"role": "assistant", "content": row["answer"]}]
+        wrong = row["wrong_answers"][index % len(row["wrong_answers"])]
+        out.append(
+            {
+                "prompt": prompt,
+                "completion": demonstration[1:],
+                "chosen": [{"role": "assistant", "content": row["answer"]}],
+                "rejected": [{"role": "assistant", "content": wrong}],
+                "answer": row["answer"],
+                "columns": {"answer": row["answer"]},
+            }
+        )
+    return out
 
 
 def tool_demonstration(row: dict[str, Any]) -> list[dict[str, str]]:

@@ -1,7 +1,7 @@
 """A multi-turn tool environment: the model may call a calculator with ``<calc>EXPR</calc>``.
 
 The environment answers a call with the result as the next ``tool`` turn; the episode ends on a reply
-without a call (graded by the math verifier) or when the turn limit is reached (reward 0). Model text is
+without a call (graded by the math verifier), or at the rollout's turn limit (a call scores 0). Model text is
 never evaluated: expressions are parsed by ``ast`` into a whitelist of integer arithmetic, with bounded
 size and magnitude.
 """
@@ -65,17 +65,13 @@ def calculate(expression: str) -> str:
 
 
 class CalculatorToolEnv:
-    def __init__(self, max_turns: int = 3):
-        self.max_turns = max_turns
-
     def step(self, message_logs: list[list[Message]], metadata: list[dict[str, Any]]) -> EnvStepResult:
         result = EnvStepResult([], [], [], [], [])
         for log, meta in zip(message_logs, metadata):
             meta = dict(meta)
             reply = log[-1]["content"]
-            turns = sum(1 for m in log if m["role"] == "assistant")
             call = CALL.search(reply)
-            if call and turns < self.max_turns:
+            if call:
                 answer = calculate(call.group(1))
                 meta["tool_calls"] = meta.get("tool_calls", 0) + 1
                 meta["tool_errors"] = meta.get("tool_errors", 0) + answer.startswith("error")
@@ -83,7 +79,7 @@ class CalculatorToolEnv:
                 result.rewards.append(0.0)
                 result.terminated.append(False)
             else:
-                correct = call is None and is_correct(reply, meta["answer"])
+                correct = is_correct(reply, meta["answer"])
                 result.observations.append(None)
                 result.rewards.append(float(correct))
                 result.terminated.append(True)

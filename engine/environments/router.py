@@ -1,5 +1,8 @@
 """Environments as Ray actors, one per task name; each row goes to the environment of its ``task``.
 
+Environments follow the protocol of ``engine.environments.interfaces`` and are built with no arguments: the
+built-in ones (``math``, ``calculator``) are registered exactly as a user's (``grpo.environments``).
+
 The routing itself (which rows go where, and putting the answers back in row order) is two pure functions, so
 it is the same logic whether the environments are actors or, in a test, plain objects.
 """
@@ -10,7 +13,9 @@ from typing import Any, Iterable
 
 import ray
 
+from engine import cluster, user_code
 from engine.environments.interfaces import EnvStepResult, Message
+from engine.user_code import UserCodeError
 
 
 def rows_by_task(metadata: list[dict[str, Any]], known: Iterable[str]) -> dict[str, list[int]]:
@@ -42,33 +47,47 @@ def merge_results(count: int, by_task: dict[str, list[int]], parts: dict[str, En
 
 
 class EnvironmentRouter:
-    def __init__(self, environments: dict[str, tuple[type, dict[str, Any]]], runtime_env: dict | None = None):
-        options: dict[str, Any] = {"num_cpus": 0}
-        if runtime_env:
-            options["runtime_env"] = runtime_env
-        self.actors = {
-            task: ray.remote(cls).options(**options).remote(**kwargs) for task, (cls, kwargs) in environments.items()
-        }
+    """One actor per task, started when a row first needs it; a user environment that raises stops the run with one
+    line naming it (a built-in one that raises is a bug and keeps its traceback)."""
+
+    def __init__(self, classes: dict[str, str]):
+        self.specs = classes
+        self.classes = {task: load_environment(task, spec) for task, spec in classes.items()}
+        self.actors: dict[str, Any] = {}
+
+    def _actor(self, task: str):
+        if task not in self.actors:
+            self.actors[task] = ray.remote(self.classes[task]).options(num_cpus=0).remote()
+        return self.actors[task]
 
     def step(self, message_logs: list[list[Message]], metadata: list[dict[str, Any]]) -> EnvStepResult:
-        by_task = rows_by_task(metadata, self.actors)
+        by_task = rows_by_task(metadata, self.classes)
         refs = {
-            task: self.actors[task].step.remote([message_logs[r] for r in rows], [metadata[r] for r in rows])
+            task: self._actor(task).step.remote([message_logs[r] for r in rows], [metadata[r] for r in rows])
             for task, rows in by_task.items()
         }
-        return merge_results(len(message_logs), by_task, {task: ray.get(ref) for task, ref in refs.items()})
+        parts = {}
+        for task, ref in refs.items():
+            try:
+                parts[task] = cluster.get(ref)
+            except ray.exceptions.RayTaskError as exc:
+                if self.specs[task].startswith("engine."):
+                    raise
+                cause = exc.cause
+                raise UserCodeError(
+                    f"environment {self.specs[task]} (task {task!r}) raised {type(cause).__name__}: {cause}"
+                ) from None
+        return merge_results(len(message_logs), by_task, parts)
 
     def shutdown(self) -> None:
         for actor in self.actors.values():
             ray.kill(actor)
 
 
-def environment_specs(kind: str, max_turns: int) -> dict[str, tuple[type, dict[str, Any]]]:
-    """The environments of a run, by task name (the synthetic task is 'arithmetic')."""
-    if kind == "calculator":
-        from engine.environments.calculator import CalculatorToolEnv
-
-        return {"arithmetic": (CalculatorToolEnv, {"max_turns": max_turns})}
-    from engine.environments.math_verifier import MathVerifierEnv
-
-    return {"arithmetic": (MathVerifierEnv, {})}
+def load_environment(task: str, spec: str) -> type:
+    """The class named by ``spec`` (loaded here: a bad name fails before any work), made to travel to its actor."""
+    cls = user_code.load(user_code.parse(spec, f"grpo.environments.{task}"))
+    if not isinstance(cls, type) or not callable(getattr(cls, "step", None)):
+        raise UserCodeError(f"grpo.environments.{task}: {spec} is not a class with a step(message_logs, metadata)")
+    cluster.ship_by_value(cls)
+    return cls

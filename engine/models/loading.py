@@ -7,6 +7,7 @@ generators only ever load from disk and real models work unchanged where a hub i
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 import uuid
 from pathlib import Path
@@ -78,6 +79,15 @@ def resolve_model(name: str, store: ArtifactStore, cache_dir: Path) -> Path:
     if name.startswith(("/", ".", "~")):
         raise ModelLoadError(f"model folder not found: {name}")
     return _download_hub(name, cache_dir)
+
+
+def set_config_dtype(folder: Path, dtype: str) -> None:
+    """Record the weights' dtype in a saved model's config.json (what ``from_pretrained`` and vLLM read)."""
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    config["dtype"] = dtype
+    config.pop("torch_dtype", None)
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def load_hf_folder(folder: Path, layers: range | None = None) -> tuple[Any, dict[str, torch.Tensor]]:

@@ -24,6 +24,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from engine.config import OptimizerConfig, PolicyConfig
 from engine.data.batching import MicroBatch
+from engine.models.loading import set_config_dtype
 from engine.models.logprobs import token_logprobs_from_logits
 from engine.policy import process_group
 from engine.policy.interfaces import LossFn
@@ -209,11 +210,13 @@ class FSDP2PolicyWorker:
         state = self.full_state_dict()
         return put_weight_buckets(state, bucket_bytes) if self.rank == 0 else None
 
-    def export_hf(self, directory: str) -> None:
-        """Full Hugging Face weights (config, safetensors) written by rank 0."""
+    def export_hf(self, directory: str, dtype: str = "float32") -> None:
+        """Full Hugging Face weights (config, safetensors) in ``dtype``, written by rank 0."""
         state = self.full_state_dict()
         if self.rank == 0:
-            self.model.save_pretrained(directory, state_dict=state)
+            cast = getattr(torch, dtype)
+            self.model.save_pretrained(directory, state_dict={k: v.to(cast) for k, v in state.items()})
+            set_config_dtype(Path(directory), dtype)
         dist.barrier()
 
     def info(self) -> dict[str, Any]:

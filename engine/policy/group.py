@@ -88,9 +88,9 @@ class PolicyGroup:
     def load_checkpoint(self, directory: str | Path) -> None:
         self.workers.call("load_checkpoint", str(directory))
 
-    def export(self, directory: str | Path) -> None:
-        """Full Hugging Face weights and config (no tokenizer) written into ``directory``."""
-        self.workers.call("export_hf", str(directory))
+    def export(self, directory: str | Path, dtype: str = "float32") -> None:
+        """Full Hugging Face weights (in ``dtype``) and config, no tokenizer, written into ``directory``."""
+        self.workers.call("export_hf", str(directory), dtype)
 
     def weight_buckets(self, bucket_bytes: int) -> WeightBuckets:
         """The current full weights as object-store buckets, for a refit (gathered by every rank)."""

@@ -26,6 +26,7 @@ import torch.distributed as dist
 from engine.config import MegatronConfig, OptimizerConfig, PolicyConfig
 from engine.data.batching import MicroBatch, pad_micro_batch
 from engine.models import megatron_convert
+from engine.models.loading import set_config_dtype
 from engine.models.megatron_convert import GPTShape
 from engine.policy import process_group
 from engine.policy.interfaces import LossFn
@@ -438,8 +439,8 @@ class MegatronPolicyWorker:
         state = self.full_state_dict()
         return put_weight_buckets(state, bucket_bytes) if state is not None else None
 
-    def export_hf(self, directory: str) -> None:
-        """Full Hugging Face weights (config, safetensors) written by rank 0."""
+    def export_hf(self, directory: str, dtype: str = "float32") -> None:
+        """Full Hugging Face weights (config, safetensors) in ``dtype``, written by rank 0."""
         from safetensors.torch import save_file
 
         state = self.full_state_dict()
@@ -449,9 +450,10 @@ class MegatronPolicyWorker:
             for name in ("config.json", "generation_config.json"):
                 if (Path(self.model_path) / name).exists():
                     shutil.copy2(Path(self.model_path) / name, target / name)
-            save_file(
-                {k: v.contiguous() for k, v in state.items()}, str(target / "model.safetensors"), {"format": "pt"}
-            )
+            cast = getattr(torch, dtype)
+            tensors = {k: v.to(cast).contiguous() for k, v in state.items()}
+            save_file(tensors, str(target / "model.safetensors"), {"format": "pt"})
+            set_config_dtype(target, dtype)
         dist.barrier()
 
     def info(self) -> dict[str, Any]:

@@ -26,8 +26,10 @@ def test_likelihood_and_scalar_heads(ray_local, tiny_model_dir, tmp_path):
     likelihood = RewardModelScorer.start(cfg, tiny_model_dir)
     try:
         assert likelihood.likelihood and not likelihood.group.trainable
-        assert likelihood.scores([CONVERSATION])[0] == pytest.approx(expected, abs=1e-4)
-        assert likelihood.rewards([CONVERSATION])[0] == pytest.approx(torch.sigmoid(torch.tensor(expected)), abs=1e-4)
+        assert likelihood.scores([CONVERSATION[:1]], [CONVERSATION[1:]])[0] == pytest.approx(expected, abs=1e-4)
+        assert likelihood.rewards([CONVERSATION[:1]], [CONVERSATION[1:]])[0] == pytest.approx(
+            torch.sigmoid(torch.tensor(expected)), abs=1e-4
+        )
     finally:
         likelihood.shutdown()
 
@@ -40,7 +42,7 @@ def test_likelihood_and_scalar_heads(ray_local, tiny_model_dir, tmp_path):
     scalar = RewardModelScorer.start(cfg, tmp_path)
     try:
         assert not scalar.likelihood
-        one, two = scalar.scores([CONVERSATION, wrong])
+        one, two = scalar.scores([CONVERSATION[:1]] * 2, [CONVERSATION[1:], wrong[1:]])
         with torch.no_grad():
             want = [float(head(input_ids=torch.tensor([row])).logits[0, 0]) for row in batch.input_ids]
         assert [one, two] == pytest.approx(want, abs=1e-4) and one != two

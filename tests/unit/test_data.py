@@ -1,16 +1,11 @@
 """Synthetic data, chat formatting with assistant-only masks, dynamic batching, dataset loading."""
 
-import json
-
-import pytest
 import torch
 
-from engine.config import DataConfig, SyntheticDataConfig
+from engine.config import SyntheticDataConfig
 from engine.data.batching import collate, plan_step, split_by_token_budget
 from engine.data.chat import TokenizedExample, tokenize_conversation, tokenize_prompt
-from engine.data.datasets import build_splits
 from engine.data.synthetic import make_arithmetic
-from engine.errors import DataError
 
 
 def test_synthetic_splits_are_disjoint_deterministic_and_verifiable():
@@ -104,46 +99,6 @@ def test_long_sequence_alone_exceeds_budget_but_still_runs():
     assert [len(g) for g in groups] == [1, 1]
 
 
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-def test_local_jsonl_with_prompt_answer_and_messages(tmp_path):
-    rows = [{"prompt": f"q{i}", "answer": i} for i in range(20)]
-    rows.append({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]})
-    path = write_jsonl(tmp_path / "d.jsonl", rows)
-    train, val = build_splits(DataConfig(source=str(path), val_fraction=0.1), tmp_path / "cache", {}, seed=0)
-    assert len(train) + len(val) == 21 and len(val) == 2
-    assert all(r["messages"][-1]["role"] == "assistant" for r in train + val)
-
-
-def test_parquet_and_separate_val_file(tmp_path):
-    import datasets
-
-    datasets.Dataset.from_list([{"q": "a", "r": "b"}] * 4).to_parquet(tmp_path / "t.parquet")
-    val = write_jsonl(tmp_path / "v.jsonl", [{"q": "c", "r": "d"}])
-    cfg = DataConfig(source=str(tmp_path / "t.parquet"), val_source=str(val), prompt_field="q", response_field="r")
-    train, val_rows = build_splits(cfg, tmp_path / "cache", {}, seed=0)
-    assert len(train) == 4 and val_rows[0]["answer"] == "d"
-
-
-def test_missing_file_and_malformed_rows_name_the_file_and_row(tmp_path):
-    with pytest.raises(DataError, match="dataset file not found: .*nope.jsonl"):
-        build_splits(DataConfig(source=str(tmp_path / "nope.jsonl")), tmp_path, {}, seed=0)
-    path = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "q", "answer": "a"}, {"question": "q"}])
-    with pytest.raises(DataError, match=r"bad.jsonl row 1: row has neither 'messages' nor 'prompt' \+ 'answer'"):
-        build_splits(DataConfig(source=str(path)), tmp_path, {}, seed=0)
-    path = write_jsonl(tmp_path / "roles.jsonl", [{"messages": [{"role": "robot", "content": "x"}]}])
-    with pytest.raises(DataError, match="roles.jsonl row 0: message 0 needs a role"):
-        build_splits(DataConfig(source=str(path)), tmp_path, {}, seed=0)
-
-
-def test_hub_dataset_offline_fails_with_one_line(tmp_path):
-    with pytest.raises(DataError, match="cannot load dataset 'someone/no-such-dataset'"):
-        build_splits(DataConfig(source="someone/no-such-dataset"), tmp_path, {}, seed=0)
-
-
 def test_observation_tokens_continue_a_generated_turn(tiny_model_dir):
     from transformers import AutoTokenizer
 
@@ -159,22 +114,27 @@ def test_observation_tokens_continue_a_generated_turn(tiny_model_dir):
     assert tok.decode(full) == expected
 
 
-def test_preference_pairs_and_tool_demonstrations(tiny_model_dir):
+def test_synthetic_rows_normalize_to_prompt_demonstration_answer_and_pair(tiny_model_dir):
     from transformers import AutoTokenizer
 
     from engine.data.preferences import pair_examples
+    from engine.data.synthetic import normalized_rows
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     train, _ = make_arithmetic(SyntheticDataConfig(num_train=10, num_val=2, tool_use_fraction=0.5))
     assert sum("messages" in r for r in train) == 5
-    assert train[0]["messages"][1]["content"].startswith("<calc>") and train[0]["messages"][2]["role"] == "tool"
-    pairs = pair_examples(tok, train[:3], 64, None)
+    rows = normalized_rows(train, system_prompt=None)
+    assert rows[0]["prompt"] == [{"role": "user", "content": train[0]["prompt"]}]
+    assert rows[0]["completion"][0]["content"].startswith("<calc>") and rows[0]["completion"][1]["role"] == "tool"
+    assert rows[9]["completion"] == [{"role": "assistant", "content": train[9]["answer"]}]
+    assert rows[1]["rejected"][0]["content"] == train[1]["wrong_answers"][1 % len(train[1]["wrong_answers"])]
+    assert all(r["answer"] == t["answer"] and r["columns"] == {"answer": t["answer"]} for r, t in zip(rows, train))
+    pairs = pair_examples(tok, rows[:3], 64, "train")
     assert len(pairs) == 6
     decode = [tok.decode([t for t, m in zip(e.input_ids, e.loss_mask) if m]) for e in pairs]
     assert decode[0] == train[0]["answer"] + "<|im_end|>" and decode[1] != decode[0]
-    rows = [{"prompt": "p", "chosen": "good", "rejected": "bad"}]
-    chosen, rejected = pair_examples(tok, rows, 64, None)
-    assert tok.decode([t for t, m in zip(chosen.input_ids, chosen.loss_mask) if m]) == "good<|im_end|>"
+    with_system = normalized_rows(train[:1], system_prompt="Be brief.")
+    assert with_system[0]["prompt"][0] == {"role": "system", "content": "Be brief."}
 
 
 def test_rounded_demonstrations_change_only_what_sft_imitates():

@@ -1,26 +1,34 @@
-"""Environments: answer extraction, the safe calculator (hostile input included), multi-turn tool flow."""
+"""Environments: answers checked by value, the safe calculator (hostile input included), multi-turn tool flow."""
 
 import pytest
 
 from engine.environments.calculator import CalculatorToolEnv, calculate
-from engine.environments.math_verifier import MathVerifierEnv, extract_answer
+from engine.environments.math_verifier import MathVerifierEnv, is_correct
 
 
 @pytest.mark.parametrize(
-    "text,answer",
+    "reply,reference,correct",
     [
-        ("82", "82"),
-        ("The answer is 82.", "82"),
-        ("082", "82"),
-        ("-5", "-5"),
-        ("5.0", "5"),
-        ("no digits", None),
-        ("<calc>1+2</calc> so 3", "3"),
-        ("7 then 9", "9"),
+        ("82", "82", True),
+        ("The answer is 82.", "82", True),
+        ("082", "82", True),
+        ("-5", "-5", True),
+        ("5.0", "5", True),
+        ("no digits", "5", False),
+        ("<calc>1+2</calc> so 3", "3", True),
+        ("<calc>3</calc>", "3", False),  # a tool call is not an answer
+        ("7 then 9", "9", True),  # the final answer counts
+        ("1,000", "1000", True),  # thousands separators
+        ("1000", "1,000", True),
+        ("9007199254740993", "9007199254740992", False),  # exact beyond 2^53
+        ("٨٢", "82", False),  # non-ASCII digits are not a number
+        ("\\boxed{\\frac{1}{2}}", "0.5", True),
+        ("72", "Natalia sold 24 clips.\n#### 72", True),
+        ("8 2", "82", False),
     ],
 )
-def test_extract_answer(text, answer):
-    assert extract_answer(text) == answer
+def test_answers_are_compared_by_value(reply, reference, correct):
+    assert is_correct(reply, reference) is correct
 
 
 def test_math_verifier_rewards_exact_answers_only():
@@ -29,6 +37,13 @@ def test_math_verifier_rewards_exact_answers_only():
     result = env.step(logs, [{"answer": "82"}] * 4)
     assert result.rewards == [1.0, 0.0, 0.0, 0.0]
     assert all(result.terminated) and result.observations == [None] * 4
+    assert not any("unscored" in meta for meta in result.metadata)
+
+
+def test_a_row_without_a_readable_reference_is_unscored_not_wrong():
+    logs = [[{"role": "assistant", "content": "82"}]] * 2
+    result = MathVerifierEnv().step(logs, [{"answer": None}, {"answer": "no number here"}])
+    assert result.rewards == [0.0, 0.0] and [m.get("unscored") for m in result.metadata] == [True, True]
 
 
 @pytest.mark.parametrize(
@@ -76,8 +91,8 @@ def test_calculator_bounds_magnitude():
 
 
 def test_tool_env_multi_turn_flow():
-    env = CalculatorToolEnv(max_turns=3)
-    meta = [{"answer": "82", "task": "arithmetic"}]
+    env = CalculatorToolEnv()
+    meta = [{"answer": "82", "task": "calculator"}]
     log = [{"role": "user", "content": "What is 37+45?"}, {"role": "assistant", "content": "<calc>37+45</calc>"}]
     first = env.step([log], meta)
     assert first.observations == [{"role": "tool", "content": "82"}] and first.terminated == [False]
@@ -87,12 +102,8 @@ def test_tool_env_multi_turn_flow():
     assert final.terminated == [True] and final.rewards == [1.0]
 
 
-def test_tool_env_turn_limit_and_bad_calls():
-    env = CalculatorToolEnv(max_turns=1)
-    log = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "<calc>37+45</calc>"}]
-    result = env.step([log], [{"answer": "82"}])
-    assert result.terminated == [True] and result.rewards == [0.0]  # out of turns, no final answer
-    env = CalculatorToolEnv(max_turns=3)
+def test_tool_env_answers_a_bad_call_with_an_error():  # the turn limit is the rollout's (test_rollouts)
+    env = CalculatorToolEnv()
     log = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "<calc>import os</calc>"}]
     result = env.step([log], [{"answer": "82"}])
     assert result.observations[0]["content"].startswith("error:") and result.metadata[0]["tool_errors"] == 1

@@ -11,13 +11,13 @@ import torch
 from engine.algorithms.grpo import GRPOLoop, GRPORoles, train_loop
 from engine.config import load_config
 from engine.data.batching import collate
-from engine.data.chat import prompt_messages, tokenize_prompt
+from engine.data.chat import tokenize_prompt
 from engine.environments.math_verifier import MathVerifierEnv
 from engine.storage import ArtifactStore
 from tests.unit.algorithms.fakes import FakeGeneration, FakePolicy, InProcessRouter, RecordingRun
 
 PROMPTS, SAMPLES = 4, 4
-ROWS = [{"prompt": f"What is {a}+{a}?", "answer": str(2 * a), "task": "arithmetic"} for a in range(10, 30)]
+ROWS = [{"prompt": [{"role": "user", "content": f"What is {a}+{a}?"}], "answer": str(2 * a)} for a in range(10, 30)]
 
 
 def true_answer(tokenizer, prompt_ids: list[int]) -> int:
@@ -45,7 +45,7 @@ def make_loop(tokenizer, script, policy=None, reference=None, reward_model=None,
     roles = GRPORoles(
         policy or FakePolicy(),
         FakeGeneration(tokenizer, script),
-        InProcessRouter({"arithmetic": MathVerifierEnv()}),
+        InProcessRouter({"math": MathVerifierEnv()}),
         reference,
         reward_model,
     )
@@ -58,7 +58,7 @@ def test_a_step_scores_each_group_and_trains_on_the_generated_tokens(tokenizer):
 
     ((prompts, params),) = loop.roles.generation.calls
     rows = [ROWS[i] for i in loop.sampler.indices(3)]  # the step's prompts: a pure function of seed and step
-    expected_prompts = [tokenize_prompt(tokenizer, prompt_messages(r["prompt"])) for r in rows for _ in range(SAMPLES)]
+    expected_prompts = [tokenize_prompt(tokenizer, r["prompt"]) for r in rows for _ in range(SAMPLES)]
     assert prompts == expected_prompts and params.n == 1 and params.max_tokens == 6
 
     (examples,) = loop.roles.policy.trained
@@ -138,9 +138,9 @@ class FixedRewardModel:
     def __init__(self, value: float):
         self.value, self.seen = value, []
 
-    def rewards(self, conversations):
-        self.seen.append(conversations)
-        return [self.value] * len(conversations)
+    def rewards(self, prompts, completions):
+        self.seen.append((prompts, completions))
+        return [self.value] * len(prompts)
 
     def shutdown(self):
         pass
@@ -153,8 +153,10 @@ def test_rewards_add_the_weighted_verifier_and_reward_model(tokenizer):
     )
     metrics = loop.step(0)
     assert metrics["reward/mean"] == pytest.approx(0.5 * 2.0 + 0.25 * 4.0)
-    (conversations,) = scorer.seen
-    assert conversations[0][-1]["role"] == "assistant" and len(conversations) == PROMPTS * SAMPLES
+    assert metrics["reward/environment"] == 0.5 and metrics["reward/reward_model"] == 0.25
+    ((prompts, completions),) = scorer.seen
+    assert prompts[0] == ROWS[loop.sampler.indices(0)[0]]["prompt"] and len(prompts) == PROMPTS * SAMPLES
+    assert completions[0][-1]["role"] == "assistant"
 
 
 def sampled_prompts(loop: GRPOLoop) -> list[list[list[int]]]:
@@ -168,7 +170,7 @@ def test_training_loop_validates_checkpoints_and_resumes_exactly(tokenizer, tmp_
     store = ArtifactStore(f"file://{tmp_path}/store", tmp_path / "cache")
     first, first_run = make_loop(tokenizer, even_samples_right(tokenizer), **settings), RecordingRun()
     finished = train_loop(first, store, first_run, cfg, "stages/grpo/k")
-    assert finished.step == 4 and [s for s, _ in finished.val_history] == [0, 2, 4]
+    assert finished.step == 4 and [v["step"] for v in finished.val_history] == [0, 2, 4]
     assert store.list("stages/grpo/k/checkpoints") == ["stages/grpo/k/checkpoints/step_000002"]
     assert sorted(first_run.metrics) == [0, 1, 2, 3, 4] and "val/accuracy" in first_run.metrics[2]
     assert first.roles.generation.versions == [1, 2, 3, 4]

@@ -9,15 +9,16 @@ from engine.algorithms.rollouts import new_episodes, run_rollouts
 from engine.data.chat import tokenize_observation
 from engine.environments.calculator import CalculatorToolEnv
 from engine.environments.math_verifier import MathVerifierEnv
+from engine.errors import DataError
 from engine.generation.interfaces import SamplingParams
 from tests.unit.algorithms.fakes import FakeGeneration, InProcessRouter
 
-ROW = {"prompt": "What is 12+12?", "answer": "24", "task": "arithmetic"}
+ROW = {"prompt": [{"role": "user", "content": "What is 12+12?"}], "answer": "24"}
 PARAMS = SamplingParams(temperature=1.0, max_tokens=16, seed=5)
 
 
-def calculator(max_turns: int = 3) -> InProcessRouter:
-    return InProcessRouter({"arithmetic": CalculatorToolEnv(max_turns=max_turns)})
+def calculator() -> InProcessRouter:
+    return InProcessRouter({"calculator": CalculatorToolEnv()})
 
 
 class CharByChar(FakeGeneration):
@@ -37,7 +38,9 @@ class CharByChar(FakeGeneration):
 def test_a_tool_call_then_an_answer(tokenizer):
     replies = {0: ("<calc>12+12</calc>", "stop"), 1: ("24", "stop")}
     generation = CharByChar(tokenizer, lambda prompt, row, call: replies[call])
-    (episode,) = run_rollouts(new_episodes(tokenizer, [ROW], 1, None), generation, calculator(), tokenizer, PARAMS, 3)
+    (episode,) = run_rollouts(
+        new_episodes(tokenizer, [ROW], 1, "calculator"), generation, calculator(), tokenizer, PARAMS, 3
+    )
 
     first_call, second_call = (prompts[0] for prompts, _ in generation.calls)
     call_ids = [i for ch in "<calc>12+12</calc>" for i in tokenizer(ch, add_special_tokens=False)["input_ids"]]
@@ -65,7 +68,7 @@ def test_a_tool_call_then_an_answer(tokenizer):
 def test_the_turn_limit_ends_an_episode_that_keeps_calling(tokenizer):
     generation = FakeGeneration(tokenizer, lambda prompt, row, call: ("<calc>1+1</calc>", "stop"))
     (episode,) = run_rollouts(
-        new_episodes(tokenizer, [ROW], 1, None), generation, calculator(max_turns=3), tokenizer, PARAMS, 3
+        new_episodes(tokenizer, [ROW], 1, "calculator"), generation, calculator(), tokenizer, PARAMS, 3
     )
     assert len(generation.calls) == 3 and episode.turns == 3 and episode.done
     assert episode.reward == 0.0  # no final answer within the limit
@@ -74,7 +77,9 @@ def test_the_turn_limit_ends_an_episode_that_keeps_calling(tokenizer):
 
 def test_a_truncated_turn_ends_the_episode(tokenizer):
     generation = FakeGeneration(tokenizer, lambda prompt, row, call: ("<calc>1+1</calc>", "length"))
-    (episode,) = run_rollouts(new_episodes(tokenizer, [ROW], 1, None), generation, calculator(), tokenizer, PARAMS, 3)
+    (episode,) = run_rollouts(
+        new_episodes(tokenizer, [ROW], 1, "calculator"), generation, calculator(), tokenizer, PARAMS, 3
+    )
     assert len(generation.calls) == 1 and episode.done and episode.truncated and episode.turns == 1
     assert episode.token_ids[-1] != tokenizer.eos_token_id and sum(episode.loss_mask) == len(episode.generated_tokens)
     assert episode.messages[-1]["role"] == "assistant"  # no observation after a cut turn
@@ -85,7 +90,7 @@ def test_turns_are_seeded_per_turn_and_finished_episodes_leave_the_batch(tokeniz
         return ("24" if (call, row) == (0, 0) else "<calc>12+12</calc>"), "stop"
 
     generation = FakeGeneration(tokenizer, reply)
-    episodes = new_episodes(tokenizer, [ROW, ROW], 1, None)
+    episodes = new_episodes(tokenizer, [ROW, ROW], 1, "calculator")
     run_rollouts(episodes, generation, calculator(), tokenizer, PARAMS, 3)
     sizes = [len(prompts) for prompts, _ in generation.calls]
     assert sizes == [2, 1, 1]  # the answered episode is not generated for again
@@ -94,13 +99,34 @@ def test_turns_are_seeded_per_turn_and_finished_episodes_leave_the_batch(tokeniz
     assert [e.turns for e in episodes] == [1, 3]
 
 
-def test_groups_and_single_turn_rewards(tokenizer):
+def test_groups_single_turn_rewards_and_task_routing(tokenizer):
     generation = FakeGeneration(tokenizer, lambda prompt, row, call: (["24", "25"][row % 2], "stop"))
-    episodes = new_episodes(tokenizer, [ROW, {**ROW, "answer": "25"}], 2, "Be brief.")
-    run_rollouts(episodes, generation, InProcessRouter({"arithmetic": MathVerifierEnv()}), tokenizer, PARAMS, 1)
+    rows = [ROW, {**ROW, "answer": "25", "task": "other"}]
+    episodes = new_episodes(tokenizer, rows, 2, "math")
+    assert [e.metadata["task"] for e in episodes] == ["math", "math", "other", "other"]  # the row's task wins
+    router = InProcessRouter({"math": MathVerifierEnv(), "other": MathVerifierEnv()})
+    run_rollouts(episodes, generation, router, tokenizer, PARAMS, 1)
     assert [e.group for e in episodes] == [0, 0, 1, 1]
     assert [e.reward for e in episodes] == [1.0, 0.0, 0.0, 1.0]
-    assert episodes[0].messages[0] == {"role": "system", "content": "Be brief."}
+    assert episodes[1].completion == [{"role": "assistant", "content": "25"}]
+
+
+def test_a_plain_text_prompt_is_one_user_turn_to_environments_and_text_to_reward_functions(tokenizer):
+    generation = FakeGeneration(tokenizer, lambda prompt, row, call: ("24", "stop"))
+    (episode,) = new_episodes(tokenizer, [{"prompt": "12+12=", "answer": "24"}], 1, "math")
+    assert episode.token_ids == tokenizer("12+12=")["input_ids"]  # no chat template on plain text
+    run_rollouts([episode], generation, InProcessRouter({"math": MathVerifierEnv()}), tokenizer, PARAMS, 1)
+    assert episode.messages == [{"role": "user", "content": "12+12="}, {"role": "assistant", "content": "24"}]
+    assert episode.completion == "24" and episode.reward == 1.0
+    with pytest.raises(DataError, match="multi-turn rollouts"):
+        run_rollouts(
+            new_episodes(tokenizer, [{"prompt": "1+1="}], 1, "calculator"),
+            generation,
+            calculator(),
+            tokenizer,
+            PARAMS,
+            3,
+        )
 
 
 @pytest.mark.parametrize("task", ["arithmetic", "spelling"])
