@@ -474,10 +474,33 @@ def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]
     return merged
 
 
+def _code_paths_from(data: dict[str, Any], base: Path) -> dict[str, Any]:
+    """A YAML file names the user's code files (``grpo.reward_functions``, ``grpo.environments``) relative to itself,
+    as it names its ``defaults:``; made absolute here, so the run finds them from any working directory."""
+    grpo = data.get("grpo")
+    if not isinstance(grpo, dict):
+        return data
+
+    def absolute(spec: Any) -> Any:
+        if not isinstance(spec, str) or ":" not in spec:
+            return spec
+        target, _, name = spec.rpartition(":")
+        if target.endswith(".py") and not Path(target).is_absolute() and (base / target).is_file():
+            return f"{(base / target).resolve()}:{name}"
+        return spec
+
+    for entry in grpo.get("reward_functions") or []:
+        if isinstance(entry, dict):
+            entry["function"] = absolute(entry.get("function"))
+    if isinstance(grpo.get("environments"), dict):
+        grpo["environments"] = {task: absolute(spec) for task, spec in grpo["environments"].items()}
+    return data
+
+
 def load_yaml_with_defaults(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     if path in _seen:
         raise ConfigError(f"config file {path} includes itself through `defaults:`")
-    data = _read_yaml(path)
+    data = _code_paths_from(_read_yaml(path), path.parent)
     parents = data.pop("defaults", None) or []
     if isinstance(parents, str):
         parents = [parents]

@@ -175,12 +175,12 @@ def run_evaluate(
 ) -> dict[str, float]:
     rows = read_jsonl(dataset_dir / "val.jsonl")[: cfg.evaluate.size]
     metrics: dict[str, float] = {"eval_rows": float(len(rows))}
-    prompted = [row for row in rows if "prompt" in row]
-    if prompted:
-        start, final = generation_metrics(cfg, [start_dir, final_dir], prompted)
+    scorable = [row for row in rows if "prompt" in row and ("answer" in row or cfg.grpo.reward_functions)]
+    if scorable:  # no generation where nothing could score it (a preference dataset without answers)
+        start, final = generation_metrics(cfg, [start_dir, final_dir], scorable)
         for name, values in ((start_name, start), ("final", final)):
             metrics.update({f"{key}_{name}": value for key, value in values.items() if key != "unscored_rows"})
-        metrics["unscored_rows"] = final["unscored_rows"] + float(len(rows) - len(prompted))
+        metrics["unscored_rows"] = final["unscored_rows"] + float(len(rows) - len(scorable))
         accuracy = {start_name: start["accuracy"], "final": final["accuracy"]}
     else:
         metrics["unscored_rows"] = float(len(rows))

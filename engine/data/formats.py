@@ -17,7 +17,8 @@ row becomes one normalized row:
     chosen, rejected                  preference completions, in the prompt's form
     text        str                   language-modeling rows only
     answer      str                   the reference answer verifiers compare with (``answer_field`` /
-                                      ``answer_pattern``; default: the completion's text)
+                                      ``answer_pattern``; default: the response of prompt-completion and
+                                      conversational rows)
     task        str                   which environment scores the row (default: ``grpo.environment``)
     columns     dict                  the source's other columns, handed to reward functions as TRL does
 """
@@ -195,7 +196,7 @@ def normalize_row(row: dict[str, Any], kind: str, cfg: DataConfig, where: str) -
         if row.get(cfg.answer_field) is None:
             raise DataError(f"{where}: no '{cfg.answer_field}' column for the reference answer (data.answer_field)")
         out["answer"] = reference_answer(_text(row[cfg.answer_field], where, cfg.answer_field), cfg, where)
-    elif "completion" in out:
+    elif kind in ("prompt-completion", "conversational"):  # a preference pair's chosen reply is no reference
         out["answer"] = reference_answer(_completion_text(out["completion"]), cfg, where)
     if row.get(cfg.task_field) is not None:
         out["task"] = _text(row[cfg.task_field], where, cfg.task_field)

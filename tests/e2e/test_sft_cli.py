@@ -24,9 +24,12 @@ def summary_of(result: subprocess.CompletedProcess) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def stage_runs(workdir: Path, stage: str = "sft") -> list:
-    client = MlflowClient(tracking_uri=f"sqlite:///{workdir}/.posttrain/mlflow.db")
-    experiment = client.get_experiment_by_name("posttrain")
+def stage_runs(workdir: Path, stage: str = "sft", experiment: str | None = None) -> tuple:
+    """The MLflow client and the stage's runs, oldest first, of a run in ``workdir`` (its default workdir
+    ``.posttrain`` unless the run set ``workdir`` to the folder itself, as the recipe tests do)."""
+    db = workdir / ".posttrain" / "mlflow.db"
+    client = MlflowClient(tracking_uri=f"sqlite:///{db if db.exists() else workdir / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name(experiment or "posttrain")
     runs = client.search_runs(
         [experiment.experiment_id], f"tags.`posttrain.stage` = '{stage}'", order_by=["start_time ASC"]
     )

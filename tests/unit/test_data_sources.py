@@ -45,11 +45,11 @@ def one_row(tmp_path: Path, row: dict, **data) -> dict:
         ({"prompt": [USER]}, {"prompt": [USER]}),
         (
             {"prompt": "2+2=", "chosen": "4", "rejected": "5"},
-            {"prompt": "2+2=", "chosen": "4", "rejected": "5", "completion": "4", "answer": "4"},
+            {"prompt": "2+2=", "chosen": "4", "rejected": "5", "completion": "4"},
         ),
         (
             {"prompt": [USER], "chosen": [REPLY], "rejected": [{**REPLY, "content": "5"}]},
-            {"prompt": [USER], "chosen": [REPLY], "rejected": [{**REPLY, "content": "5"}], "answer": "4"},
+            {"prompt": [USER], "chosen": [REPLY], "rejected": [{**REPLY, "content": "5"}]},
         ),
         (  # implicit prompt: the shared prefix of the two conversations
             {"chosen": [USER, REPLY], "rejected": [USER, {**REPLY, "content": "5"}]},
@@ -76,6 +76,7 @@ def one_row(tmp_path: Path, row: dict, **data) -> dict:
 def test_every_trl_format_is_detected_and_normalized(tmp_path, row, expected):
     got = one_row(tmp_path, row)
     assert {key: got[key] for key in expected} == expected
+    assert ("answer" in got) == ("answer" in expected)  # a preference pair's chosen reply is no reference answer
 
 
 def test_column_mapping_reference_answers_and_the_other_columns(tmp_path):
