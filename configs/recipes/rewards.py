@@ -1,9 +1,10 @@
-"""Reward functions for the GSM8K recipes, in TRL's signature: fn(prompts, completions, **columns) -> list[float | None].
+"""Reward functions for the GSM8K recipes, in TRL's signature: fn(prompts, completions, **columns) -> list[float | None]
 
-Name one in a config as `grpo.reward_functions: [{function: rewards.py:final_answer_line, weight: 0.2}]` (a path in a
-YAML file is relative to that file; on the command line, to where `posttrain run` starts), or `package.module:name`. The math environment already checks the
-answer's value; these add what a verifier does not see. `completions` come in the dataset's form: lists of messages
-for conversational data (the recipes' `data.as_chat: true`), strings for plain text.
+Name one in a config as `grpo.reward_functions: [{function: rewards.py:final_answer_line, weight: 0.2}]`: a path in a
+YAML file is relative to that file (on the command line, to where `posttrain run` starts), or `package.module:name`.
+The math environment already checks the answer's value; these add what a verifier does not see. `completions` come
+in the dataset's form: lists of messages for conversational data (the recipes' `data.as_chat: true`), strings for
+plain text.
 """
 
 import re
