@@ -205,6 +205,7 @@ def episode_metrics(episodes: list[Episode], scored: ScoredStep) -> dict[str, fl
     count = len(episodes)
     tool_calls = [e.metadata.get("tool_calls", 0) for e in episodes]
     tool_errors = [e.metadata.get("tool_errors", 0) for e in episodes]
+    tool_rewards = [e.reward for e, calls in zip(episodes, tool_calls) if calls > 0]
     return {
         "reward/mean": float(scored.rewards.mean()),
         "reward/std": float(scored.rewards.std()),
@@ -214,6 +215,7 @@ def episode_metrics(episodes: list[Episode], scored: ScoredStep) -> dict[str, fl
         "turns": sum(e.turns for e in episodes) / count,
         "tool_call_rate": sum(calls > 0 for calls in tool_calls) / count,
         "tool_correct_call_rate": sum(c > 0 and err == 0 for c, err in zip(tool_calls, tool_errors)) / count,
+        "tool_reward": sum(tool_rewards) / len(tool_rewards) if tool_rewards else 0.0,  # the env's, of tool users
         "kept_samples": float(len(scored.kept)),
     }
 

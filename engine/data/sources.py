@@ -214,7 +214,8 @@ def load_split(local: LocalSource, cfg: DataConfig, split: str, cache_dir: Path)
     except ValueError as exc:
         message = str(exc).splitlines()[0]
         if "BuilderConfig" in message and cfg.subset:
-            available = message.split("Available:")[-1].strip() if "Available:" in message else "see the dataset card"
+            listed = message.split("Available:")[-1].strip(" []") if "Available:" in message else ""
+            available = ", ".join(name.strip(" '\"") for name in listed.split(",")) or "see the dataset card"
             raise DataError(f"{where} has no subset {cfg.subset!r} (data.subset); available: {available}") from None
         if "Unknown split" in message:
             raise DataError(f"{where}: {message}") from None

@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from tests.conftest import REPO, free_port, require_tool, run_cli
+from tests.conftest import REPO, require_tool
 
 pytestmark = pytest.mark.slow
 
@@ -60,39 +60,6 @@ def flow_run_id(output: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def services(tmp_path_factory):
-    """`posttrain server up` (Prefect + MLflow on random ports, own PREFECT_HOME); `server down` stops them by PID."""
-    workdir = tmp_path_factory.mktemp("services")
-    env = {"PREFECT_HOME": str(workdir / "prefect-home")}
-    ports = [str(free_port()), str(free_port())]
-    up = run_cli(
-        [
-            "server",
-            "up",
-            "--workdir",
-            str(workdir),
-            "--prefect-port",
-            ports[0],
-            "--mlflow-port",
-            ports[1],
-            "--no-worker",
-        ],
-        cwd=workdir,
-        env=env,
-        timeout=300,
-    )
-    assert up.returncode == 0, up.stderr
-    assert f"Prefect UI: http://127.0.0.1:{ports[0]}" in up.stdout
-    env.update(PREFECT_API_URL=f"http://127.0.0.1:{ports[0]}/api", MLFLOW_TRACKING_URI=f"http://127.0.0.1:{ports[1]}")
-    pids = [int(p.read_text()) for p in (workdir / "services").glob("*.pid")]
-    yield SimpleNamespace(workdir=workdir, env=env, api=env["PREFECT_API_URL"], ui=f"http://127.0.0.1:{ports[0]}")
-    down = run_cli(["server", "down", "--workdir", str(workdir)], cwd=workdir, env=env)
-    assert down.returncode == 0, down.stderr
-    for pid in pids:
-        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
-
-
-@pytest.fixture(scope="module")
 def deployed(services):
     for name, kind in CLOUD_POOLS.items():
         args = ["work-pool", "create", name, "--type", kind, "--overwrite"]
@@ -130,6 +97,7 @@ def completed_run(deployed, s3_endpoint, tmp_path_factory):
         "storage.root": f"s3://{bucket}/runs",
         "storage.endpoint_url": s3_endpoint,
         "workdir": str(tmp_path_factory.mktemp("flow-workdir")),
+        "tracking.registered_model": "tiny-grpo",
     }
     run_id = run_on_worker(deployed, "grpo-pipeline/local", {"config": "grpo_tiny", "overrides": overrides}, {})
     return SimpleNamespace(id=run_id, bucket=bucket, endpoint=s3_endpoint)
@@ -161,14 +129,14 @@ def test_grpo_pipeline_deployment_runs_on_a_worker(completed_run, deployed):
     assert run.state.is_completed(), run.state
     assert run.name.startswith("grpo-pipeline · grpo_tiny · ")
     by_key = {a.key: a for a in artifacts}
-    assert {"grpo-pipeline-summary", "model-sft", "model-reward-model", "model-grpo"} <= set(by_key)
+    assert {"grpo-pipeline-summary", "model-sft", "model-grpo"} <= set(by_key)
     summary = by_key["grpo-pipeline-summary"].data
     assert "# grpo-pipeline: completed" in summary and "| grpo | ran |" in summary
 
     store = ArtifactStore.from_config(
         StorageConfig(root=f"s3://{completed_run.bucket}/runs", endpoint_url=completed_run.endpoint), "/unused"
     )
-    for stage in ("sft", "reward_model", "grpo"):
+    for stage in ("sft", "grpo"):
         uri = re.search(rf"\| {stage} \| ran \| `(s3://[^`]+)` \|", summary).group(1)
         assert store.is_committed(uri), f"{stage} artifact not committed: {uri}"
 
@@ -178,6 +146,9 @@ def test_grpo_pipeline_deployment_runs_on_a_worker(completed_run, deployed):
     assert len(parents) == 1
     metrics = parents[0].data.metrics
     assert {"grpo/reward_mean_last", "evaluate/accuracy_final", "sft/val_loss_last"} <= set(metrics)
+    versions = mlflow.search_model_versions("name='tiny-grpo'")  # each committed model, in the model registry
+    assert sorted(v.tags["posttrain.stage"] for v in versions) == ["grpo", "sft"]
+    assert all(store.is_committed(v.source) for v in versions)
 
 
 def test_a_bad_parameter_fails_before_any_stage_starts(deployed):
