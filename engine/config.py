@@ -296,6 +296,11 @@ BUILTIN_ENVIRONMENTS = {
 }
 
 
+class OverlongPenaltyConfig(Section):
+    buffer: int = Field(gt=0, description="tokens before the limit where the penalty starts")
+    penalty: float = Field(1.0, gt=0.0, description="the penalty at the limit, reached linearly")
+
+
 class GRPOConfig(Section):
     max_steps: int = Field(100, gt=0)
     prompts_per_step: int = Field(32, gt=0)
@@ -314,9 +319,16 @@ class GRPOConfig(Section):
     max_rollout_turns: int = Field(1, gt=0)
     verifier_weight: float = Field(1.0, ge=0.0, description="weight of the environment's reward")
     reward_model_weight: float = Field(0.0, ge=0.0, description="weight of sigmoid(reward model score)")
-    leave_one_out: bool = True
+    advantage_estimator: Literal["rloo", "grpo", "reinforce_pp"] = Field(
+        "rloo",
+        description="rloo: a sample's baseline is the mean reward of the other samples of its prompt; grpo: the "
+        "mean of the whole group; reinforce_pp: rewards whitened over the whole batch",
+    )
     normalize_advantages: bool = Field(
-        False, description="divide by the leave-one-out std; unnormalized LOO advantages sum to zero per group"
+        False, description="rloo/grpo: divide by the baseline's std (unnormalized rloo advantages sum to 0 per group)"
+    )
+    overlong_penalty: OverlongPenaltyConfig | None = Field(
+        None, description="DAPO's soft penalty on responses near the length limit (max_new_tokens x turns)"
     )
     dynamic_sampling: bool = Field(False, description="drop prompt groups whose rewards are all equal")
     val_every: int = Field(20, gt=0)

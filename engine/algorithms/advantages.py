@@ -64,6 +64,18 @@ def grpo_advantages(
     return advantages.to(rewards.dtype)
 
 
+def estimate_advantages(
+    rewards: torch.Tensor, group_ids: torch.Tensor, estimator: str, normalize: bool = False
+) -> torch.Tensor:
+    """Advantages by the named estimator: ``rloo`` (leave-one-out group baseline), ``grpo`` (group mean) or
+    ``reinforce_pp`` (batch whitening)."""
+    if estimator == "reinforce_pp":
+        return reinforce_pp_advantages(rewards)
+    if estimator not in ("rloo", "grpo"):
+        raise ValueError(f"estimate_advantages: unknown estimator {estimator!r}")
+    return grpo_advantages(rewards, group_ids, leave_one_out=estimator == "rloo", normalize=normalize)
+
+
 def reinforce_pp_advantages(
     rewards: torch.Tensor, valid: torch.Tensor | None = None, eps: float = 1e-6
 ) -> torch.Tensor:
@@ -76,19 +88,10 @@ def reinforce_pp_advantages(
     return ((r - values.mean()) / (values.std(unbiased=True) + eps)).to(rewards.dtype)
 
 
-def scale_rewards(
-    rewards: torch.Tensor, source_min: float, source_max: float, target_min: float, target_max: float
-) -> torch.Tensor:
-    """Clamp to [source_min, source_max], then map linearly onto [target_min, target_max]."""
-    if source_max <= source_min:
-        raise ValueError("scale_rewards: source_max must be greater than source_min")
-    clamped = rewards.clamp(source_min, source_max)
-    return (clamped - source_min) / (source_max - source_min) * (target_max - target_min) + target_min
-
-
 def overlong_penalty(lengths: torch.Tensor, max_length: int, buffer: int, penalty: float) -> torch.Tensor:
-    """DAPO's soft length penalty: 0 up to max_length - buffer, then falling linearly to -penalty."""
+    """DAPO's soft length penalty: 0 up to max_length - buffer, then falling linearly to -penalty at max_length,
+    and -penalty beyond it (a stop token past the limit is no worse than the limit)."""
     if buffer <= 0:
         raise ValueError("overlong_penalty: buffer must be positive")
     excess = lengths.to(torch.float64) - (max_length - buffer)
-    return torch.clamp(-excess / buffer * penalty, max=0.0).to(torch.get_default_dtype())
+    return torch.clamp(-excess / buffer * penalty, min=-penalty, max=0.0).to(torch.get_default_dtype())

@@ -4,8 +4,9 @@
         episodes  = collect(step)       n rollouts per prompt on the generator (multi-turn with tool environments);
                                         the step's prompts are a pure function of seed and step: exact resume
         examples  = score(episodes)     rewards = environment * w_v + sum of weighted reward functions
-                                        + sigmoid(reward model) * w_rm; leave-one-out group advantages;
-                                        groups without spread dropped (dynamic sampling)
+                                        + sigmoid(reward model) * w_rm [+ overlong penalty]; advantages
+                                        (leave-one-out group baseline by default); groups without spread
+                                        dropped (dynamic sampling)
         stats     = train(examples)     clipped_pg_loss over generated tokens / the step's global token count
         refit()                         the generator gets the new weights (also after a step with nothing to train)
         every val_every: greedy pass@1 on held-out prompts; every checkpoint_every: checkpoint
@@ -30,7 +31,7 @@ import torch
 from tqdm import tqdm
 
 from engine import checkpointing
-from engine.algorithms.advantages import grpo_advantages
+from engine.algorithms.advantages import estimate_advantages, overlong_penalty
 from engine.algorithms.evaluate import greedy_scores
 from engine.algorithms.losses import PolicyLossConfig, clipped_pg_loss
 from engine.algorithms.rewards import EpisodeRewards, RewardModelScorer
@@ -148,8 +149,14 @@ class GRPOLoop:
         """Rewards, group advantages, and which episodes are kept for training."""
         g = self.cfg
         rewards, parts = self.rewards(episodes)
+        if g.overlong_penalty is not None:  # DAPO: responses near the limit lose reward smoothly, not at a cliff
+            lengths = torch.tensor([len(e.generated_tokens) for e in episodes])
+            limit = g.max_new_tokens * g.max_rollout_turns
+            penalty = overlong_penalty(lengths, limit, g.overlong_penalty.buffer, g.overlong_penalty.penalty)
+            rewards = rewards + penalty.to(rewards.dtype)
+            parts["reward/overlong_penalty"] = float(penalty.mean())
         groups = torch.tensor([e.group for e in episodes])
-        advantages = grpo_advantages(rewards, groups, leave_one_out=g.leave_one_out, normalize=g.normalize_advantages)
+        advantages = estimate_advantages(rewards, groups, g.advantage_estimator, g.normalize_advantages)
         kept = list(range(len(episodes)))
         if g.dynamic_sampling:
             spread = {int(gid) for gid in groups.unique() if rewards[groups == gid].std() > 0}

@@ -184,3 +184,23 @@ def test_training_loop_validates_checkpoints_and_resumes_exactly(tokenizer, tmp_
     assert sampled_prompts(resumed) == sampled_prompts(first)[2:]  # steps 3 and 4 sample the same prompts again
     assert state.val_history == finished.val_history and state.history[:2] == finished.history[:2]
     assert [h["reward/mean"] for h in state.history] == [h["reward/mean"] for h in finished.history]
+
+
+def test_advantage_estimators_and_the_overlong_penalty(tokenizer):
+    group_mean = make_loop(tokenizer, even_samples_right(tokenizer), advantage_estimator="grpo")
+    group_mean.step(0)
+    assert [e.scalars["advantage"] for e in group_mean.roles.policy.trained[0][:4]] == [0.5, -0.5, 0.5, -0.5]
+    whitened = make_loop(tokenizer, even_samples_right(tokenizer), advantage_estimator="reinforce_pp")
+    whitened.step(0)
+    batch_std = torch.tensor([1.0, 0.0] * 8).std().item()
+    assert whitened.roles.policy.trained[0][0].scalars["advantage"] == pytest.approx(0.5 / (batch_std + 1e-6))
+
+    def long_or_short(prompt, row, call):  # right answers, one in each pair padded to the length limit
+        answer = str(true_answer(tokenizer, prompt))
+        return (answer if row % 2 == 0 else answer + " " * 40), "stop"
+
+    penalized = make_loop(tokenizer, long_or_short, overlong_penalty={"buffer": 3, "penalty": 1.0})
+    metrics = penalized.step(0)
+    assert metrics["reward/environment"] == 1.0 and metrics["reward/overlong_penalty"] == pytest.approx(-0.5)
+    advantages = [e.scalars["advantage"] for e in penalized.roles.policy.trained[0][:2]]
+    assert advantages[0] > 0 > advantages[1]  # the padded answer scores below the short one
