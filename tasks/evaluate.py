@@ -5,6 +5,7 @@ from __future__ import annotations
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from engine import stages
 from engine.config import PipelineConfig
 from engine.stages import StageResult
 from engine.storage import ArtifactRef
@@ -21,4 +22,4 @@ def evaluate(
     start_name: str,
     preference: bool,
 ) -> StageResult:
-    return run_stage("evaluate", cfg, start, final, data, parent_run_id, start_name, preference)
+    return run_stage(stages.evaluate, cfg, start, final, data, parent_run_id, start_name, preference)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from engine import stages
 from engine.config import PipelineConfig
 from engine.stages import StageResult
 from tasks.runner import run_stage
@@ -12,9 +13,9 @@ from tasks.runner import run_stage
 
 @task(name="prepare_model", cache_policy=NO_CACHE)
 def prepare_model(cfg: PipelineConfig) -> StageResult:
-    return run_stage("prepare_model", cfg)
+    return run_stage(stages.prepare_model, cfg)
 
 
 @task(name="prepare_data", cache_policy=NO_CACHE)
 def prepare_data(cfg: PipelineConfig) -> StageResult:
-    return run_stage("prepare_data", cfg)
+    return run_stage(stages.prepare_data, cfg)

@@ -3,7 +3,8 @@
 The Prefect task submits ``python -m tasks.ray_job <payload>`` through the Jobs API (the dashboard address),
 streams the job's log lines into the task's log, waits for a terminal status, and returns the stage result that
 the job prints as its last line. The job connects to its own cluster (``address: auto``) and runs the same
-``engine.stages`` function a driver-mode task would.
+``engine.stages`` function a driver-mode task would; it needs Prefect only to take the stage lock on a server the
+task names (``PREFECT_API_URL`` in its environment).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import base64
 import json
 import os
 import sys
+from typing import Any, Callable
 
 from engine import stages
 from engine.config import PipelineConfig
@@ -21,27 +23,42 @@ from engine.storage import ArtifactRef
 
 RESULT_MARK = "POSTTRAIN_STAGE_RESULT "
 USER_ERROR_MARK = "POSTTRAIN_USER_ERROR "
+# what a payload may name: the stage functions, by their names
+STAGES: dict[str, Callable[..., stages.StageResult]] = {
+    fn.__name__: fn
+    for fn in (
+        stages.prepare_model,
+        stages.prepare_data,
+        stages.train_sft,
+        stages.train_reward_model,
+        stages.train_grpo,
+        stages.train_dpo,
+        stages.evaluate,
+    )
+}
 
 
 class RayJobFailed(RuntimeError):
     """The stage job ended FAILED or STOPPED for a reason other than the user's input (Prefect may retry)."""
 
 
-def encode_payload(stage: str, cfg: PipelineConfig, inputs: list[ArtifactRef | str | None]) -> str:
+def encode_payload(stage: Callable[..., stages.StageResult], cfg: PipelineConfig, inputs: list[Any]) -> str:
+    if STAGES.get(stage.__name__) is not stage:
+        raise ValueError(f"{stage.__name__} is not a stage of engine.stages")
     payload = {
-        "stage": stage,
+        "stage": stage.__name__,
         "config": cfg.model_dump(mode="json"),
         "inputs": [i.model_dump(mode="json") if isinstance(i, ArtifactRef) else i for i in inputs],
     }
     return base64.urlsafe_b64encode(json.dumps(payload).encode()).decode()
 
 
-def decode_payload(text: str) -> tuple[str, PipelineConfig, list[ArtifactRef | str | None]]:
+def decode_payload(text: str) -> tuple[Callable[..., stages.StageResult], PipelineConfig, list[Any]]:
     payload = json.loads(base64.urlsafe_b64decode(text.encode()))
     config = payload["config"]
     config["ray"].update(address="auto", submission="driver")  # inside the cluster, the job is the driver
     inputs = [ArtifactRef.model_validate(i) if isinstance(i, dict) else i for i in payload["inputs"]]
-    return payload["stage"], PipelineConfig.model_validate(config), inputs
+    return STAGES[payload["stage"]], PipelineConfig.model_validate(config), inputs
 
 
 def dashboard_url(cfg: PipelineConfig) -> str:
@@ -55,13 +72,16 @@ def dashboard_url(cfg: PipelineConfig) -> str:
     raise PosttrainError("ray.submission=job needs ray.dashboard_url (the Jobs API, e.g. http://head:8265)")
 
 
-def submit_stage(stage: str, cfg: PipelineConfig, inputs: list[ArtifactRef | str | None]) -> stages.StageResult:
+def submit_stage(
+    stage: Callable[..., stages.StageResult], cfg: PipelineConfig, inputs: list[Any]
+) -> stages.StageResult:
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     from tasks.runner import prefect_api_env
 
     log = _task_logger()
     url = dashboard_url(cfg)
+    name = stage.__name__
     try:
         client = JobSubmissionClient(url)
     except Exception as exc:  # the Jobs API is unreachable: infrastructure, so Prefect may retry
@@ -71,9 +91,9 @@ def submit_stage(stage: str, cfg: PipelineConfig, inputs: list[ArtifactRef | str
     job_id = client.submit_job(
         entrypoint="python -m tasks.ray_job " + encode_payload(stage, cfg, inputs),  # the cluster's python
         runtime_env=runtime_env,
-        metadata={"posttrain.stage": stage, "posttrain.pipeline": cfg.name},
+        metadata={"posttrain.stage": name, "posttrain.pipeline": cfg.name},
     )
-    log.info("submitted %s as Ray job %s at %s", stage, job_id, url)
+    log.info("submitted %s as Ray job %s at %s", name, job_id, url)
     marked = asyncio.run(_follow(client, job_id, log))  # returns when the job has ended
     status = client.get_job_status(job_id)
     for line in reversed(marked):
@@ -82,7 +102,7 @@ def submit_stage(stage: str, cfg: PipelineConfig, inputs: list[ArtifactRef | str
         if status == JobStatus.SUCCEEDED and line.startswith(RESULT_MARK):
             return stages.StageResult.model_validate_json(line.removeprefix(RESULT_MARK))
     info = client.get_job_info(job_id)
-    raise RayJobFailed(f"Ray job {job_id} ({stage}) ended {status}: {info.message or 'no result line'}")
+    raise RayJobFailed(f"Ray job {job_id} ({name}) ended {status}: {info.message or 'no result line'}")
 
 
 async def _follow(client, job_id: str, log) -> list[str]:
@@ -118,11 +138,11 @@ def _task_logger():
 
 def main(payload: str) -> int:
     """The job's entry point, inside the cluster."""
-    from tasks.runner import open_runtime
+    from tasks.stage_lock import open_runtime
 
     try:
         stage, cfg, inputs = decode_payload(payload)
-        result = getattr(stages, stage)(open_runtime(cfg), *inputs)
+        result = stage(open_runtime(cfg, os.environ.get("PREFECT_API_URL")), *inputs)
     except PosttrainError as exc:
         print(USER_ERROR_MARK + str(exc), flush=True)
         return 2

@@ -5,6 +5,7 @@ from __future__ import annotations
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from engine import stages
 from engine.config import PipelineConfig
 from engine.stages import StageResult
 from engine.storage import ArtifactRef
@@ -13,14 +14,14 @@ from tasks.runner import run_stage
 
 @task(name="train_sft", cache_policy=NO_CACHE)
 def train_sft(cfg: PipelineConfig, model: ArtifactRef, data: ArtifactRef, parent_run_id: str | None) -> StageResult:
-    return run_stage("train_sft", cfg, model, data, parent_run_id)
+    return run_stage(stages.train_sft, cfg, model, data, parent_run_id)
 
 
 @task(name="train_reward_model", cache_policy=NO_CACHE)
 def train_reward_model(
     cfg: PipelineConfig, sft: ArtifactRef, data: ArtifactRef, parent_run_id: str | None
 ) -> StageResult:
-    return run_stage("train_reward_model", cfg, sft, data, parent_run_id)
+    return run_stage(stages.train_reward_model, cfg, sft, data, parent_run_id)
 
 
 @task(name="train_grpo", cache_policy=NO_CACHE)
@@ -31,9 +32,9 @@ def train_grpo(
     reward_model: ArtifactRef | None,
     parent_run_id: str | None,
 ) -> StageResult:
-    return run_stage("train_grpo", cfg, sft, data, reward_model, parent_run_id)
+    return run_stage(stages.train_grpo, cfg, sft, data, reward_model, parent_run_id)
 
 
 @task(name="train_dpo", cache_policy=NO_CACHE)
 def train_dpo(cfg: PipelineConfig, sft: ArtifactRef, data: ArtifactRef, parent_run_id: str | None) -> StageResult:
-    return run_stage("train_dpo", cfg, sft, data, parent_run_id)
+    return run_stage(stages.train_dpo, cfg, sft, data, parent_run_id)

@@ -208,7 +208,7 @@ def test_two_runs_of_one_stage_take_turns(services):
 
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from tasks.runner import prefect_stage_lock
+    from tasks.stage_lock import prefect_stage_lock
 
     root, stage, other = "s3://bucket/runs", "stages/sft/abc", "stages/sft/def"
     held, release = threading.Event(), threading.Event()

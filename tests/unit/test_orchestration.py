@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from prefect.states import Failed
 
+from engine import stages
 from engine.config import PipelineConfig, load_config
 from engine.errors import ConfigError, PosttrainError
 from engine.storage import ArtifactRef
@@ -31,8 +32,8 @@ def test_job_payload_round_trip_makes_the_job_its_clusters_driver():
         {"ray.address": "ray://head:10001", "ray.submission": "job", "sft.max_steps": 7, "workdir": "/tmp/w"},
     )
     ref = ArtifactRef(uri="s3://bucket/stages/sft/abc/model", digest="d" * 16, metrics={"loss": 1.0})
-    stage, decoded, inputs = decode_payload(encode_payload("train_sft", cfg, [ref, None, "run-id"]))
-    assert stage == "train_sft"
+    stage, decoded, inputs = decode_payload(encode_payload(stages.train_sft, cfg, [ref, None, "run-id"]))
+    assert stage is stages.train_sft
     assert decoded.ray.address == "auto" and decoded.ray.submission == "driver"
     assert decoded.sft.max_steps == 7 and decoded.workdir == "/tmp/w"
     assert inputs == [ref, None, "run-id"]
@@ -90,12 +91,33 @@ def test_artifact_keys_are_what_prefect_accepts():
 def test_stage_lock_only_where_a_prefect_server_revokes_dead_holders(tmp_path):
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from tasks.runner import has_prefect_server, open_runtime
+    from tasks.prefect_api import reporting_api_url
+    from tasks.runner import has_prefect_server
+    from tasks.stage_lock import open_runtime
 
     cfg = load_config(None, {"workdir": str(tmp_path), "tracking.enabled": False})
     with temporary_settings({PREFECT_API_URL: None}):
         assert not has_prefect_server()
-        assert open_runtime(cfg).lock("stages/sft/k").__class__.__name__ == "nullcontext"
+        assert open_runtime(cfg, reporting_api_url()).lock("stages/sft/k").__class__.__name__ == "nullcontext"
     with temporary_settings({PREFECT_API_URL: "http://127.0.0.1:4200/api"}):
         assert has_prefect_server()
-        assert open_runtime(cfg).lock("stages/sft/k").__class__.__name__ != "nullcontext"
+        assert open_runtime(cfg, reporting_api_url()).lock("stages/sft/k").__class__.__name__ != "nullcontext"
+
+
+def test_a_stage_job_imports_no_prefect_unless_it_locks(tmp_path):
+    """The in-cluster job path: decoding the payload and opening the stage's services need no Prefect."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from engine.config import load_config\n"
+        f"cfg = load_config(None, {{'workdir': {str(tmp_path)!r}, 'tracking.enabled': False}})\n"
+        "from tasks.ray_job import decode_payload, encode_payload\n"
+        "from engine import stages\n"
+        "from tasks.stage_lock import open_runtime\n"
+        "stage, cfg, _ = decode_payload(encode_payload(stages.prepare_model, cfg, []))\n"
+        "open_runtime(cfg, None)\n"
+        "assert not any(m == 'prefect' or m.startswith('prefect.') for m in sys.modules), 'prefect imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
