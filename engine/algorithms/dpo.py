@@ -36,7 +36,7 @@ class DPOLoss:
         valid = (batch["index"] >= 0).to(logprobs.device)
         mask = batch["loss_mask"]
         sums = torch.where(mask.bool(), logprobs, 0.0).sum(-1)[valid]
-        reference = batch["reference_logprob"][valid]
+        reference = batch["reference_logprob_sum"][valid]
         if sums.numel() < 2:
             return logprobs.sum() * 0.0, {"correct_pairs": 0.0, "pairs": 0.0}
         loss, metrics = dpo_loss(
@@ -122,7 +122,7 @@ def run_dpo(
         for example, value in zip(
             examples, reference_logprobs(store, policy, examples, model_digest, data_digest, split)
         ):
-            example.scalars["reference_logprob"] = value
+            example.scalars["reference_logprob_sum"] = value
     spec = LoopSpec(
         name="dpo",
         train=train,

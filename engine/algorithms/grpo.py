@@ -67,7 +67,7 @@ class GRPOLoss:
             batch["advantage"],
             mask,
             self.cfg,
-            ref_logprobs=batch.get("reference_logprobs"),
+            reference_logprobs=batch.get("reference_logprobs"),
             generation_logprobs=batch["generation_logprobs"],
             global_valid_tokens=normalizers["tokens"],
             global_valid_seqs=normalizers["sequences"],

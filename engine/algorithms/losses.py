@@ -40,7 +40,7 @@ def masked_mean(
 
 def kl_penalty(
     logprobs: torch.Tensor,
-    ref_logprobs: torch.Tensor,
+    reference_logprobs: torch.Tensor,
     kind: Literal["k1", "k2", "k3"] = "k3",
     input_clamp: float | None = 20.0,
     output_clamp: float | None = 10.0,
@@ -50,7 +50,7 @@ def kl_penalty(
     ``torch.clamp`` passes no gradient where it clamps, which is exactly the contract: a token whose
     log-ratio was clamped contributes a constant, not a gradient.
     """
-    d = ref_logprobs - logprobs
+    d = reference_logprobs - logprobs
     if input_clamp is not None:
         d = torch.clamp(d, -input_clamp, input_clamp)
     if kind == "k1":
@@ -99,7 +99,7 @@ def clipped_pg_loss(
     mask: torch.Tensor,
     cfg: PolicyLossConfig,
     *,
-    ref_logprobs: torch.Tensor | None = None,
+    reference_logprobs: torch.Tensor | None = None,
     generation_logprobs: torch.Tensor | None = None,
     global_valid_tokens: float | torch.Tensor | None = None,
     global_valid_seqs: float | torch.Tensor | None = None,
@@ -146,13 +146,13 @@ def clipped_pg_loss(
         metrics["is_oob_fraction"] = float(masked_mean(out_of_bounds.to(logprobs.dtype), valid))
 
     if cfg.kl_beta > 0:
-        if ref_logprobs is None:
-            raise ValueError("clipped_pg_loss: kl_beta > 0 needs ref_logprobs")
-        kl = kl_penalty(logprobs, ref_logprobs, cfg.kl_type, cfg.kl_input_clamp, cfg.kl_output_clamp)
+        if reference_logprobs is None:
+            raise ValueError("clipped_pg_loss: kl_beta > 0 needs reference_logprobs")
+        kl = kl_penalty(logprobs, reference_logprobs, cfg.kl_type, cfg.kl_input_clamp, cfg.kl_output_clamp)
         per_token = per_token + cfg.kl_beta * kl
         metrics["kl"] = float(masked_mean(kl.detach(), valid))
-    elif ref_logprobs is not None:
-        kl = kl_penalty(logprobs.detach(), ref_logprobs, cfg.kl_type, cfg.kl_input_clamp, cfg.kl_output_clamp)
+    elif reference_logprobs is not None:
+        kl = kl_penalty(logprobs.detach(), reference_logprobs, cfg.kl_type, cfg.kl_input_clamp, cfg.kl_output_clamp)
         metrics["kl"] = float(masked_mean(kl, valid))
 
     if cfg.token_level_loss:
@@ -189,8 +189,8 @@ def _pair_mean(values: torch.Tensor, global_valid_seqs: float | torch.Tensor | N
 def dpo_loss(
     chosen_logps: torch.Tensor,
     rejected_logps: torch.Tensor,
-    ref_chosen_logps: torch.Tensor,
-    ref_rejected_logps: torch.Tensor,
+    reference_chosen_logps: torch.Tensor,
+    reference_rejected_logps: torch.Tensor,
     beta: float = 0.1,
     loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid",
     label_smoothing: float = 0.0,
@@ -198,8 +198,8 @@ def dpo_loss(
     global_valid_seqs: float | torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, Metrics]:
     """DPO on per-sequence summed logprobs; mean over pairs (or over the step's ``global_valid_seqs``)."""
-    chosen_rewards = beta * (chosen_logps - ref_chosen_logps)
-    rejected_rewards = beta * (rejected_logps - ref_rejected_logps)
+    chosen_rewards = beta * (chosen_logps - reference_chosen_logps)
+    rejected_rewards = beta * (rejected_logps - reference_rejected_logps)
     margin = chosen_rewards - rejected_rewards
     if loss_type == "sigmoid":
         per_pair = -(1 - label_smoothing) * F.logsigmoid(margin) - label_smoothing * F.logsigmoid(-margin)

@@ -11,11 +11,26 @@ per-example outputs can be put back in order.
 
 from __future__ import annotations
 
+from typing import TypedDict
+
 import torch
 
 from engine.data.chat import TokenizedExample
 
-MicroBatch = dict[str, torch.Tensor]
+
+class MicroBatch(TypedDict, total=False):
+    """What a loss reads. Per-token fields are [B, L-1], aligned with the logprobs of tokens 1..L-1 (position t
+    scores token t+1); per-sequence fields are [B]. A stage's examples add their own ``token_values`` and
+    ``scalars`` under these names."""
+
+    input_ids: torch.Tensor  # [B, L], right-padded
+    attention_mask: torch.Tensor  # [B, L]
+    loss_mask: torch.Tensor  # [B, L-1]: 1 where the token is a training target
+    index: torch.Tensor  # [B]: the example's position in the step (-1: padding or filler rows)
+    generation_logprobs: torch.Tensor  # [B, L-1] GRPO: the generator's logprob of each sampled token
+    reference_logprobs: torch.Tensor  # [B, L-1] GRPO with a KL term: the frozen reference's
+    advantage: torch.Tensor  # [B] GRPO
+    reference_logprob_sum: torch.Tensor  # [B] DPO: the reference's summed logprob of the response
 
 
 def collate(examples: list[TokenizedExample], pad_id: int, indices: list[int] | None = None) -> MicroBatch:

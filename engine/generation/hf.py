@@ -105,6 +105,3 @@ class HFGenerationWorker:
         import transformers
 
         return {"backend": "hf", "python": sys.executable, "transformers": transformers.__version__}
-
-    def shutdown(self) -> None:
-        self.model = None

@@ -130,6 +130,3 @@ class VLLMGenerationWorker:
         import vllm
 
         return {"backend": "vllm", "python": sys.executable, "vllm": vllm.__version__}
-
-    def shutdown(self) -> None:
-        self.llm = None

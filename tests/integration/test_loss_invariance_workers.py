@@ -31,7 +31,7 @@ def with_rl_fields(base: list[TokenizedExample]) -> list[TokenizedExample]:
         generation = (torch.rand(n, generator=g) * -2.0).tolist()
         scalars = {
             "advantage": float(torch.randn((), generator=g)),
-            "reference_logprob": float(torch.rand((), generator=g) * -20.0),
+            "reference_logprob_sum": float(torch.rand((), generator=g) * -20.0),
         }
         out.append(TokenizedExample(example.input_ids, example.loss_mask, {"generation_logprobs": generation}, scalars))
     return out

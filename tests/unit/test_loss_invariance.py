@@ -38,7 +38,7 @@ def pg_losses(cfg):
             adv,
             mask,
             cfg,
-            ref_logprobs=ref,
+            reference_logprobs=ref,
             generation_logprobs=gen,
             global_valid_tokens=n_tok,
             global_valid_seqs=n_seq,
@@ -125,7 +125,9 @@ def _smooth_inputs():
 )
 def test_gradcheck_policy_loss(cfg):
     lp, prev, adv, ref, mask = _smooth_inputs()
-    assert torch.autograd.gradcheck(lambda x: clipped_pg_loss(x, prev, adv, mask, cfg, ref_logprobs=ref)[0], (lp,))
+    assert torch.autograd.gradcheck(
+        lambda x: clipped_pg_loss(x, prev, adv, mask, cfg, reference_logprobs=ref)[0], (lp,)
+    )
 
 
 @pytest.mark.parametrize("kind", ["k1", "k2", "k3"])

@@ -210,11 +210,11 @@ def test_pg_tis_needs_is_max_and_generation_logprobs():
 def test_pg_kl_term_added_per_token():
     # A = 0 so only the KL term remains: beta * k3(d = ref - lp = 0.5)
     cfg = PolicyLossConfig(kl_beta=0.1)
-    loss, m = clipped_pg_loss(t([-1.5]), t([-1.5]), t([0.0]), t([1]), cfg, ref_logprobs=t([-1.0]))
+    loss, m = clipped_pg_loss(t([-1.5]), t([-1.5]), t([0.0]), t([1]), cfg, reference_logprobs=t([-1.0]))
     k3 = math.exp(0.5) - 0.5 - 1
     assert loss.item() == pytest.approx(0.1 * k3)
     assert m["kl"] == pytest.approx(k3)
-    with pytest.raises(ValueError, match="ref_logprobs"):
+    with pytest.raises(ValueError, match="reference_logprobs"):
         clipped_pg_loss(t([-1.5]), t([-1.5]), t([0.0]), t([1]), cfg)
 
 
