@@ -122,7 +122,8 @@ def test_export_hf_matches_trained_logprobs(ray_local, tiny_model_dir, examples,
     assert not torch.allclose(base.lm_head.weight, model.lm_head.weight)  # the export holds trained weights
 
 
-def test_bf16_and_activation_checkpointing_train(ray_local, tiny_model_dir, examples):
+def test_bf16_and_activation_checkpointing_follow_the_fp32_curve(ray_local, tiny_model_dir, examples, reference_curve):
+    """bf16 parameters (fp32 reductions and logprobs) with recomputed activations: the fp32 curve within 0.5 %."""
     data, pad = examples
     policy = make_policy(
         tiny_model_dir,
@@ -135,7 +136,9 @@ def test_bf16_and_activation_checkpointing_train(ray_local, tiny_model_dir, exam
         curve = train_curve(policy, data)
     finally:
         policy.shutdown()
-    assert all(torch.isfinite(torch.tensor(c["loss"])) for c in curve)
+    for got, want in zip(curve, reference_curve):
+        assert got["loss"] == pytest.approx(want["loss"], rel=0.005)  # measured <= 0.14 %
+        assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=0.02)  # measured <= 0.32 %
     assert curve[-1]["loss"] < curve[0]["loss"]
 
 

@@ -98,7 +98,8 @@ def test_bf16_mixed_precision_trains_close_to_fp32(ray_local, tiny_model_dir, ex
     finally:
         policy.shutdown()
     for got, want in zip(curve, reference_curve):
-        assert got["loss"] == pytest.approx(want["loss"], abs=0.05)
+        assert got["loss"] == pytest.approx(want["loss"], rel=0.005)  # measured <= 0.14 %
+        assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=0.02)  # measured <= 0.32 %
     assert curve[-1]["loss"] < curve[0]["loss"]
 
 
