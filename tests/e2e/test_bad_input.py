@@ -74,6 +74,7 @@ def write_rows(path: Path, rows: list[dict | str]) -> Path:
         ("unknown subset", "has no subset 'nope' (data.subset); available: main, socratic"),
     ],
 )
+@pytest.mark.timeout(600)  # services 300, 300
 def test_bad_data_fails_in_the_data_stage_and_commits_nothing(tmp_path, services, case, expected):
     good = {"prompt": "What is 1+1?", "completion": "2"}
     data = tmp_path / "train.jsonl"
@@ -96,7 +97,7 @@ def test_bad_data_fails_in_the_data_stage_and_commits_nothing(tmp_path, services
     assert committed(tmp_path, "datasets") == []
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(800)  # services 300, 500
 def test_a_reward_function_that_raises_stops_grpo_naming_it_and_the_row(tmp_path, services):
     (tmp_path / "rewards.py").write_text(
         "def picky(prompts, completions, answer, **columns):\n"

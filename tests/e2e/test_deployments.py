@@ -103,6 +103,7 @@ def completed_run(deployed, s3_endpoint, tmp_path_factory):
     return SimpleNamespace(id=run_id, bucket=bucket, endpoint=s3_endpoint)
 
 
+@pytest.mark.timeout(2100)  # services 300, deploy 1800
 def test_prefect_deploy_all_registers_every_deployment(deployed):
     expected = set()
     for d in yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"]:
@@ -114,6 +115,7 @@ def test_prefect_deploy_all_registers_every_deployment(deployed):
     assert "params" in schema["properties"]  # the UI renders the RunParameters form from this
 
 
+@pytest.mark.timeout(3900)  # services 300, deploy 1800, run 1800
 def test_grpo_pipeline_deployment_runs_on_a_worker(completed_run, deployed):
     from mlflow.tracking import MlflowClient
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
@@ -151,6 +153,7 @@ def test_grpo_pipeline_deployment_runs_on_a_worker(completed_run, deployed):
     assert all(store.is_committed(v.source) for v in versions)
 
 
+@pytest.mark.timeout(4200)  # services 300, deploy 1800, run 1800, 300
 def test_a_bad_parameter_fails_before_any_stage_starts(deployed):
     rejected = prefect(
         ["deployment", "run", "grpo-pipeline/local", "--params", json.dumps({"params": {"overrides": [1]}})],
@@ -170,6 +173,7 @@ def test_a_bad_parameter_fails_before_any_stage_starts(deployed):
     assert tasks == []
 
 
+@pytest.mark.timeout(4100)  # services 300, deploy 1800, run 1800, browser
 def test_prefect_ui_shows_the_run_and_its_summary(completed_run, deployed):
     from playwright.sync_api import sync_playwright
 
@@ -199,6 +203,7 @@ def test_prefect_ui_shows_the_run_and_its_summary(completed_run, deployed):
     assert (SCREENSHOTS / "prefect-flow-run.png").stat().st_size > 10_000
 
 
+@pytest.mark.timeout(1200)  # services 300, lock waits 840
 def test_two_runs_of_one_stage_take_turns(services):
     """The stage lock (a Prefect global concurrency limit per store + stage key) admits one holder at a time, and
     another stage key is not blocked. Ordered by events, not by timings: Prefect's client may delay one

@@ -40,7 +40,7 @@ def cached(summary: dict) -> dict[str, bool]:
     return {name: stage["cached"] for name, stage in summary["stages"].items()}
 
 
-@pytest.mark.timeout(1800)
+@pytest.mark.timeout(1800)  # the default run (1200) and its rerun (600)
 def test_grpo_pipeline_tiny_defaults(default_run):
     """The main job on its defaults: SFT copies its teacher's rounded answers, GRPO with the exact verifier removes
     the habit, generator and trainer agree on every sampled token, and a second run is all cache hits."""
@@ -66,6 +66,7 @@ def test_grpo_pipeline_tiny_defaults(default_run):
     }
 
 
+@pytest.mark.timeout(2700)  # services 300, default run 1200, 2 x 600
 def test_changing_the_grpo_learning_rate_reruns_grpo_and_evaluate_only(seeded_workdir, services):
     env = services.prefect_env
     first = summary_of(run_cli(["run", "grpo-pipeline", "--json", *settings(GRPO_SMALL)], seeded_workdir, env=env))
@@ -76,7 +77,7 @@ def test_changing_the_grpo_learning_rate_reruns_grpo_and_evaluate_only(seeded_wo
     assert changed["stages"]["grpo"]["artifact"] != first["stages"]["grpo"]["artifact"]
 
 
-@pytest.mark.timeout(1500)
+@pytest.mark.timeout(3000)  # default run 1200, 600 + 600 + 600
 def test_kill_in_the_middle_of_grpo_then_resume_matches(default_run, tmp_path):
     """SIGKILL after GRPO's first checkpoint, then the same command: it resumes at step 4 and the curve from there
     equals an uninterrupted run's. (Temporary Prefect servers here: a killed run's stage lock would hold for a
@@ -113,6 +114,7 @@ def test_kill_in_the_middle_of_grpo_then_resume_matches(default_run, tmp_path):
     assert resumed["stages"]["evaluate"]["metrics"] == reference["stages"]["evaluate"]["metrics"]
 
 
+@pytest.mark.timeout(2100)  # services 300, default run 1200, 600
 def test_the_reward_model_learns_and_serves_as_a_reward(seeded_workdir, services):
     """grpo.reward_model_weight > 0 trains the reward model (stages.reward_model: auto) on the SFT model and adds
     sigmoid(its score) to the verifier's reward."""
@@ -142,6 +144,7 @@ MEGATRON_SMALL = {"sft.max_steps": 10, "sft.val_every": 5, "sft.checkpoint_every
 MEGATRON_SMALL.update({"grpo.max_steps": 4, "grpo.val_every": 4, "grpo.checkpoint_every": 4})
 
 
+@pytest.mark.timeout(1500)  # services 300, 2 x 600
 def test_grpo_pipeline_on_the_megatron_backend(tmp_path, services):
     """policy.backend=megatron at TP=2 (two ranks) is the only change: every stage trains on Megatron-core, the
     vLLM refit from Megatron's weights reproduces the trainer's logprobs, and SFT follows the loss curve of the
@@ -167,7 +170,7 @@ def test_grpo_pipeline_on_the_megatron_backend(tmp_path, services):
         assert on_megatron[step] == pytest.approx(loss, abs=1e-4), step
 
 
-@pytest.mark.timeout(1200)
+@pytest.mark.timeout(3300)  # services 300, default run 1200, 1200 + 600
 def test_dpo_pipeline_tiny_defaults_and_its_cached_reference(seeded_workdir, services):
     """DPO on its defaults from the shared SFT model: held-out preference accuracy >= 0.8, greedy accuracy no worse
     than SFT's; the reference logprobs are computed once and kept in the store, so a DPO rerun with another
@@ -189,7 +192,7 @@ def test_dpo_pipeline_tiny_defaults_and_its_cached_reference(seeded_workdir, ser
     assert {p: p.stat().st_mtime for p in reference.glob("*/MANIFEST.json")} == stamps
 
 
-@pytest.mark.timeout(1200)
+@pytest.mark.timeout(1500)  # services 300, 1200
 def test_tool_use_pipeline_makes_correct_calls(tmp_path, services):
     """The calculator config on small step counts: the SFT model, half of whose demonstrations call the tool,
     calls it correctly during GRPO, the episodes that call it earn reward, and they take more than one turn."""

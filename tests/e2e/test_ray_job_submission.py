@@ -75,6 +75,7 @@ def as_job(ray_head: dict, **overrides) -> list[str]:
     return [arg for key, value in settings.items() for arg in ("--set", f"{key}={value}")]
 
 
+@pytest.mark.timeout(1400)  # ray head 120, 2 x 600
 def test_sft_stage_runs_as_a_ray_job(ray_head, tmp_path):
     from ray.job_submission import JobStatus, JobSubmissionClient
 

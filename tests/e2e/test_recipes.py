@@ -91,7 +91,7 @@ def assert_all_ran(summary: dict, stages: set[str]) -> None:
     assert not any(summary["stages"][name]["cached"] for name in stages - {"model"})
 
 
-@pytest.mark.timeout(700)
+@pytest.mark.timeout(700)  # 600
 def test_qwen_math_recipe_sft_then_grpo_with_a_reward_function(tmp_path, tiny_models, datasets_like_the_hub):
     """SFT on GSM8K's worked answers -> GRPO with the math environment and the recipe's reward function from a
     file -> evaluate; the reward function's curve is logged as reward/final_answer_line."""
@@ -106,7 +106,7 @@ def test_qwen_math_recipe_sft_then_grpo_with_a_reward_function(tmp_path, tiny_mo
     assert all(0 <= m.value * 4 <= 4 and (m.value * 4).is_integer() for m in curve)  # a 0/1 score over 4 samples
 
 
-@pytest.mark.timeout(700)
+@pytest.mark.timeout(700)  # 600
 def test_qwen_megatron_recipe(tmp_path, tiny_models, datasets_like_the_hub):
     """The 7B Megatron recipe's layout scaled to two CPU ranks (tensor parallel 2)."""
     layout = {"policy.world_size": 2, "policy.megatron.tensor_parallel": 2}
@@ -117,7 +117,7 @@ def test_qwen_megatron_recipe(tmp_path, tiny_models, datasets_like_the_hub):
     assert runs[-1].data.params["policy.backend"] == "megatron"
 
 
-@pytest.mark.timeout(700)
+@pytest.mark.timeout(700)  # 600
 def test_llama_dpo_recipe_on_ultrafeedback_shaped_pairs(tmp_path, tiny_models, datasets_like_the_hub):
     """UltraFeedback's text prompt beside chosen/rejected chats: SFT on the chosen replies, DPO, and evaluate's
     preference accuracy against the SFT model (no generation: the pairs carry no reference answer)."""
@@ -129,7 +129,7 @@ def test_llama_dpo_recipe_on_ultrafeedback_shaped_pairs(tmp_path, tiny_models, d
     assert evaluation["unscored_rows"] == 4.0
 
 
-@pytest.mark.timeout(1500)
+@pytest.mark.timeout(2200)  # 3 x 600, export 300
 def test_gsm8k_recipe_without_sft_caches_by_content_exports_and_registers(tmp_path, tiny_models, datasets_like_the_hub):
     import shutil
 

@@ -55,6 +55,7 @@ def check_committed_run(summary: dict, store: ArtifactStore, steps: int, checkpo
     }
 
 
+@pytest.mark.timeout(1500)  # services 300, 2 x 600
 def test_tiny_sft_default_config_local_store(tmp_path, services):
     result = run_cli(["run", "sft", "--json"], cwd=tmp_path, env=services.prefect_env)
     summary = summary_of(result)
@@ -74,6 +75,7 @@ def test_tiny_sft_default_config_local_store(tmp_path, services):
     assert again["stages"]["sft"]["artifact"] == summary["stages"]["sft"]["artifact"]
 
 
+@pytest.mark.timeout(900)  # services 300, 600
 def test_tiny_sft_on_s3_store(tmp_path, s3_endpoint, s3_bucket, services):
     root = f"s3://{s3_bucket}/posttrain"
     result = run_cli(
@@ -101,6 +103,7 @@ def test_tiny_sft_on_s3_store(tmp_path, s3_endpoint, s3_bucket, services):
 RESUME_ARGS = ["--set", "sft.max_steps=30", "--set", "sft.checkpoint_every=10", "--set", "sft.val_every=10"]
 
 
+@pytest.mark.timeout(1500)  # 600 + 300 + 600
 def test_sigkill_then_resume_continues_the_same_curve(tmp_path):
     reference_dir, killed_dir = tmp_path / "reference", tmp_path / "killed"
     reference_dir.mkdir(), killed_dir.mkdir()
