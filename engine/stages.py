@@ -244,7 +244,7 @@ def train_dpo(rt: Runtime, start: ArtifactRef, data: ArtifactRef, parent_run_id:
         from engine.algorithms.dpo import run_dpo
 
         start_dir, data_dir = local_model_dir(rt, start), rt.store.download(data.uri)
-        return run_dpo(cfg, rt.store, run, start_dir, data_dir, prefix, start.digest, data.digest)
+        return run_dpo(cfg, rt.store, run, start_dir, data_dir, prefix, start.digest)
 
     inputs = {"start": start.digest, "data": data.digest}
     return _run_stage(rt, "dpo", _training_config(cfg, "dpo"), inputs, parent_run_id, body)

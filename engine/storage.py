@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import fsspec
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from engine.config import StorageConfig
 from engine.errors import StorageError
@@ -136,8 +136,19 @@ class ArtifactStore:
             self.fs.makedirs(remote.rsplit("/", 1)[0], exist_ok=True)
             self.fs.put_file(str(file), remote)
         manifest = Manifest(upload_id=upload_id, created=time.time(), files=entries, metadata=metadata or {})
-        self.fs.pipe_file(self._path(f"{key}/{MANIFEST}"), manifest.model_dump_json(indent=1).encode())
+        self._write_whole(self._path(f"{key}/{MANIFEST}"), manifest.model_dump_json(indent=1).encode())
         return ArtifactRef(uri=self.uri(key), digest=manifest.digest())
+
+    def _write_whole(self, path: str, data: bytes) -> None:
+        """A file that readers see whole or not at all: one PUT on object storage; on a local disk, a temporary
+        name renamed into place (a file written in place can be read, or left by a kill, half written)."""
+        protocols = {self.fs.protocol} if isinstance(self.fs.protocol, str) else set(self.fs.protocol)
+        if "file" not in protocols:
+            self.fs.pipe_file(path, data)
+            return
+        staged = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
+        self.fs.pipe_file(staged, data)
+        os.replace(staged, path)
 
     # ----------------------------------------------------------------------------- reading
 
@@ -147,7 +158,10 @@ class ArtifactStore:
             raw = self.fs.cat_file(path)
         except FileNotFoundError:
             return None
-        return Manifest.model_validate_json(raw)
+        try:
+            return Manifest.model_validate_json(raw)
+        except ValidationError:  # not a whole manifest (written by hand, cut short elsewhere): not committed
+            return None
 
     def is_committed(self, uri_or_key: str) -> bool:
         return self.manifest(uri_or_key) is not None
@@ -167,8 +181,8 @@ class ArtifactStore:
         return sorted(keys)
 
     def latest(self, prefix: str) -> str | None:
-        keys = self.list(prefix)
-        return keys[-1] if keys else None
+        """The newest key below ``prefix`` whose manifest reads whole (a cut one is passed over)."""
+        return next((key for key in reversed(self.list(prefix)) if self.manifest(key) is not None), None)
 
     def download(self, uri_or_key: str, verify: bool = True) -> Path:
         """A local copy of a committed artifact, cached by content digest (downloaded once)."""

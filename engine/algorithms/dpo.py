@@ -7,6 +7,7 @@ averaged over the step's global number of pairs, plus an optional NLL term on th
 
 from __future__ import annotations
 
+import hashlib
 import json
 import tempfile
 from pathlib import Path
@@ -52,7 +53,7 @@ class DPOLoss:
         if self.cfg.sft_weight > 0:
             chosen_mask = mask.clone()
             chosen_mask[1::2] = 0
-            loss = loss + self.cfg.sft_weight * nll_loss(logprobs, chosen_mask, normalizers["tokens"] / 2)
+            loss = loss + self.cfg.sft_weight * nll_loss(logprobs, chosen_mask, normalizers["leading_tokens"])
         pairs = float(sums.numel() // 2)
         return loss, {
             "correct_pairs": metrics["accuracy"] * pairs,
@@ -66,14 +67,19 @@ def reference_logprobs(
     policy: PolicyGroup,
     examples: list[TokenizedExample],
     model_digest: str,
-    data_digest: str,
-    split: str,
+    numerics: dict[str, str],
 ) -> list[float]:
-    """Summed target logprobs per example under the initial (reference) model, cached in the store."""
-    digest = stage_key("dpo_reference", {"split": split}, {"model": model_digest, "data": data_digest})
+    """Summed target logprobs per example under the initial (reference) model, cached in the store under the
+    model's digest, the exact tokens and targets of the examples (which hold the data, its split and its
+    truncation) and what sets the numerics (``numerics``: precision, backend); a cached list of another length
+    is computed again."""
+    tokens = hashlib.sha256(json.dumps([[e.input_ids, e.loss_mask] for e in examples]).encode()).hexdigest()
+    digest = stage_key("dpo_reference", numerics, {"model": model_digest, "examples": tokens})
     key = f"cache/dpo_reference/{digest}"
     if store.is_committed(key):
-        return store.read_json(key, REFERENCE_FILE)
+        cached = store.read_json(key, REFERENCE_FILE)
+        if len(cached) == len(examples):
+            return cached
     outputs = policy.forward(examples)
     values = [float((lp * torch.tensor(e.loss_mask, dtype=lp.dtype)).sum()) for lp, e in zip(outputs, examples)]
     with tempfile.TemporaryDirectory() as tmp:
@@ -108,7 +114,6 @@ def run_dpo(
     dataset_dir: Path,
     stage_prefix: str,
     model_digest: str,
-    data_digest: str,
 ) -> ArtifactRef:
     from transformers import AutoTokenizer
 
@@ -118,10 +123,9 @@ def run_dpo(
     val_rows = read_jsonl(dataset_dir / "val.jsonl")[: d.val_size]
     val = pair_examples(tokenizer, val_rows, d.max_seq_len, "validation")
     policy = start_policy_group(cfg, sft_model_dir, d.optimizer, d.max_steps, tokenizer.pad_token_id)
-    for split, examples in (("train", train), ("val", val)):
-        for example, value in zip(
-            examples, reference_logprobs(store, policy, examples, model_digest, data_digest, split)
-        ):
+    numerics = {"precision": cfg.policy.precision, "backend": cfg.policy.backend}
+    for examples in (train, val):
+        for example, value in zip(examples, reference_logprobs(store, policy, examples, model_digest, numerics)):
             example.scalars["reference_logprob_sum"] = value
     spec = LoopSpec(
         name="dpo",

@@ -59,7 +59,7 @@ def calculate(expression: str) -> str:
         return "error: expression empty or too long"
     try:
         return str(_evaluate(ast.parse(expression, mode="eval")))
-    except (CalculatorError, SyntaxError, RecursionError, ValueError) as exc:
+    except Exception as exc:  # noqa: BLE001 - every failure is a tool answer (deep nesting: MemoryError, ...)
         reason = str(exc) if isinstance(exc, CalculatorError) else "not an arithmetic expression"
         return f"error: {reason}"
 

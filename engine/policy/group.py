@@ -25,7 +25,8 @@ PER_RANK_VALUES = ("grad_norm", "lr")  # the same on every rank: taken from the 
 @dataclass
 class PolicyGroup:
     """Every loss gets the step's global normalizers: ``tokens`` (targets), ``sequences`` (with at least
-    one target) and ``units`` (e.g. preference pairs).
+    one target), ``units`` (e.g. preference pairs) and ``leading_tokens`` (the targets of each unit's first
+    example: the chosen responses of [chosen, rejected] pairs).
 
     A step is planned per data-parallel replica; every rank of a replica (Megatron's tensor ranks and
     pipeline stages) gets the replica's micro-batches, and only its reporting rank's results are counted.
@@ -43,8 +44,10 @@ class PolicyGroup:
         replicas = len(self.reporting_ranks)
         plans, tokens = plan_step(examples, replicas, self.token_budget, self.pad_id, group_size)
         sequences = sum(1 for e in examples if any(e.loss_mask[1:]))
+        leading = sum(sum(e.loss_mask[1:]) for e in examples[::group_size])
         per_rank = [plans[replica] for replica in self.replica_of_rank]
-        return per_rank, {"tokens": float(tokens), "sequences": float(sequences), "units": len(examples) / group_size}
+        normalizers = {"tokens": float(tokens), "sequences": float(sequences), "units": len(examples) / group_size}
+        return per_rank, {**normalizers, "leading_tokens": float(leading)}
 
     def _run(self, method: str, examples, loss_fn: Callable, group_size: int) -> dict[str, float]:
         plans, normalizers = self._plans(examples, group_size)

@@ -107,3 +107,13 @@ def test_tool_env_answers_a_bad_call_with_an_error():  # the turn limit is the r
     log = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "<calc>import os</calc>"}]
     result = env.step([log], [{"answer": "82"}])
     assert result.observations[0]["content"].startswith("error:") and result.metadata[0]["tool_errors"] == 1
+
+
+def test_calculator_answers_every_failure_as_a_tool_error(monkeypatch):
+    """The contract is 'never an exception', not the length cap: with the cap lifted, deep nesting (which makes
+    Python's parser raise MemoryError or RecursionError) is still an answer."""
+    from engine.environments import calculator
+
+    monkeypatch.setattr(calculator, "MAX_EXPRESSION_CHARS", 10**7)
+    for hostile in ("(" * 100_000 + "1" + ")" * 100_000, "-" * 1_000_000 + "1", "1" + "+1" * 300_000):
+        assert calculate(hostile).startswith("error:")

@@ -71,7 +71,27 @@ def test_manifest_is_the_last_write(store, tmp_path, monkeypatch):
         store.fs, "pipe_file", lambda p, *a, **k: (order.append(p.rsplit("/", 1)[-1]), real_pipe(p, *a, **k))
     )
     store.commit_dir(make_dir(tmp_path / "src", {"a": "1", "b": "2"}), "z")
-    assert order == ["file", "file", MANIFEST]
+    assert order[:2] == ["file", "file"] and order[2].startswith(MANIFEST) and len(order) == 3
+    assert sorted(p.name for p in (tmp_path / "store/z").iterdir() if p.is_file()) == [MANIFEST]  # renamed whole
+
+
+def test_a_manifest_cut_short_reads_as_not_committed(store, tmp_path, monkeypatch):
+    store.commit_dir(make_dir(tmp_path / "src", {"a": "1"}), "ckpt/step_1")
+    ref = store.commit_dir(make_dir(tmp_path / "src", {"a": "1"}), "ckpt/step_2")
+    manifest = tmp_path / "store/ckpt/step_2" / MANIFEST
+    manifest.write_text(manifest.read_text()[:40])  # a reader racing an in-place write, or a kill, sees this
+    assert not store.is_committed(ref.uri) and store.manifest(ref.uri) is None
+    assert store.latest("ckpt") == "ckpt/step_1"  # resume passes over it
+
+    import os
+
+    def killed_before_rename(*args):
+        raise KeyboardInterrupt  # the process dies after the staged manifest is written, before its rename
+
+    monkeypatch.setattr(os, "replace", killed_before_rename)
+    with pytest.raises(KeyboardInterrupt):
+        store.commit_dir(make_dir(tmp_path / "src2", {"b": "2"}), "killed")
+    assert not store.is_committed("killed") and not (tmp_path / "store/killed" / MANIFEST).exists()
 
 
 def test_open_and_read_json(store, tmp_path):
