@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import time
+from types import SimpleNamespace
 
 import pytest
 
@@ -66,26 +67,39 @@ def test_grpo_pipeline_tiny_defaults(default_run):
     }
 
 
+@pytest.fixture(scope="module")
+def small_grpo(default_run, services, tmp_path_factory):
+    """GRPO_SMALL (8 steps, checkpoints at 4) from the default run's SFT model, in a folder of its own."""
+    workdir = seed(tmp_path_factory.mktemp("small-grpo"), default_run)
+    args = ["run", "grpo-pipeline", "--json", *settings(GRPO_SMALL)]
+    return SimpleNamespace(
+        workdir=workdir, args=args, summary=summary_of(run_cli(args, workdir, env=services.prefect_env))
+    )
+
+
+def stage_run(workdir, stage: str, summary: dict):
+    """The MLflow run of ``stage`` within the pipeline run that produced ``summary``."""
+    client, runs = stage_runs(workdir, stage)
+    (run,) = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == summary["mlflow_run_id"]]
+    return client, run
+
+
 @pytest.mark.timeout(2700)  # services 300, default run 1200, 2 x 600
-def test_changing_the_grpo_learning_rate_reruns_grpo_and_evaluate_only(seeded_workdir, services):
-    env = services.prefect_env
-    first = summary_of(run_cli(["run", "grpo-pipeline", "--json", *settings(GRPO_SMALL)], seeded_workdir, env=env))
+def test_changing_the_grpo_learning_rate_reruns_grpo_and_evaluate_only(small_grpo, services):
+    first = small_grpo.summary
     assert cached(first) == {"model": True, "data": True, "sft": True, "grpo": False, "evaluate": False}
-    lower = settings({**GRPO_SMALL, "grpo.optimizer.lr": 2e-4})
-    changed = summary_of(run_cli(["run", "grpo-pipeline", "--json", *lower], seeded_workdir, env=env))
+    lower = [*small_grpo.args, "--set", "grpo.optimizer.lr=2e-4"]
+    changed = summary_of(run_cli(lower, small_grpo.workdir, env=services.prefect_env))
     assert cached(changed) == {"model": True, "data": True, "sft": True, "grpo": False, "evaluate": False}
     assert changed["stages"]["grpo"]["artifact"] != first["stages"]["grpo"]["artifact"]
 
 
-@pytest.mark.timeout(3000)  # default run 1200, 600 + 600 + 600
-def test_kill_in_the_middle_of_grpo_then_resume_matches(default_run, tmp_path):
+@pytest.mark.timeout(3000)  # services 300, default run 1200, 600 + 600 + 600
+def test_kill_in_the_middle_of_grpo_then_resume_matches(small_grpo, default_run, tmp_path):
     """SIGKILL after GRPO's first checkpoint, then the same command: it resumes at step 4 and the curve from there
     equals an uninterrupted run's. (Temporary Prefect servers here: a killed run's stage lock would hold for a
     minute on a real server.)"""
-    reference_dir, killed_dir = seed(tmp_path / "reference", default_run), seed(tmp_path / "killed", default_run)
-    args = ["run", "grpo-pipeline", "--json", *settings(GRPO_SMALL)]
-    reference = summary_of(run_cli(args, cwd=reference_dir))
-
+    killed_dir, args, reference = seed(tmp_path / "killed", default_run), small_grpo.args, small_grpo.summary
     proc = subprocess.Popen(
         [POSTTRAIN, *args], cwd=killed_dir, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
@@ -100,12 +114,12 @@ def test_kill_in_the_middle_of_grpo_then_resume_matches(default_run, tmp_path):
 
     resumed = summary_of(run_cli(args, cwd=killed_dir))
     assert resumed["stages"]["sft"]["cached"] and not resumed["stages"]["grpo"]["cached"]
-    client, runs = stage_runs(killed_dir, "grpo")
-    assert int(runs[-1].data.tags["posttrain.resumed_from_step"]) == 4
-    ref_client, ref_runs = stage_runs(reference_dir, "grpo")
+    client, run = stage_run(killed_dir, "grpo", resumed)
+    assert int(run.data.tags["posttrain.resumed_from_step"]) == 4
+    ref_client, ref_run = stage_run(small_grpo.workdir, "grpo", reference)
     for key in ("reward/mean", "loss"):
-        want = metric_curve(ref_client, ref_runs[-1].info.run_id, key)
-        got = metric_curve(client, runs[-1].info.run_id, key)
+        want = metric_curve(ref_client, ref_run.info.run_id, key)
+        got = metric_curve(client, run.info.run_id, key)
         assert sorted(got) == list(range(5, 9))
         for step, value in got.items():
             assert value == pytest.approx(want[step], abs=1e-5), (key, step)
@@ -138,36 +152,6 @@ def test_the_reward_model_learns_and_serves_as_a_reward(seeded_workdir, services
     assert sorted(rewards) == list(range(1, 9)) and all(0.0 < value < 1.0 for value in rewards.values())
     for step in rewards:  # the reward trained on is the weighted sum of the two
         assert mean[step] == pytest.approx(verifier[step] + 0.5 * rewards[step], abs=1e-5)
-
-
-MEGATRON_SMALL = {"sft.max_steps": 10, "sft.val_every": 5, "sft.checkpoint_every": 5, **GRPO_SMALL}
-MEGATRON_SMALL.update({"grpo.max_steps": 4, "grpo.val_every": 4, "grpo.checkpoint_every": 4})
-
-
-@pytest.mark.timeout(1500)  # services 300, 2 x 600
-def test_grpo_pipeline_on_the_megatron_backend(tmp_path, services):
-    """policy.backend=megatron at TP=2 (two ranks) is the only change: every stage trains on Megatron-core, the
-    vLLM refit from Megatron's weights reproduces the trainer's logprobs, and SFT follows the loss curve of the
-    default FSDP2 trainer (one rank)."""
-    megatron = {"policy.backend": "megatron", "policy.megatron.tensor_parallel": 2, "policy.world_size": 2}
-    megatron["policy.threads_per_worker"] = 1
-    env = services.prefect_env
-    args = ["run", "grpo-pipeline", "--json", *settings({**MEGATRON_SMALL, **megatron})]
-    summary = summary_of(run_cli(args, cwd=tmp_path, env=env))
-    stages = summary["stages"]
-    assert not any(stages[name]["cached"] for name in ("sft", "grpo", "evaluate"))
-    assert stages["grpo"]["metrics"]["token_mult_prob_error_median"] <= 1.001
-    assert stages["grpo"]["metrics"]["steps"] == 4
-    fsdp2_args = ["run", "sft", "--config", "grpo_tiny", "--json", *settings(MEGATRON_SMALL)]
-    fsdp2 = summary_of(run_cli(fsdp2_args, cwd=tmp_path, env=env))
-    assert fsdp2["stages"]["sft"]["artifact"] != stages["sft"]["artifact"]  # the backend is part of the cache key
-
-    client, runs = stage_runs(tmp_path, "sft")
-    assert [run.data.params["policy.backend"] for run in runs] == ["megatron", "fsdp2"]
-    on_megatron, on_fsdp2 = (metric_curve(client, run.info.run_id, "train/loss") for run in runs)
-    assert sorted(on_megatron) == sorted(on_fsdp2) == list(range(1, 11))
-    for step, loss in on_fsdp2.items():
-        assert on_megatron[step] == pytest.approx(loss, abs=1e-4), step
 
 
 @pytest.mark.timeout(3300)  # services 300, default run 1200, 1200 + 600

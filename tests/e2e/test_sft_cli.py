@@ -88,7 +88,9 @@ def test_tiny_sft_on_s3_store(tmp_path, s3_endpoint, s3_bucket, services):
             "--set",
             f"storage.endpoint_url={s3_endpoint}",
             "--set",
-            "sft.max_steps=80",
+            "sft.max_steps=40",
+            "--set",
+            "sft.checkpoint_every=20",
         ],
         cwd=tmp_path,
         env=services.prefect_env,
@@ -96,7 +98,7 @@ def test_tiny_sft_on_s3_store(tmp_path, s3_endpoint, s3_bucket, services):
     summary = summary_of(result)
     assert summary["stages"]["sft"]["artifact"].startswith(root)
     store = ArtifactStore.from_config(StorageConfig(root=root, endpoint_url=s3_endpoint), tmp_path)
-    check_committed_run(summary, store, steps=80, checkpoint_every=40)
+    check_committed_run(summary, store, steps=40, checkpoint_every=20)
     assert not (tmp_path / ".posttrain/store").exists()
 
 
