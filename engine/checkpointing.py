@@ -110,7 +110,7 @@ def checkpoint(
         "history": state.history,
         "val_history": state.val_history,
         "rng": capture_rng(),
-        "config": cfg.model_dump(mode="json"),
+        "config": cfg.redacted(),
     }
     return save_checkpoint(store, policy, stage_prefix, trainer_state)
 

@@ -9,6 +9,7 @@ full dotted path and a did-you-mean; invalid values name the field and the rule.
 from __future__ import annotations
 
 import difflib
+import json
 import os
 import re
 import typing
@@ -440,8 +441,15 @@ class PipelineConfig(Section):
             return "bfloat16" if self.policy.precision == "bf16" else "float32"
         return named[self.export.dtype]
 
+    def redacted(self) -> dict[str, Any]:
+        """The config as plain data with secrets masked (``engine.secrets``): what every surface a run writes gets."""
+        from engine.secrets import redact
+
+        return redact(self.model_dump(mode="json"))
+
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        """The config as YAML, secrets masked."""
+        return yaml.safe_dump(self.redacted(), sort_keys=False)
 
     def section(self, *names: str) -> dict[str, Any]:
         """The named sections as plain data: what a stage's cache key is computed from."""
@@ -611,7 +619,12 @@ class RunParameters(BaseModel):
     resume: str | None = Field(None, description="auto | never | <checkpoint URI>; default: the config's")
 
     def resolve(self) -> PipelineConfig:
+        """The config, with the overrides, the resume setting, and the secret overrides this process was handed
+        through its environment (``engine.secrets``: they never travel as parameters)."""
+        from engine.secrets import OVERRIDES_ENV
+
         overrides = dict(self.overrides)
         if self.resume is not None:
             overrides["resume"] = self.resume
+        overrides.update(json.loads(os.environ.get(OVERRIDES_ENV) or "{}"))
         return load_config(self.config, overrides)

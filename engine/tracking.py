@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from engine.config import PipelineConfig, TrackingConfig
+from engine.secrets import redact
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "true")
@@ -56,7 +57,7 @@ class StageRun:
     def log_params(self, params: Mapping[str, Any]) -> None:
         if self.client is None:
             return
-        items = [Param(k, v) for k, v in flatten(params).items()]
+        items = [Param(k, v) for k, v in flatten(redact(dict(params))).items()]
         for start in range(0, len(items), _MAX_BATCH):
             self.client.log_batch(self.run_id, params=items[start : start + _MAX_BATCH])
 
@@ -126,7 +127,7 @@ class Tracker:
 
     def start_pipeline(self, cfg: PipelineConfig, run_name: str) -> StageRun:
         run = self._create(run_name, tags={"posttrain.pipeline": cfg.name})
-        run.log_params(cfg.model_dump(mode="json"))
+        run.log_params(cfg.redacted())
         run.log_text(cfg.to_yaml(), "config.yaml")
         return run
 

@@ -47,7 +47,7 @@ def encode_payload(stage: Callable[..., stages.StageResult], cfg: PipelineConfig
         raise ValueError(f"{stage.__name__} is not a stage of engine.stages")
     payload = {
         "stage": stage.__name__,
-        "config": cfg.model_dump(mode="json"),
+        "config": cfg.redacted(),  # the job runs in the environment that carries the secrets: none travel here
         "inputs": [i.model_dump(mode="json") if isinstance(i, ArtifactRef) else i for i in inputs],
     }
     return base64.urlsafe_b64encode(json.dumps(payload).encode()).decode()
