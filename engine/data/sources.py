@@ -87,6 +87,7 @@ def _remote(uri: str, cache_dir: Path, storage_options: dict[str, Any]) -> Local
     remote file is copied again), then read like the local file, folder or files it now is."""
     try:
         fs, path = fsspec.core.url_to_fs(uri, **storage_options)
+        fs.invalidate_cache()  # fsspec keeps listings per process: a file edited since would look unchanged
         kind = "glob" if is_glob(path) else "folder" if fs.isdir(path) else "file"
         if kind == "glob":
             remote_files, base = sorted(fs.glob(path)), path.split("*")[0].rsplit("/", 1)[0]
