@@ -3,8 +3,9 @@ Prefect parameters, logs and Ray job entrypoints.
 
 A config value is a secret when it is text and a segment of its key names one (``HF_TOKEN``, ``api_key``,
 ``aws_secret``, ``password``, ``credentials``; not ``max_new_tokens``), or when it sits under an ``env_vars`` mapping
-(what a Ray job's environment carries). Such values are written as ``***``. The run itself gets them from its own environment
-(a secret override of the command line travels in ``POSTTRAIN_SECRET_OVERRIDES``, never in Prefect's parameters).
+(what a Ray job's environment carries). Such values are written as ``***``. The run itself gets them from its own
+environment (a secret override of the command line travels in ``POSTTRAIN_SECRET_OVERRIDES``, never in Prefect's
+parameters).
 """
 
 from __future__ import annotations

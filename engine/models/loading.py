@@ -32,14 +32,21 @@ def _check_folder(path: Path, label: str) -> Path:
 
 
 def _download_uri(uri: str, cache_dir: Path, storage_options: dict[str, Any]) -> Path:
-    target = cache_dir / hashlib.sha256(uri.encode()).hexdigest()[:16]
-    if (target / ".complete").exists():
-        return target
-    staging = cache_dir / f".{target.name}.{uuid.uuid4().hex[:8]}"
+    """A copy of a remote model folder, named by the remote files' names, sizes and ETags (or modification
+    times): a model replaced at the same URI is copied again, an unchanged one is not."""
     try:
         fs, path = fsspec.core.url_to_fs(uri, **storage_options)
+        fs.invalidate_cache()  # fsspec keeps listings per process
         if not fs.isdir(path):
             raise ModelLoadError(f"model not found: {uri}")
+        listing = fs.find(path, detail=True)
+        stamp = sorted(
+            (name, info.get("size"), str(info.get("ETag") or info.get("mtime"))) for name, info in listing.items()
+        )
+        target = cache_dir / hashlib.sha256(repr((uri, stamp)).encode()).hexdigest()[:16]
+        if (target / ".complete").exists():
+            return target
+        staging = cache_dir / f".{target.name}.{uuid.uuid4().hex[:8]}"
         fs.get(path.rstrip("/") + "/", str(staging), recursive=True)
     except ModelLoadError:
         raise

@@ -43,6 +43,11 @@ def test_model_loads_from_s3_uri_once(s3_endpoint, s3_bucket, tmp_path, tiny_mod
         store.fs.put_file(str(file), f"{s3_bucket}/plain/{file.name}")
     plain = resolve_model(f"s3://{s3_bucket}/plain", store, tmp_path / "cache")
     assert (plain / "model.safetensors").is_file()
+    assert resolve_model(f"s3://{s3_bucket}/plain", store, tmp_path / "cache") == plain  # copied once
+    config = (tiny_model_dir / "config.json").read_text().replace('"rms_norm_eps": 1e-06', '"rms_norm_eps": 1e-05')
+    store.fs.pipe_file(f"{s3_bucket}/plain/config.json", config.encode())  # the model replaced at the same URI
+    replaced = resolve_model(f"s3://{s3_bucket}/plain", store, tmp_path / "cache")
+    assert replaced != plain and (replaced / "config.json").read_text() == config
     with pytest.raises(ModelLoadError, match=f"model not found: s3://{s3_bucket}/missing"):
         resolve_model(f"s3://{s3_bucket}/missing", store, tmp_path / "cache")
 
