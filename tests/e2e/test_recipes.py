@@ -81,9 +81,9 @@ def tiny(workdir: Path, model_dir: Path, data_dir: Path, **extra) -> list[str]:
     return [arg for key, value in settings.items() for arg in ("--set", f"{key}={value}")]
 
 
-def run_recipe(pipeline: str, recipe: str, workdir: Path, args: list[str]) -> dict:
-    result = run_cli(["run", pipeline, "--config", str(RECIPES / recipe), "--json", *args], cwd=workdir, timeout=600)
-    return summary_of(result)
+def run_recipe(pipeline: str, recipe: str, workdir: Path, args: list[str], env: dict) -> dict:
+    command = ["run", pipeline, "--config", str(RECIPES / recipe), "--json", *args]
+    return summary_of(run_cli(command, cwd=workdir, timeout=600, env=env))
 
 
 def assert_all_ran(summary: dict, stages: set[str]) -> None:
@@ -91,12 +91,12 @@ def assert_all_ran(summary: dict, stages: set[str]) -> None:
     assert not any(summary["stages"][name]["cached"] for name in stages - {"model"})
 
 
-@pytest.mark.timeout(700)  # 600
-def test_qwen_math_recipe_sft_then_grpo_with_a_reward_function(tmp_path, tiny_models, datasets_like_the_hub):
+@pytest.mark.timeout(1000)  # services 300, 600
+def test_qwen_math_recipe_sft_then_grpo_with_a_reward_function(tmp_path, tiny_models, datasets_like_the_hub, services):
     """SFT on GSM8K's worked answers -> GRPO with the math environment and the recipe's reward function from a
     file -> evaluate; the reward function's curve is logged as reward/final_answer_line."""
     args = tiny(tmp_path, tiny_models["qwen2"], datasets_like_the_hub["gsm8k"])
-    summary = run_recipe("grpo-pipeline", "qwen2.5-1.5b-math-grpo.yaml", tmp_path, args)
+    summary = run_recipe("grpo-pipeline", "qwen2.5-1.5b-math-grpo.yaml", tmp_path, args, services.prefect_env)
     assert_all_ran(summary, {"model", "data", "sft", "grpo", "evaluate"})
     assert summary["stages"]["data"]["metrics"] == {"train_rows": 40.0, "val_rows": 8.0}  # the test split
     assert {"accuracy_sft", "accuracy_final", "reward_mean_final"} <= set(summary["stages"]["evaluate"]["metrics"])
@@ -106,15 +106,15 @@ def test_qwen_math_recipe_sft_then_grpo_with_a_reward_function(tmp_path, tiny_mo
     assert all(0 <= m.value * 4 <= 4 and (m.value * 4).is_integer() for m in curve)  # a 0/1 score over 4 samples
 
 
-@pytest.mark.timeout(700)  # 600
-def test_qwen_megatron_recipe(tmp_path, tiny_models, datasets_like_the_hub):
+@pytest.mark.timeout(1000)  # services 300, 600
+def test_qwen_megatron_recipe(tmp_path, tiny_models, datasets_like_the_hub, services):
     """The 7B Megatron recipe's layout scaled to two CPU ranks (tensor parallel 2), in fp32 on both sides so that
     the refit from Megatron's weights into vLLM is checked exactly: the generator's logprobs of the sampled tokens
     equal the trainer's (the Megatron-vs-FSDP2 loss curves are the integration tests')."""
     layout = {"policy.world_size": 2, "policy.megatron.tensor_parallel": 2}
     fp32 = {"policy.precision": "fp32", "generation.dtype": "float32"}
     args = tiny(tmp_path, tiny_models["qwen2"], datasets_like_the_hub["gsm8k"], **layout, **fp32)
-    summary = run_recipe("grpo-pipeline", "qwen2.5-7b-math-grpo-megatron.yaml", tmp_path, args)
+    summary = run_recipe("grpo-pipeline", "qwen2.5-7b-math-grpo-megatron.yaml", tmp_path, args, services.prefect_env)
     assert_all_ran(summary, {"model", "data", "sft", "grpo", "evaluate"})
     assert summary["stages"]["grpo"]["metrics"]["token_mult_prob_error_median"] <= 1.001
     client, runs = stage_runs(tmp_path, "sft", experiment="qwen-math")
@@ -123,20 +123,22 @@ def test_qwen_megatron_recipe(tmp_path, tiny_models, datasets_like_the_hub):
     assert grpo.data.params["policy.megatron.tensor_parallel"] == "2"
 
 
-@pytest.mark.timeout(700)  # 600
-def test_llama_dpo_recipe_on_ultrafeedback_shaped_pairs(tmp_path, tiny_models, datasets_like_the_hub):
+@pytest.mark.timeout(1000)  # services 300, 600
+def test_llama_dpo_recipe_on_ultrafeedback_shaped_pairs(tmp_path, tiny_models, datasets_like_the_hub, services):
     """UltraFeedback's text prompt beside chosen/rejected chats: SFT on the chosen replies, DPO, and evaluate's
     preference accuracy against the SFT model (no generation: the pairs carry no reference answer)."""
     args = tiny(tmp_path, tiny_models["llama"], datasets_like_the_hub["ultrafeedback"])
-    summary = run_recipe("dpo-pipeline", "llama-3.2-1b-dpo.yaml", tmp_path, args)
+    summary = run_recipe("dpo-pipeline", "llama-3.2-1b-dpo.yaml", tmp_path, args, services.prefect_env)
     assert_all_ran(summary, {"model", "data", "sft", "dpo", "evaluate"})
     evaluation = summary["stages"]["evaluate"]["metrics"]
     assert (evaluation["preference_accuracy"] * 4).is_integer() and "accuracy_final" not in evaluation  # 4 pairs
     assert evaluation["unscored_rows"] == 4.0
 
 
-@pytest.mark.timeout(2200)  # 3 x 600, export 300
-def test_gsm8k_recipe_without_sft_caches_by_content_exports_and_registers(tmp_path, tiny_models, datasets_like_the_hub):
+@pytest.mark.timeout(2500)  # services 300, 3 x 600, export 300
+def test_gsm8k_recipe_without_sft_caches_by_content_exports_and_registers(
+    tmp_path, tiny_models, datasets_like_the_hub, services
+):
     import shutil
 
     import torch
@@ -150,17 +152,17 @@ def test_gsm8k_recipe_without_sft_caches_by_content_exports_and_registers(tmp_pa
     workdir = tmp_path / "work"
     workdir.mkdir()
     args = tiny(workdir, tiny_models["qwen2"], data, **{"evaluate.samples": 2})
-    first = run_recipe("grpo-pipeline", "qwen2.5-0.5b-gsm8k-grpo.yaml", workdir, args)
+    first = run_recipe("grpo-pipeline", "qwen2.5-0.5b-gsm8k-grpo.yaml", workdir, args, services.prefect_env)
     assert_all_ran(first, {"model", "data", "grpo", "evaluate"})
     assert "pass_at_2_final" in first["stages"]["evaluate"]["metrics"]
 
-    again = run_recipe("grpo-pipeline", "qwen2.5-0.5b-gsm8k-grpo.yaml", workdir, args)
+    again = run_recipe("grpo-pipeline", "qwen2.5-0.5b-gsm8k-grpo.yaml", workdir, args, services.prefect_env)
     assert all(stage["cached"] for stage in again["stages"].values())
 
     rows = gsm8k_rows(40, seed=0)
     rows[7] = {**rows[7], "answer": rows[7]["answer"].replace("####", "Checked.\n####")}
     _parquet(rows, data / "main" / "train-00000-of-00001.parquet")
-    edited = run_recipe("grpo-pipeline", "qwen2.5-0.5b-gsm8k-grpo.yaml", workdir, args)
+    edited = run_recipe("grpo-pipeline", "qwen2.5-0.5b-gsm8k-grpo.yaml", workdir, args, services.prefect_env)
     assert {name: stage["cached"] for name, stage in edited["stages"].items()} == {
         "model": True,
         "data": False,
