@@ -74,12 +74,14 @@ def local_paths(source: str, label: str) -> tuple[Path | None, tuple[Path, ...]]
     raise DataError(f"dataset file not found: {label}")
 
 
-def _local(source: str, label: str) -> LocalSource:
+def _local(source: str, label: str, memo_dir: Path) -> LocalSource:
+    """A local source and its content digest (remembered by the files' sizes and times: a large dataset is hashed
+    again only when a file changed)."""
     folder, files = local_paths(source, label)
     if folder is None:
-        return LocalSource(label, None, files, files_digest(list(files), None))
+        return LocalSource(label, None, files, files_digest(list(files), None, memo_dir))
     saved = (folder / "dataset_dict.json").exists() or (folder / "state.json").exists()
-    return LocalSource(label, folder, (), folder_digest(folder), saved)
+    return LocalSource(label, folder, (), folder_digest(folder, memo_dir), saved)
 
 
 def _remote(uri: str, cache_dir: Path, storage_options: dict[str, Any]) -> LocalSource:
@@ -118,9 +120,9 @@ def _remote(uri: str, cache_dir: Path, storage_options: dict[str, Any]) -> Local
     except Exception as exc:  # noqa: BLE001 - transport errors become one user-facing line
         raise DataError(f"cannot read dataset {uri}: {str(exc).splitlines()[0]}") from None
     if kind == "folder":
-        local = _local(str(target), uri)
+        local = _local(str(target), uri, cache_dir / "digests")
         return LocalSource(uri, target, (), local.fingerprint, local.saved_to_disk)
-    return LocalSource(uri, None, tuple(local_files), files_digest(local_files, target))
+    return LocalSource(uri, None, tuple(local_files), files_digest(local_files, target, cache_dir / "digests"))
 
 
 def _hub_patterns(card: Path, subset: str | None) -> list[str] | None:
@@ -173,7 +175,7 @@ def _hub(name: str, cfg: DataConfig) -> LocalSource:
 def resolve(source: str, cfg: DataConfig, cache_dir: Path, storage_options: dict[str, Any]) -> LocalSource:
     """``source`` made local and fingerprinted (hub snapshot, remote copy, or the local path itself)."""
     if names_local_path(source):
-        return _local(source, source)
+        return _local(source, source, cache_dir / "digests")
     if "://" in source:
         return _remote(source, cache_dir, storage_options)
     return _hub(source, cfg)
