@@ -114,23 +114,17 @@ def split_at_first_reply(messages: list[Message], where: str) -> tuple[list[Mess
 
 def _shared_prefix(chosen: Any, rejected: Any, where: str) -> tuple[Any, Any, Any]:
     """TRL's implicit prompt: the longest common prefix of the two responses (whole messages, or characters)."""
-    if _is_conversation(chosen) and _is_conversation(rejected):
-        size = 0
-        while size < min(len(chosen), len(rejected)) and chosen[size] == rejected[size]:
-            size += 1
-        while size and chosen[size - 1]["role"] == "assistant":  # the responses start at an assistant turn
-            size -= 1
-        if size == 0:
-            raise DataError(f"{where}: 'chosen' and 'rejected' share no prompt (and there is no 'prompt' column)")
-        return chosen[:size], chosen[size:], rejected[size:]
-    if isinstance(chosen, str) and isinstance(rejected, str):
-        size = 0
-        while size < min(len(chosen), len(rejected)) and chosen[size] == rejected[size]:
-            size += 1
-        if size == 0:
-            raise DataError(f"{where}: 'chosen' and 'rejected' share no prompt (and there is no 'prompt' column)")
-        return chosen[:size], chosen[size:], rejected[size:]
-    raise DataError(f"{where}: 'chosen' and 'rejected' must both be text or both conversations")
+    conversations = _is_conversation(chosen) and _is_conversation(rejected)
+    if not conversations and not (isinstance(chosen, str) and isinstance(rejected, str)):
+        raise DataError(f"{where}: 'chosen' and 'rejected' must both be text or both conversations")
+    size = 0
+    while size < min(len(chosen), len(rejected)) and chosen[size] == rejected[size]:
+        size += 1
+    while conversations and size and chosen[size - 1]["role"] == "assistant":  # responses start at a reply
+        size -= 1
+    if size == 0:
+        raise DataError(f"{where}: 'chosen' and 'rejected' share no prompt (and there is no 'prompt' column)")
+    return chosen[:size], chosen[size:], rejected[size:]
 
 
 def _completion_text(completion: str | list[Message]) -> str:
