@@ -1,8 +1,8 @@
 """Held-out evaluation of the start model (SFT, or the base model) and the final model, on any dataset.
 
-    generation   greedy pass@1 and mean reward, scored exactly as GRPO scores (the environments, the user's reward
-                 functions); pass@k with ``evaluate.samples`` > 1; rows no environment can score are counted
-                 (``unscored_rows``), never a crash
+    generation   greedy pass@1 and mean reward, scored by what GRPO is scored by (the environments and the user's
+                 reward functions, weighted as in ``grpo``; a reward model, a learned proxy, is left out); pass@k
+                 with ``evaluate.samples`` > 1; rows no environment can score are counted (``unscored_rows``)
     preference   on preference data, the share of pairs where the final model prefers the chosen response more than
                  the start model does (DPO's implicit reward, with the start model as the reference)
 
@@ -40,7 +40,7 @@ def greedy_scores(
     default_task: str,
 ) -> dict[str, float]:
     """Greedy pass@1: the share of scorable rows answered right (the environment's reward above 0.5), their mean
-    reward (as GRPO computes it) and how many rows nothing could score."""
+    reward (``rewards``: environment and reward functions) and how many rows nothing could score."""
     episodes = new_episodes(tokenizer, rows, 1, default_task)
     params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, seed=0)
     run_rollouts(episodes, generation, router, tokenizer, params, max_turns)
