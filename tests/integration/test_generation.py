@@ -178,3 +178,21 @@ def test_saved_weights_swapped_in_generate_like_a_fresh_engine(backend, request,
     assert tokens(group.generate(prompts, greedy)) == tokens(expected)
     load_saved_weights(group, tiny_model_dir, version + 3)
     assert tokens(group.generate(prompts, greedy)) == tokens(original)
+
+
+def test_an_exported_bf16_model_loads_in_vllm(vllm_group, tiny_model_dir, prompts, tmp_path):
+    """`posttrain export --dtype bf16` writes what vLLM loads: an engine started on the export generates, and its
+    greedy answers are those of the committed model run in bf16 by the same engine code."""
+    from engine.models.export import export_folder
+
+    out = export_folder(tiny_model_dir, tmp_path / "exported", "bf16", {}, "grpo")
+    greedy = SamplingParams(n=1, temperature=0.0, max_tokens=8, seed=0)
+    exported = GenerationGroup(GenerationConfig(backend="vllm", dtype="bfloat16"), str(out))
+    original = GenerationGroup(GenerationConfig(backend="vllm", dtype="bfloat16"), str(tiny_model_dir))
+    try:
+        got, want = exported.generate(prompts, greedy), original.generate(prompts, greedy)
+    finally:
+        exported.shutdown()
+        original.shutdown()
+    assert all(len(s[0].token_ids) > 0 for s in got)
+    assert [s[0].token_ids for s in got] == [s[0].token_ids for s in want]
