@@ -9,14 +9,13 @@ the step, the data position, the controller's RNG, the metric history so far and
 from __future__ import annotations
 
 import json
+import logging
 import random
 import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-
-import torch
 
 from engine.errors import ConfigError
 from engine.storage import ArtifactRef, ArtifactStore
@@ -26,6 +25,7 @@ if TYPE_CHECKING:
     from engine.policy.group import PolicyGroup
     from engine.tracking import StageRun
 
+log = logging.getLogger("posttrain.checkpointing")
 TRAINER_STATE = "trainer_state.json"
 CONFIG_FILE = "posttrain_config.yaml"  # the resolved config a committed model was trained with
 TOKENIZER_FILES = (
@@ -42,25 +42,93 @@ def checkpoint_prefix(stage_prefix: str) -> str:
 
 
 def capture_rng() -> dict[str, Any]:
+    import torch  # here, not at the top: a cached stage imports no torch
+
     return {"python": random.getstate(), "torch": torch.get_rng_state().tolist()}
 
 
 def restore_rng(state: dict[str, Any]) -> None:
+    import torch
+
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+
+
+# what a resumed stage may change against its checkpoint's config: how long it runs and how often it reports
+RESUMABLE_CHANGES = ("max_steps", "val_every", "val_size", "checkpoint_every")
+
+
+def stage_of_prefix(stage_prefix: str) -> str:
+    """``stages/<stage>/<key>`` -> ``<stage>``."""
+    return stage_prefix.split("/")[1]
+
+
+def explicit_checkpoint(store: ArtifactStore, stage_prefix: str, resume: str) -> str | None:
+    """The checkpoint a ``resume: <uri>`` names for this stage: a URI applies to the stage whose checkpoint it is
+    (``.../stages/<stage>/<key>/checkpoints/step_N``); the run's other stages resume as with ``auto``."""
+    if resume in ("auto", "never"):
+        return None
+    parts = store.key_of(resume).split("/")
+    if len(parts) < 5 or parts[0] != "stages" or parts[3] != "checkpoints":
+        raise ConfigError(f"resume: {resume} is not a stage checkpoint (<store>/stages/<stage>/<key>/checkpoints/...)")
+    return resume if parts[1] == stage_of_prefix(stage_prefix) else None
 
 
 def find_resume_checkpoint(store: ArtifactStore, stage_prefix: str, resume: str) -> Path | None:
     """The local folder of the checkpoint to resume from, or None to start fresh."""
     if resume == "never":
         return None
-    if resume == "auto":
-        latest = store.latest(checkpoint_prefix(stage_prefix))
-        return store.download(latest) if latest else None
-    if not store.is_committed(resume):
-        raise ConfigError(f"resume: no committed checkpoint at {resume}")
-    return store.download(resume)
+    named = explicit_checkpoint(store, stage_prefix, resume)
+    if named is not None:
+        if not store.is_committed(named):
+            raise ConfigError(f"resume: no committed checkpoint at {named}")
+        return store.download(named)
+    latest = store.latest(checkpoint_prefix(stage_prefix))
+    if latest is None:
+        _say_why_not_resumed(store, stage_prefix)
+        return None
+    return store.download(latest)
+
+
+def _say_why_not_resumed(store: ArtifactStore, stage_prefix: str) -> None:
+    """One line when the same stage has checkpoints under another config: the key changed, so nothing resumes."""
+    stage_root = stage_prefix.rsplit("/", 1)[0]
+    others = [key for key in store.list_children(stage_root) if f"{stage_root}/{key}" != stage_prefix]
+    newest = [store.latest(checkpoint_prefix(f"{stage_root}/{key}")) for key in others]
+    found = sorted(uri for uri in newest if uri)
+    if found:
+        log.info(
+            "%s starts from step 0: its config differs from the %d run(s) with checkpoints (%s); "
+            "resume=<that uri> continues one where only %s changed",
+            stage_of_prefix(stage_prefix),
+            len(found),
+            store.uri(found[-1]),
+            ", ".join(RESUMABLE_CHANGES),
+        )
+
+
+def check_resumable(saved: dict[str, Any], current: dict[str, Any], stage: str, source: str) -> None:
+    """A checkpoint resumes a run whose config matches it, but for how long it runs and how often it reports;
+    otherwise one line naming what differs."""
+    sections = [stage, "policy", "data", "model", "seed"] + (["generation"] if stage == "grpo" else [])
+    allowed = {f"{stage}.{name}" for name in RESUMABLE_CHANGES}
+
+    def flat(data: Any, prefix: str) -> dict[str, Any]:
+        if isinstance(data, dict):
+            return {k: v for key, value in data.items() for k, v in flat(value, f"{prefix}.{key}").items()}
+        return {prefix: data}
+
+    before = {k: v for section in sections for k, v in flat(saved.get(section), section).items()}
+    after = {k: v for section in sections for k, v in flat(current.get(section), section).items()}
+    differing = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k) and k not in allowed)
+    if differing:
+        shown = ", ".join(f"{k} ({before.get(k)!r} -> {after.get(k)!r})" for k in differing[:4])
+        more = f" and {len(differing) - 4} more" if len(differing) > 4 else ""
+        raise ConfigError(
+            f"resume: {source} was trained with another config: {shown}{more}; only "
+            f"{', '.join(sorted(allowed))} may change when resuming"
+        )
 
 
 def read_trainer_state(checkpoint_dir: Path) -> dict[str, Any]:
@@ -81,17 +149,21 @@ class LoopState:
 
 
 def resume(
-    store: ArtifactStore, policy: "PolicyGroup", stage_prefix: str, resume_policy: str, run: "StageRun"
+    store: ArtifactStore, policy: "PolicyGroup", stage_prefix: str, cfg: "PipelineConfig", run: "StageRun"
 ) -> LoopState:
-    """The state to continue from: a fresh one, or the chosen checkpoint's, loaded into the trainer (model,
-    optimizer, scheduler, RNG) with the controller's RNG restored, so the resumed curve is the uninterrupted one."""
-    resume_dir = find_resume_checkpoint(store, stage_prefix, resume_policy)
+    """The state to continue from: a fresh one, or the chosen checkpoint's (its config checked against this one),
+    loaded into the trainer (model, optimizer, scheduler, RNG) with the controller's RNG restored, so the resumed
+    curve is the uninterrupted one."""
+    resume_dir = find_resume_checkpoint(store, stage_prefix, cfg.resume)
     if resume_dir is None:
         return LoopState()
-    policy.load_checkpoint(resume_dir)
     state = read_trainer_state(resume_dir)
+    source = explicit_checkpoint(store, stage_prefix, cfg.resume) or "the checkpoint"
+    check_resumable(state["config"], cfg.redacted(), stage_of_prefix(stage_prefix), source)
+    policy.load_checkpoint(resume_dir)
     restore_rng(state["rng"])
     run.set_tags({"posttrain.resumed_from_step": str(state["step"])})
+    log.info("%s resumes from step %d", stage_of_prefix(stage_prefix), state["step"])
     return LoopState(state["step"], state.get("history", []), state["val_history"])
 
 

@@ -575,7 +575,8 @@ def check_known_keys(data: dict[str, Any], model: type[BaseModel], prefix: str =
         if key not in fields:
             close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.6)
             hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
-            raise ConfigError(f"unknown config key '{path}'{hint}")
+            shown = path.encode("unicode_escape").decode()  # a key the user typed may hold a line break
+            raise ConfigError(f"unknown config key '{shown}'{hint}")
         sub = _section_type(fields[key].annotation)
         if sub is not None and isinstance(value, dict):
             check_known_keys(value, sub, prefix=f"{path}.")

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from pydantic import BaseModel
 
-from engine import user_code
+from engine import checkpointing, user_code
 from engine.caching import folder_digest, stage_key
 from engine.config import GRPOConfig, PipelineConfig
 from engine.data import sources
@@ -168,6 +168,9 @@ def _run_stage(
 ) -> StageResult:
     """Return the committed artifact of this exact stage if there is one; else run ``body`` in a nested
     MLflow run (``body`` gets the run and the stage's store prefix and commits the artifact)."""
+    resumed_from = checkpointing.explicit_checkpoint(rt.store, f"stages/{name}/-", rt.cfg.resume)
+    if resumed_from is not None:  # a run continued from a named checkpoint is not a fresh run: its own key
+        inputs = {**inputs, "resumed_from": resumed_from}
     prefix = f"stages/{name}/{stage_key(name, stage_config, inputs)}"
     with rt.lock(prefix):  # a second run of the same stage waits here, then finds the first one's artifact
         hit = rt.cached(name, f"{prefix}/{artifact}")

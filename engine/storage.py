@@ -180,6 +180,14 @@ class ArtifactStore:
         keys = [found.lstrip("/")[len(root) :].rsplit("/", 1)[0] for found in self.fs.glob(pattern)]
         return sorted(keys)
 
+    def list_children(self, prefix: str) -> list[str]:
+        """Names of the folders directly below ``prefix`` (committed or not), sorted."""
+        try:
+            found = self.fs.ls(self._path(prefix.strip("/")), detail=True)
+        except FileNotFoundError:
+            return []
+        return sorted(entry["name"].rstrip("/").rsplit("/", 1)[-1] for entry in found if entry["type"] == "directory")
+
     def latest(self, prefix: str) -> str | None:
         """The newest key below ``prefix`` whose manifest reads whole (a cut one is passed over)."""
         return next((key for key in reversed(self.list(prefix)) if self.manifest(key) is not None), None)

@@ -281,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args)
     except PosttrainError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print("error: " + " ".join(str(exc).split("\n")), file=sys.stderr)  # one line, whatever it quotes
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -268,7 +268,7 @@ def train_loop(
     """The steps from the resume point to ``max_steps``, with validation, metrics and checkpoints."""
     g = cfg.grpo
     policy = loop.roles.policy
-    state = checkpointing.resume(store, policy, stage_prefix, cfg.resume, run)
+    state = checkpointing.resume(store, policy, stage_prefix, cfg, run)
     if state.step:
         refit(policy, loop.roles.generation, version=state.step)
     if not state.val_history:

@@ -101,7 +101,7 @@ def _train(
     policy: PolicyGroup,
 ) -> ArtifactRef:
     sampler = StepSampler(len(spec.train) // spec.group_size, spec.batch_size, cfg.seed)
-    state = checkpointing.resume(store, policy, stage_prefix, cfg.resume, run)
+    state = checkpointing.resume(store, policy, stage_prefix, cfg, run)
 
     def validate(step: int) -> dict[str, float]:
         metrics = spec.validation(policy.evaluate(spec.val, spec.loss_fn, spec.group_size))

@@ -78,3 +78,58 @@ def test_resume_continues_from_the_newest_checkpoint_with_the_same_batches(tmp_p
     fresh = FakePolicy()
     _, _, recorded = run(tmp_path, fresh, resume="never")
     assert fresh.loaded == [] and len(fresh.trained) == 5 and "posttrain.resumed_from_step" not in recorded.tags
+
+
+def test_a_named_checkpoint_resumes_only_a_run_of_its_config_and_its_own_stage(tmp_path, caplog):
+    from engine.errors import ConfigError
+
+    run(tmp_path, FakePolicy())
+    checkpoint = f"file://{tmp_path}/store/{PREFIX}/checkpoints/step_000004"
+
+    def resumed_with(**overrides):
+        cfg = load_config(None, {"resume": checkpoint, "workdir": str(tmp_path / "work"), **overrides})
+        store = ArtifactStore(f"file://{tmp_path}/store", tmp_path / "cache")
+        policy, recorded = FakePolicy(), RecordingRun()
+        run_loop(cfg, store, recorded, tmp_path, spec(), "stages/sft/other-key", pad_id=0, policy=policy)
+        return policy, recorded
+
+    policy, recorded = resumed_with(**{"sft.max_steps": 8, "sft.val_every": 3})  # may change: how long, how often
+    assert recorded.tags["posttrain.resumed_from_step"] == "4" and len(policy.trained) == 1
+    with pytest.raises(
+        ConfigError,
+        match=r"resume: .*step_000004 was trained with another config: "
+        r"sft.optimizer.lr \(0.002 -> 0.005\); only sft.checkpoint_every, sft.max_steps",
+    ):
+        resumed_with(**{"sft.optimizer.lr": 0.005})
+    grpo_checkpoint = checkpoint.replace("stages/sft/", "stages/grpo/")
+    cfg = load_config(None, {"resume": grpo_checkpoint, "workdir": str(tmp_path / "work")})
+    store = ArtifactStore(f"file://{tmp_path}/store", tmp_path / "cache")
+    with caplog.at_level("INFO", logger="posttrain.checkpointing"):
+        fresh = FakePolicy()
+        run_loop(cfg, store, RecordingRun(), tmp_path, spec(), "stages/sft/third-key", pad_id=0, policy=fresh)
+    assert fresh.loaded == [] and len(fresh.trained) == 5  # another stage's checkpoint: this stage starts afresh
+    assert "sft starts from step 0: its config differs from the 1 run(s) with checkpoints" in caplog.text
+
+
+def test_a_run_resumed_from_a_named_checkpoint_is_committed_under_its_own_key(tmp_path):
+    from engine import stages
+
+    class Tracker:
+        def start_stage(self, parent, name, params):
+            stage_run = RecordingRun()
+            stage_run.run_id, stage_run.finish = None, lambda status: None
+            return stage_run
+
+    prefixes = []
+
+    def body(run, prefix):
+        prefixes.append(prefix)
+        return stages.ArtifactRef(uri=f"file://{tmp_path}/x", digest="d")
+
+    store = ArtifactStore(f"file://{tmp_path}/store", tmp_path / "cache")
+    checkpoint = f"file://{tmp_path}/store/stages/sft/abc/checkpoints/step_000004"
+    for resume in ("auto", checkpoint, checkpoint.replace("/sft/", "/grpo/")):
+        cfg = load_config(None, {"resume": resume, "workdir": str(tmp_path / "work"), "cache": False})
+        stages._run_stage(stages.Runtime(cfg, store, Tracker()), "sft", {"a": 1}, {"data": "d"}, None, body)
+    fresh, resumed, other_stage = prefixes
+    assert resumed != fresh and other_stage == fresh  # a resume of another stage does not touch this key
