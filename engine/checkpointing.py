@@ -95,8 +95,8 @@ def _say_why_not_resumed(store: ArtifactStore, stage_prefix: str) -> None:
     """One line when the same stage has checkpoints under another config: the key changed, so nothing resumes."""
     stage_root = stage_prefix.rsplit("/", 1)[0]
     others = [key for key in store.list_children(stage_root) if f"{stage_root}/{key}" != stage_prefix]
-    newest = [store.latest(checkpoint_prefix(f"{stage_root}/{key}")) for key in others]
-    found = sorted(uri for uri in newest if uri)
+    latest = [store.latest(checkpoint_prefix(f"{stage_root}/{key}")) for key in others]
+    found = sorted((key for key in latest if key), key=lambda key: store.manifest(key).created)
     if found:
         log.info(
             "%s starts from step 0: its config differs from the %d run(s) with checkpoints (%s); "

@@ -27,6 +27,9 @@ for _key, _value in {
     "TOKENIZERS_PARALLELISM": "false",
     # Prefect's temporary server gets 20 s to answer by default; a busy 2-core machine can need more.
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+    # posttrain's own log lines (resumed from step N, why a stage starts afresh) go where Prefect's do: the terminal,
+    # and the task's log in the Prefect UI
+    "PREFECT_LOGGING_EXTRA_LOGGERS": "posttrain",
 }.items():
     os.environ.setdefault(_key, _value)
 
@@ -277,7 +280,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from engine.logs import show_on_stderr
+
     args = build_parser().parse_args(argv)
+    show_on_stderr()
     try:
         return args.handler(args)
     except PosttrainError as exc:

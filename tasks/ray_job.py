@@ -138,8 +138,10 @@ def _task_logger():
 
 def main(payload: str) -> int:
     """The job's entry point, inside the cluster."""
+    from engine.logs import show_on_stderr
     from tasks.stage_lock import open_runtime
 
+    show_on_stderr()  # the job's output is followed into the task's log
     try:
         stage, cfg, inputs = decode_payload(payload)
         result = stage(open_runtime(cfg, os.environ.get("PREFECT_API_URL")), *inputs)

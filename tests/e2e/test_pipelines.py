@@ -112,8 +112,10 @@ def test_kill_in_the_middle_of_grpo_then_resume_matches(small_grpo, default_run,
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
 
-    resumed = summary_of(run_cli(args, cwd=killed_dir))
+    result = run_cli(args, cwd=killed_dir)
+    resumed = summary_of(result)
     assert resumed["stages"]["sft"]["cached"] and not resumed["stages"]["grpo"]["cached"]
+    assert "posttrain.checkpointing - grpo resumes from step 4" in result.stderr  # said where the user looks
     client, run = stage_run(killed_dir, "grpo", resumed)
     assert int(run.data.tags["posttrain.resumed_from_step"]) == 4
     ref_client, ref_run = stage_run(small_grpo.workdir, "grpo", reference)
