@@ -30,6 +30,7 @@ for _key, _value in {
     # posttrain's own log lines (resumed from step N, why a stage starts afresh) go where Prefect's do: the terminal,
     # and the task's log in the Prefect UI
     "PREFECT_LOGGING_EXTRA_LOGGERS": "posttrain",
+    "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",  # a line logged outside a run stays on the terminal
 }.items():
     os.environ.setdefault(_key, _value)
 
