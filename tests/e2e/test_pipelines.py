@@ -159,8 +159,9 @@ def test_the_reward_model_learns_and_serves_as_a_reward(seeded_workdir, services
 @pytest.mark.timeout(3300)  # services 300, default run 1200, 1200 + 600
 def test_dpo_pipeline_tiny_defaults_and_its_cached_reference(seeded_workdir, services):
     """DPO on its defaults from the shared SFT model: held-out preference accuracy >= 0.8, greedy accuracy no worse
-    than SFT's; the reference logprobs are computed once and kept in the store, so a DPO rerun with another
-    learning rate reuses them."""
+    than SFT's. Then DPO alone (``sft_weight: 0``, so the NLL term cannot be what learns): the implicit reward
+    margin rises from 0 and preference accuracy still reaches 0.8; and it reuses the reference logprobs the first
+    run kept in the store."""
     env = services.prefect_env
     summary = summary_of(run_cli(["run", "dpo-pipeline", "--json"], seeded_workdir, timeout=1200, env=env))
     assert cached(summary) == {"model": True, "data": True, "sft": True, "dpo": False, "evaluate": False}
@@ -172,10 +173,15 @@ def test_dpo_pipeline_tiny_defaults_and_its_cached_reference(seeded_workdir, ser
     reference = seeded_workdir / ".posttrain/store/cache/dpo_reference"
     stamps = {p: p.stat().st_mtime for p in reference.glob("*/MANIFEST.json")}
     assert len(stamps) == 2  # train and val splits
-    shorter = settings({"dpo.max_steps": 4, "dpo.optimizer.lr": 1e-5, "evaluate.size": 32})
-    second = summary_of(run_cli(["run", "dpo-pipeline", "--json", *shorter], seeded_workdir, env=env))
+    alone = settings({"dpo.sft_weight": 0, "evaluate.size": 32})
+    second = summary_of(run_cli(["run", "dpo-pipeline", "--json", *alone], seeded_workdir, env=env))
     assert second["stages"]["sft"]["cached"] and not second["stages"]["dpo"]["cached"]
     assert {p: p.stat().st_mtime for p in reference.glob("*/MANIFEST.json")} == stamps
+    dpo = second["stages"]["dpo"]["metrics"]
+    assert dpo["val_preference_accuracy"] >= 0.8, dpo  # measured 0.883
+    client, run = stage_run(seeded_workdir, "dpo", second)
+    margins = metric_curve(client, run.info.run_id, "val/reward_margin")
+    assert margins[0] == pytest.approx(0.0, abs=1e-6) and margins[max(margins)] > 0.1, margins  # measured 0.247
 
 
 @pytest.mark.timeout(1500)  # services 300, 1200
