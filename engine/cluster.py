@@ -63,13 +63,13 @@ def ship_by_value(obj: Any) -> None:
         ray.cloudpickle.register_pickle_by_value(module)
 
 
-def get(refs: Any) -> Any:
+def get(refs: Any, timeout: float | None = None) -> Any:
     """``ray.get``, with a user error raised in an actor re-raised as itself (one line, never retried) rather
     than wrapped in Ray's task error."""
     from engine.errors import PosttrainError
 
     try:
-        return ray.get(refs)
+        return ray.get(refs, timeout=timeout)
     except ray.exceptions.RayTaskError as exc:
         if isinstance(exc.cause, PosttrainError):
             raise exc.cause from None

@@ -44,8 +44,11 @@ def greedy_scores(
     episodes = new_episodes(tokenizer, rows, 1, default_task)
     params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, seed=0)
     run_rollouts(episodes, generation, router, tokenizer, params, max_turns)
-    scored = [rewards.functions is not None or not e.metadata.get("unscored") for e in episodes]
-    total, _ = rewards(episodes)
+    total, _, failed = rewards(episodes)
+    scored = [
+        (rewards.functions is not None or not e.metadata.get("unscored")) and not bad
+        for e, bad in zip(episodes, failed)
+    ]
     count = max(1, sum(scored))
     return {
         "accuracy": sum(e.reward > 0.5 for e, s in zip(episodes, scored) if s) / count,
@@ -80,10 +83,10 @@ def generation_metrics(cfg: PipelineConfig, model_dirs: list[Path], rows: list[d
 
     g, e = cfg.grpo, cfg.evaluate
     tokenizer = AutoTokenizer.from_pretrained(model_dirs[0])
-    functions = RewardFunctions(g.reward_functions) if g.reward_functions else None
+    functions = RewardFunctions(g.reward_functions, g.reward_timeout_s) if g.reward_functions else None
     router = EnvironmentRouter(g.environment_classes())
     generation = GenerationGroup(cfg.generation, str(model_dirs[0]), seed=cfg.seed)
-    rewards = EpisodeRewards(g.verifier_weight, functions)
+    rewards = EpisodeRewards(g.verifier_weight, functions, max_failed_groups=g.max_failed_groups)
     try:
         results = []
         for version, model_dir in enumerate(model_dirs):

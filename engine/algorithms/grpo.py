@@ -129,7 +129,11 @@ class GRPOLoop:
         self.sampler = StepSampler(len(train_rows), cfg.prompts_per_step, seed)
         self.loss = GRPOLoss(cfg.loss)
         self.rewards = EpisodeRewards(
-            cfg.verifier_weight, roles.reward_functions, roles.reward_model, cfg.reward_model_weight
+            cfg.verifier_weight,
+            roles.reward_functions,
+            roles.reward_model,
+            cfg.reward_model_weight,
+            cfg.max_failed_groups,
         )
 
     def collect(self, step: int) -> list[Episode]:
@@ -148,7 +152,7 @@ class GRPOLoop:
     def score(self, episodes: list[Episode]) -> ScoredStep:
         """Rewards, group advantages, and which episodes are kept for training."""
         g = self.cfg
-        rewards, parts = self.rewards(episodes)
+        rewards, parts, failed = self.rewards(episodes)
         if g.overlong_penalty is not None:  # DAPO: responses near the limit lose reward smoothly, not at a cliff
             lengths = torch.tensor([len(e.generated_tokens) for e in episodes])
             limit = g.max_new_tokens * g.max_rollout_turns
@@ -157,7 +161,8 @@ class GRPOLoop:
             parts["reward/overlong_penalty"] = float(penalty.mean())
         groups = torch.tensor([e.group for e in episodes])
         advantages = estimate_advantages(rewards, groups, g.advantage_estimator, g.normalize_advantages)
-        kept = list(range(len(episodes)))
+        lost = {e.group for e, bad in zip(episodes, failed) if bad}  # a group is trained whole or not at all
+        kept = [i for i in range(len(episodes)) if episodes[i].group not in lost]
         if g.dynamic_sampling:
             spread = {int(gid) for gid in groups.unique() if rewards[groups == gid].std() > 0}
             kept = [i for i in kept if episodes[i].group in spread]
@@ -269,6 +274,7 @@ def train_loop(
     g = cfg.grpo
     policy = loop.roles.policy
     state = checkpointing.resume(store, policy, stage_prefix, cfg, run)
+    loop.rewards.failed_groups = int(sum(h.get("reward/failed_groups", 0.0) for h in state.history))
     if state.step:
         refit(policy, loop.roles.generation, version=state.step)
     if not state.val_history:
@@ -298,7 +304,7 @@ def start_roles(cfg: PipelineConfig, init_model_dir: Path, pad_id: int, reward_m
         raise ValueError("grpo.reward_model_weight > 0 needs a trained reward model")
     started: list[Any] = []
     try:  # the user's code is loaded first: a bad name fails before any worker starts
-        started.append(RewardFunctions(g.reward_functions) if g.reward_functions else None)
+        started.append(RewardFunctions(g.reward_functions, g.reward_timeout_s) if g.reward_functions else None)
         started.append(EnvironmentRouter(g.environment_classes()))
         started.append(start_policy_group(cfg, init_model_dir, g.optimizer, g.max_steps, pad_id))
         started.append(start_policy_group(cfg, init_model_dir, None, g.max_steps, pad_id) if g.loss.kl_beta else None)

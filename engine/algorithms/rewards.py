@@ -16,6 +16,7 @@ from engine.config import PipelineConfig
 from engine.data.chat import Prompt, tokenize_example
 from engine.environments.reward_functions import RewardFunctions
 from engine.policy.group import PolicyGroup, start_policy_group
+from engine.user_code import UserCodeError
 
 
 class RewardModelScorer:
@@ -53,7 +54,10 @@ class EpisodeRewards:
 
         reward = verifier_weight * environment reward + sum_i weight_i * function_i + w_rm * sigmoid(RM score)
 
-    A reward function's ``None`` (not applicable) adds nothing. Each part's mean is a metric (``reward/<name>``)."""
+    A reward function's ``None`` (not applicable) adds nothing. Each part's mean is a metric (``reward/<name>``).
+    An episode a reward function failed on is marked failed: callers train on none of its group and score none of
+    it; failed groups are counted over the run, and past ``max_failed_groups`` the run stops in one line naming the
+    first failure."""
 
     def __init__(
         self,
@@ -61,22 +65,29 @@ class EpisodeRewards:
         functions: RewardFunctions | None = None,
         reward_model: RewardModelScorer | None = None,
         reward_model_weight: float = 0.0,
+        max_failed_groups: int = 0,
     ):
         self.verifier_weight, self.functions = verifier_weight, functions
         self.reward_model, self.reward_model_weight = reward_model, reward_model_weight
+        self.max_failed_groups, self.failed_groups = max_failed_groups, 0
 
-    def __call__(self, episodes: list[Episode]) -> tuple[torch.Tensor, dict[str, float]]:
+    def __call__(self, episodes: list[Episode]) -> tuple[torch.Tensor, dict[str, float], list[bool]]:
+        """Rewards, their parts' means, and which episodes failed."""
         environment = torch.tensor([e.reward for e in episodes], dtype=torch.float64)
         total = environment * self.verifier_weight
         metrics = {"reward/environment": float(environment.mean())}
+        failures: list[str | None] = [None] * len(episodes)
         if self.functions is not None:
-            scores = self.functions.score(
+            scored = self.functions.score(
                 [e.prompt for e in episodes],
                 [e.completion for e in episodes],
                 [e.columns for e in episodes],
                 [e.row_id for e in episodes],
             )
-            for name, values in scores.items():
+            failures = scored.failures
+            self._count(episodes, failures)
+            metrics["reward/failed_groups"] = float(len({e.group for e, why in zip(episodes, failures) if why}))
+            for name, values in scored.values.items():
                 applicable = [v for v in values if v is not None]
                 total += self.functions.weights[name] * torch.tensor([v or 0.0 for v in values], dtype=torch.float64)
                 metrics[f"reward/{name}"] = sum(applicable) / len(applicable) if applicable else 0.0
@@ -85,4 +96,12 @@ class EpisodeRewards:
             scores = torch.tensor(rewards, dtype=torch.float64)
             total += self.reward_model_weight * scores
             metrics["reward/reward_model"] = float(scores.mean())
-        return total.float(), metrics
+        return total.float(), metrics, [why is not None for why in failures]
+
+    def _count(self, episodes: list[Episode], failures: list[str | None]) -> None:
+        groups = {e.group for e, why in zip(episodes, failures) if why}
+        self.failed_groups += len(groups)
+        if self.failed_groups > self.max_failed_groups:
+            first = next(why for why in failures if why)
+            over = f" ({self.failed_groups} groups failed; grpo.max_failed_groups={self.max_failed_groups})"
+            raise UserCodeError(first + (over if self.max_failed_groups else ""))

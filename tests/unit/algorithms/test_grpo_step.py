@@ -204,3 +204,48 @@ def test_advantage_estimators_and_the_overlong_penalty(tokenizer):
     assert metrics["reward/environment"] == 1.0 and metrics["reward/overlong_penalty"] == pytest.approx(-0.5)
     advantages = [e.scalars["advantage"] for e in penalized.roles.policy.trained[0][:2]]
     assert advantages[0] > 0 > advantages[1]  # the padded answer scores below the short one
+
+
+class FailingFunctions:
+    """A reward-functions handle whose function fails on one prompt's completions."""
+
+    def __init__(self, bad_answer: str):
+        self.bad_answer, self.weights = bad_answer, {"bonus": 1.0}
+
+    def score(self, prompts, completions, columns, row_ids):
+        from engine.environments.reward_functions import Scores
+
+        bad = [c[-1]["content"].startswith(self.bad_answer) for c in completions]
+        failures = [
+            f"reward function bonus raised ValueError on dataset row {row}: no" if b else None
+            for b, row in zip(bad, row_ids)
+        ]
+        return Scores({"bonus": [None if b else 0.25 for b in bad]}, failures)
+
+    def shutdown(self):
+        pass
+
+
+def test_a_group_a_reward_function_failed_on_is_not_trained_and_counted_until_the_budget(tokenizer):
+    from engine.user_code import UserCodeError
+
+    def reply(prompt, row, call):
+        return str(true_answer(tokenizer, prompt)) if row % 2 == 0 else "0", "stop"
+
+    first_answer = str(2 * (10 + make_loop(tokenizer, reply).sampler.indices(0)[0]))
+    roles_args = {"max_failed_groups": 1}
+    loop = make_loop(tokenizer, reply, **roles_args)
+    loop.roles.reward_functions = FailingFunctions(first_answer)
+    loop.rewards.functions = loop.roles.reward_functions
+    metrics = loop.step(0)
+    (examples,) = loop.roles.policy.trained
+    assert len(examples) == (PROMPTS - 1) * SAMPLES  # the failed prompt's group is left out whole
+    assert metrics["reward/failed_groups"] == 1.0 and metrics["reward/bonus"] == 0.25
+    with pytest.raises(
+        UserCodeError,
+        match=r"reward function bonus raised ValueError on dataset row \d+: no "
+        r"\(2 groups failed; grpo.max_failed_groups=1\)",
+    ):
+        loop.sampler.indices = lambda step: [0, 1, 2, 3]  # a batch holding the prompt it fails on again
+        loop.rewards.functions.bad_answer = "20"
+        loop.step(1)
