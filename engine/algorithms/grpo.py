@@ -11,6 +11,9 @@
         refit()                         the generator gets the new weights (also after a step with nothing to train)
         every val_every: greedy pass@1 on held-out prompts; every checkpoint_every: checkpoint
 
+A generation worker lost mid-step is restarted, given the current weights, and the step's generation redone: a
+step's sampling is a pure function of seed and step, so the curve is the uninterrupted one and no step is lost.
+
 What is kept from the paper and why: one gradient step per batch, so the old policy is the current one
 (ratio = exp(logprob - logprob.detach()), which carries the gradient of the ratio while its value is 1);
 the generator's own logprobs are compared with the trainer's every step (token_mult_prob_error) and can
@@ -21,11 +24,12 @@ is optional (loss.kl_beta; a frozen reference group is started only then).
 from __future__ import annotations
 
 import json
+import logging
 import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import torch
 from tqdm import tqdm
@@ -43,7 +47,7 @@ from engine.data.chat import TokenizedExample
 from engine.data.datasets import read_jsonl
 from engine.environments.reward_functions import RewardFunctions
 from engine.environments.router import EnvironmentRouter
-from engine.generation.group import GenerationGroup
+from engine.generation.group import GenerationGroup, WorkerLost
 from engine.generation.interfaces import SamplingParams
 from engine.policy.group import PolicyGroup, start_policy_group
 from engine.storage import ArtifactRef, ArtifactStore
@@ -51,6 +55,8 @@ from engine.tracking import StageRun
 from engine.weight_sync import refit
 
 HISTORY_FILE = "history.jsonl"
+log = logging.getLogger("posttrain.grpo")
+T = TypeVar("T")
 
 
 class GRPOLoss:
@@ -176,10 +182,21 @@ class GRPOLoop:
                 example.token_values["reference_logprobs"] = reference.tolist()  # aligned to the input ids
         return examples
 
+    def _generating(self, version: int, work: Callable[[], T]) -> T:
+        """``work`` on the generator; a lost generation worker is restarted with the weights of ``version`` and the
+        work redone once (the same samples: they are seeded by step)."""
+        try:
+            return work()
+        except WorkerLost as lost:
+            log.warning("%s; restarting the generation workers and redoing the step's generation", lost)
+            self.roles.generation.restart()
+            refit(self.roles.policy, self.roles.generation, version)
+            return work()
+
     def step(self, step: int) -> dict[str, float]:
         """collect -> score -> train -> refit; returns the step's metrics."""
         started = time.perf_counter()
-        episodes = self.collect(step)
+        episodes = self._generating(step, lambda: self.collect(step))
         generated = time.perf_counter()
         scored = self.score(episodes)
         examples = self.examples(episodes, scored)
@@ -198,18 +215,22 @@ class GRPOLoop:
         }
 
     def validate(self, step: int) -> dict[str, float]:
-        """Greedy pass@1 and mean reward on the held-out prompts."""
+        """Greedy pass@1 and mean reward on the held-out prompts (the generator holds the weights of ``step``)."""
         g = self.cfg
-        scores = greedy_scores(
-            self.roles.generation,
-            self.roles.environments,
-            self.rewards,
-            self.tokenizer,
-            self.val_rows,
-            g.max_new_tokens,
-            g.max_rollout_turns,
-            g.environment,
-        )
+
+        def score_held_out() -> dict[str, float]:
+            return greedy_scores(
+                self.roles.generation,
+                self.roles.environments,
+                self.rewards,
+                self.tokenizer,
+                self.val_rows,
+                g.max_new_tokens,
+                g.max_rollout_turns,
+                g.environment,
+            )
+
+        scores = self._generating(step, score_held_out)
         return {"step": step, "val/accuracy": scores["accuracy"], "val/reward_mean": scores["reward_mean"]}
 
 

@@ -25,27 +25,43 @@ def _worker_class(backend: str) -> type:
     return HFGenerationWorker
 
 
+class WorkerLost(RuntimeError):
+    """A generation worker died (its process killed, its node gone): an infrastructure fault the controller can
+    recover from by restarting the group and pushing the current weights again."""
+
+
 class GenerationGroup:
     def __init__(self, cfg: GenerationConfig, model_dir: str, seed: int = 0):
-        self.cfg = cfg
-        runtime_env = worker_envs.runtime_env(cfg.worker_env) if cfg.backend == "vllm" else None
+        self.cfg, self.model_dir, self.seed = cfg, model_dir, seed
         self.virtual = cluster.VirtualCluster(cfg.num_workers, cpus_per_bundle=1.0)
+        self.workers = self._start_workers()
+
+    def _start_workers(self) -> list[Any]:
+        cfg = self.cfg
+        runtime_env = worker_envs.runtime_env(cfg.worker_env) if cfg.backend == "vllm" else None
         remote_cls = ray.remote(_worker_class(cfg.backend))
         options: dict[str, Any] = {"num_cpus": 1}
         if runtime_env:
             options["runtime_env"] = runtime_env
-        self.workers = [
+        workers = [
             remote_cls.options(scheduling_strategy=self.virtual.strategy(i), **options).remote(
-                model_path=model_dir,
+                model_path=self.model_dir,
                 dtype=cfg.dtype,
                 threads=cfg.threads_per_worker,
                 max_model_len=cfg.max_model_len,
                 kv_cache_bytes=cfg.kv_cache_bytes,
-                seed=seed,
+                seed=self.seed,
             )
             for i in range(cfg.num_workers)
         ]
-        ray.get([worker.info.remote() for worker in self.workers])  # surface start-up errors here
+        ray.get([worker.info.remote() for worker in workers])  # surface start-up errors here
+        return workers
+
+    def restart(self) -> None:
+        """Fresh workers on the initial model, in the same bundles; the caller pushes the current weights."""
+        for worker in self.workers:
+            ray.kill(worker)
+        self.workers = self._start_workers()
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
         size = -(-len(prompts) // len(self.workers))
@@ -53,7 +69,11 @@ class GenerationGroup:
             worker.generate.remote(prompts[start : start + size], params, first_index=start)
             for worker, start in zip(self.workers, range(0, len(prompts), size))
         ]
-        return [completions for shard in ray.get(refs) for completions in shard]
+        try:
+            shards = ray.get(refs)
+        except ray.exceptions.RayActorError as exc:
+            raise WorkerLost(f"a generation worker died: {str(exc).splitlines()[0]}") from exc
+        return [completions for shard in shards for completions in shard]
 
     def update_weights(self, manifest: list, buckets: list, version: int) -> None:
         ray.get([worker.update_weights.remote(manifest, buckets, version) for worker in self.workers])

@@ -100,8 +100,9 @@ class HFGenerationWorker:
         return self.version
 
     def info(self) -> dict[str, Any]:
+        import os
         import sys
 
         import transformers
 
-        return {"backend": "hf", "python": sys.executable, "transformers": transformers.__version__}
+        return {"backend": "hf", "python": sys.executable, "pid": os.getpid(), "transformers": transformers.__version__}

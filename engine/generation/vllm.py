@@ -125,8 +125,9 @@ class VLLMGenerationWorker:
         return self.version
 
     def info(self) -> dict[str, Any]:
+        import os
         import sys
 
         import vllm
 
-        return {"backend": "vllm", "python": sys.executable, "vllm": vllm.__version__}
+        return {"backend": "vllm", "python": sys.executable, "pid": os.getpid(), "vllm": vllm.__version__}

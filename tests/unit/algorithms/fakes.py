@@ -29,8 +29,18 @@ class FakeGeneration:
         self.cfg = GenerationConfig(backend="hf")
         self.calls: list[tuple[list[list[int]], SamplingParams]] = []
         self.versions: list[int] = []
+        self.die_at_call: int | None = None  # the call at which a worker "dies" (WorkerLost), once
+        self.restarts = 0
+
+    def restart(self) -> None:
+        self.restarts += 1
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
+        from engine.generation.group import WorkerLost
+
+        if self.die_at_call == len(self.calls):
+            self.die_at_call = None
+            raise WorkerLost("a generation worker died: killed by the test")
         call = len(self.calls)
         self.calls.append(([list(p) for p in prompts], params))
         out, row = [], 0

@@ -249,3 +249,19 @@ def test_a_group_a_reward_function_failed_on_is_not_trained_and_counted_until_th
         loop.sampler.indices = lambda step: [0, 1, 2, 3]  # a batch holding the prompt it fails on again
         loop.rewards.functions.bad_answer = "20"
         loop.step(1)
+
+
+def test_a_lost_generation_worker_is_restarted_with_the_current_weights_and_the_step_redone(tokenizer):
+    uninterrupted = make_loop(tokenizer, even_samples_right(tokenizer))
+    interrupted = make_loop(tokenizer, even_samples_right(tokenizer))
+    for step in range(2):
+        uninterrupted.step(step)
+    interrupted.step(0)
+    interrupted.roles.generation.die_at_call = len(interrupted.roles.generation.calls)  # the next call dies
+    interrupted.step(1)
+    generation = interrupted.roles.generation
+    assert generation.restarts == 1
+    assert generation.versions == [1, 1, 2]  # after the restart, the weights of step 1 again, then the step's refit
+    first, second = (loop.roles.policy.trained for loop in (uninterrupted, interrupted))
+    assert [[e.input_ids for e in batch] for batch in second] == [[e.input_ids for e in batch] for batch in first]
+    assert [[e.scalars for e in batch] for batch in second] == [[e.scalars for e in batch] for batch in first]
