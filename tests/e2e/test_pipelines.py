@@ -6,6 +6,7 @@ model as inputs start from a copy of its store (``seeded_workdir``) and report t
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -128,6 +129,41 @@ def test_kill_in_the_middle_of_grpo_then_resume_matches(small_grpo, default_run,
     for key in ("reward_mean_last", "val_accuracy_last"):
         assert resumed["stages"]["grpo"]["metrics"][key] == pytest.approx(reference["stages"]["grpo"]["metrics"][key])
     assert resumed["stages"]["evaluate"]["metrics"] == reference["stages"]["evaluate"]["metrics"]
+
+
+@pytest.mark.timeout(3000)  # services 300, default run 1200, 600 + 600
+def test_a_trainer_rank_killed_mid_grpo_is_retried_from_its_checkpoint(small_grpo, default_run, tmp_path, services):
+    """The trainer's process dies after GRPO's first checkpoint (SIGKILL, as an out-of-memory kill does): the stage
+    fails as an infrastructure fault, Prefect retries it, and the retry resumes from step 4 to the uninterrupted
+    run's result."""
+    workdir = seed(tmp_path / "rank-lost", default_run)
+    args = [*small_grpo.args, "--set", "orchestration.retry_delay_s=1"]
+    proc = subprocess.Popen(
+        [POSTTRAIN, *args],
+        cwd=workdir,
+        env={**os.environ, **services.prefect_env},
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    checkpoints = workdir / ".posttrain/store/stages/grpo"
+    deadline = time.monotonic() + 600
+    while not list(checkpoints.glob("*/checkpoints/step_000004/MANIFEST.json")):
+        assert proc.poll() is None and time.monotonic() < deadline, "no GRPO checkpoint"
+        time.sleep(0.2)
+    trainers = subprocess.run(["pgrep", "-s", str(proc.pid), "-f", "FSDP2PolicyWorker"], capture_output=True, text=True)
+    (pid,) = [int(p) for p in trainers.stdout.split()]
+    os.kill(pid, signal.SIGKILL)
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr[-3000:]
+    summary = json.loads(stdout.strip().splitlines()[-1])
+    reference = small_grpo.summary["stages"]["grpo"]["metrics"]
+    for key in ("reward_mean_last", "val_accuracy_last", "steps"):
+        assert summary["stages"]["grpo"]["metrics"][key] == pytest.approx(reference[key]), key
+    client, runs = stage_runs(workdir, "grpo")
+    assert [run.info.status for run in runs] == ["FAILED", "FINISHED"]  # the killed attempt, then its retry
+    assert runs[-1].data.tags["posttrain.resumed_from_step"] == "4"
 
 
 @pytest.mark.timeout(2100)  # services 300, default run 1200, 600
