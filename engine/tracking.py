@@ -7,6 +7,7 @@ opened from any process that knows the parent's id. Per-step metrics are buffere
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from pathlib import Path
@@ -17,10 +18,16 @@ from engine.secrets import redact
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "true")
+# MLflow retries a failed request 7 times with exponential back-off by default (minutes against a server that is
+# down); StageRun keeps the metrics and retries itself, so a call gives up within seconds
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
 
 from mlflow.entities import Metric, Param  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
+log = logging.getLogger("posttrain.tracking")
 _MAX_PARAM_CHARS = 6000
 _MAX_BATCH = 100
 
@@ -45,7 +52,14 @@ def open_store(cfg: TrackingConfig) -> None:
 
 
 class StageRun:
-    """A run (pipeline or stage) with buffered metrics."""
+    """A run (pipeline or stage) with buffered metrics.
+
+    Training never waits on, or fails for, the tracking server: metrics that cannot be sent stay in a bounded buffer
+    (one warning line when the server stops answering), are sent again at most every ``RETRY_EVERY_S`` and when the
+    run finishes, and one line says when they went through."""
+
+    RETRY_EVERY_S = 30.0
+    MAX_BUFFERED = 1_000_000  # metrics; beyond it the oldest are dropped, and counted
 
     def __init__(self, client: MlflowClient | None, run_id: str | None, flush_every: int):
         self.client = client
@@ -53,6 +67,8 @@ class StageRun:
         self.flush_every = flush_every
         self._pending: list[Metric] = []
         self._steps_pending = 0
+        self._unreachable_since: float | None = None
+        self._dropped = 0
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         if self.client is None:
@@ -70,12 +86,35 @@ class StageRun:
         if self._steps_pending >= self.flush_every:
             self.flush()
 
-    def flush(self) -> None:
+    def flush(self, force: bool = False) -> None:
         if self.client is None or not self._pending:
             return
-        for start in range(0, len(self._pending), 1000):
-            self.client.log_batch(self.run_id, metrics=self._pending[start : start + 1000])
-        self._pending, self._steps_pending = [], 0
+        outage = self._unreachable_since
+        if outage is not None and not force and time.monotonic() - outage < self.RETRY_EVERY_S:
+            self._bound()
+            return
+        try:
+            while self._pending:  # sent in order: what went through is not sent twice
+                self.client.log_batch(self.run_id, metrics=self._pending[:1000])
+                del self._pending[:1000]
+        except Exception as exc:  # noqa: BLE001 - the tracking server is down or unreachable: keep the metrics
+            if outage is None:
+                reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+                log.warning("MLflow does not answer (%s); metrics are kept and sent when it does", reason)
+            self._unreachable_since = time.monotonic()
+            self._bound()
+            return
+        self._steps_pending = 0
+        if outage is not None:
+            self._unreachable_since = None
+            log.warning("MLflow answers again: the metrics kept meanwhile are sent")
+
+    def _bound(self) -> None:
+        excess = len(self._pending) - self.MAX_BUFFERED
+        if excess > 0:
+            del self._pending[:excess]
+            self._dropped += excess
+            log.warning("MLflow has been unreachable for long: %d metrics dropped so far", self._dropped)
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         if self.client is not None:
@@ -91,10 +130,16 @@ class StageRun:
                 self.client.set_tag(self.run_id, key, value)
 
     def finish(self, status: str = "FINISHED") -> None:
+        """Send what is left and close the run; a tracking server still down costs the record, not the result."""
         if self.client is None:
             return
-        self.flush()
-        self.client.set_terminated(self.run_id, status=status)
+        self.flush(force=True)
+        try:
+            self.client.set_terminated(self.run_id, status=status)
+        except Exception as exc:  # noqa: BLE001
+            log.warning(
+                "MLflow run %s could not be closed (%s); %d metrics were not sent", self.run_id, exc, len(self._pending)
+            )
 
 
 class Tracker:
