@@ -1,6 +1,11 @@
-"""User-facing errors: anything a user can fix (a config key, a file, a bucket, a dataset row).
+"""The two kinds of failure a run reports in one line:
 
-The CLI prints these as one line and exits non-zero; everything else is a bug and keeps its traceback.
+- user errors (``PosttrainError``): anything a user can fix (a config key, a file, a bucket, a dataset row, their
+  code); never retried; the CLI exits 2;
+- infrastructure faults (``InfrastructureError``): the machinery failed (storage stalled, a worker died); retried by
+  the orchestrator or recovered in the stage; once retries are spent the CLI exits 1.
+
+Everything else is a bug and keeps its traceback.
 """
 
 
@@ -22,3 +27,7 @@ class StorageError(PosttrainError):
 
 class ModelLoadError(PosttrainError):
     pass
+
+
+class InfrastructureError(Exception):
+    """A fault of the machinery, not of the input: worth retrying; its message is one line naming what failed."""

@@ -22,7 +22,12 @@ import fsspec
 from pydantic import BaseModel, ValidationError
 
 from engine.config import StorageConfig
-from engine.errors import StorageError
+from engine.errors import InfrastructureError, StorageError
+
+
+class StorageUnavailable(InfrastructureError):
+    """The store did not answer within its timeouts and retries (a stalled or unreachable server)."""
+
 
 MANIFEST = "MANIFEST.json"
 
@@ -65,25 +70,39 @@ def _s3_options(cfg: StorageConfig) -> dict[str, Any]:
         client_kwargs["endpoint_url"] = cfg.endpoint_url
     if cfg.region:
         client_kwargs["region_name"] = cfg.region
-    # Fail fast on an unreachable endpoint instead of botocore's long retry ladder.
-    config_kwargs = {"connect_timeout": 5, "read_timeout": 60, "retries": {"max_attempts": 3}}
+    # Fail fast on an unreachable endpoint instead of botocore's long retry ladder; a stalled server gets
+    # read_timeout_s per try and `attempts` tries, all counted by s3fs (botocore's own retries are off: the two
+    # would multiply).
+    config_kwargs = {"connect_timeout": 5, "read_timeout": cfg.read_timeout_s, "retries": {"max_attempts": 1}}
     return {"client_kwargs": client_kwargs, "config_kwargs": config_kwargs}
 
 
 class ArtifactStore:
-    def __init__(self, root: str, cache_dir: str | Path, storage_options: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        root: str,
+        cache_dir: str | Path,
+        storage_options: dict[str, Any] | None = None,
+        attempts: int | None = None,
+    ):
         self.root = root.rstrip("/")
         self.cache_dir = Path(cache_dir)
+        options = dict(storage_options or {})
+        if attempts is not None:  # s3fs counts tries per instance: this store gets an instance of its own
+            options["skip_instance_cache"] = True
         try:
-            self.fs, self._root_path = fsspec.core.url_to_fs(self.root, **(storage_options or {}))
+            self.fs, self._root_path = fsspec.core.url_to_fs(self.root, **options)
         except (ImportError, ValueError) as exc:
             raise StorageError(f"cannot open storage root {self.root}: {exc}") from None
+        if attempts is not None:
+            self.fs.retries = attempts
 
     @classmethod
     def from_config(cls, cfg: StorageConfig, workdir: str | Path) -> "ArtifactStore":
         assert cfg.root is not None, "PipelineConfig fills storage.root"
-        options = _s3_options(cfg) if cfg.root.startswith("s3://") else {}
-        return cls(cfg.root, Path(workdir) / "cache" / "artifacts", options)
+        if cfg.root.startswith("s3://"):
+            return cls(cfg.root, Path(workdir) / "cache" / "artifacts", _s3_options(cfg), attempts=cfg.attempts)
+        return cls(cfg.root, Path(workdir) / "cache" / "artifacts")
 
     # ----------------------------------------------------------------------------- addressing
 
@@ -124,9 +143,18 @@ class ArtifactStore:
     # ----------------------------------------------------------------------------- writing
 
     def commit_dir(self, local_dir: str | Path, key: str, metadata: dict[str, Any] | None = None) -> ArtifactRef:
-        """Upload a local folder under a fresh prefix, then write its manifest: the commit point."""
-        local_dir = Path(local_dir)
-        key = key.strip("/")
+        """Upload a local folder under a fresh prefix, then write its manifest: the commit point. Storage that
+        stops answering fails the commit as an infrastructure fault naming the artifact; what was uploaded without
+        its manifest stays invisible."""
+        try:
+            return self._commit(Path(local_dir), key.strip("/"), metadata)
+        except (StorageError, FileNotFoundError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - a transport fault: one line, retried by the orchestrator
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise StorageUnavailable(f"storage did not take {self.uri(key.strip('/'))}: {reason}") from exc
+
+    def _commit(self, local_dir: Path, key: str, metadata: dict[str, Any] | None) -> ArtifactRef:
         upload_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
         entries: list[ManifestEntry] = []
         for file in sorted(p for p in local_dir.rglob("*") if p.is_file()):

@@ -34,9 +34,10 @@ for _key, _value in {
 }.items():
     os.environ.setdefault(_key, _value)
 
-from engine.errors import PosttrainError  # noqa: E402
+from engine.errors import InfrastructureError, PosttrainError  # noqa: E402
 
 EXIT_USER_ERROR = 2
+EXIT_INFRASTRUCTURE = 1
 
 
 PIPELINES = ("grpo-pipeline", "dpo-pipeline", "sft", "reward-model", "grpo", "dpo")
@@ -290,6 +291,9 @@ def main(argv: list[str] | None = None) -> int:
     except PosttrainError as exc:
         print("error: " + " ".join(str(exc).split("\n")), file=sys.stderr)  # one line, whatever it quotes
         return EXIT_USER_ERROR
+    except InfrastructureError as exc:  # retries spent (Prefect's, the stage's own): one line, not a traceback
+        print("error: " + " ".join(str(exc).split("\n")), file=sys.stderr)
+        return EXIT_INFRASTRUCTURE
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

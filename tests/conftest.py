@@ -80,8 +80,8 @@ def require_tool(path: str | None, what: str, install: str) -> str:
 
 
 @pytest.fixture(scope="session")
-def s3_endpoint():
-    """A moto S3 server on 127.0.0.1 (a real HTTP S3 API), stopped by PID at the end."""
+def s3_server():
+    """A moto S3 server on 127.0.0.1 (a real HTTP S3 API): (endpoint, pid); stopped by PID at the end."""
     port = free_port()
     moto = require_tool(
         shutil.which("moto_server", path=str(Path(sys.executable).parent)),
@@ -102,9 +102,14 @@ def s3_endpoint():
     else:
         proc.kill()
         raise RuntimeError("moto_server did not start")
-    yield endpoint
+    yield endpoint, proc.pid
     proc.terminate()
     proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(s3_server):
+    return s3_server[0]
 
 
 @pytest.fixture

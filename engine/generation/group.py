@@ -12,6 +12,7 @@ import ray
 
 from engine import cluster, worker_envs
 from engine.config import GenerationConfig
+from engine.errors import InfrastructureError
 from engine.generation.interfaces import Completion, SamplingParams
 
 
@@ -25,7 +26,7 @@ def _worker_class(backend: str) -> type:
     return HFGenerationWorker
 
 
-class WorkerLost(RuntimeError):
+class WorkerLost(InfrastructureError):
     """A generation worker died (its process killed, its node gone): an infrastructure fault the controller can
     recover from by restarting the group and pushing the current weights again."""
 

@@ -1,4 +1,9 @@
-"""The artifact store and model loading against a real S3 API (moto server on 127.0.0.1)."""
+"""The artifact store and model loading against a real S3 API (moto server on 127.0.0.1), stalls included."""
+
+import os
+import signal
+import threading
+import time
 
 import pytest
 
@@ -106,3 +111,58 @@ def test_datasets_on_s3_load_through_the_store_settings_keyed_by_content(s3_endp
     )
     train, val = build_splits(gsm8k, resolve_sources(gsm8k, tmp_path / "cache", options), seed=0)
     assert (len(train), len(val)) == (6, 3) and train[0]["answer"].isdigit()
+
+
+def stall(server_pid: int, seconds: float, end: threading.Event | None = None) -> threading.Thread:
+    """Pause the S3 server (SIGSTOP), and let it go on (SIGCONT) after ``seconds`` or when ``end`` is set."""
+    os.kill(server_pid, signal.SIGSTOP)
+
+    def resume() -> None:
+        (end or threading.Event()).wait(timeout=seconds)
+        os.kill(server_pid, signal.SIGCONT)
+
+    thread = threading.Thread(target=resume)
+    thread.start()
+    return thread
+
+
+def test_a_20_s_stall_mid_upload_leaves_a_whole_commit(s3_server, s3_bucket, tmp_path):
+    endpoint, pid = s3_server
+    store = s3_store(endpoint, s3_bucket, tmp_path)
+    source = tmp_path / "ckpt"
+    (source / "dcp").mkdir(parents=True)
+    (source / "dcp/shard0").write_bytes(os.urandom(1 << 20))
+    (source / "trainer_state.json").write_text('{"step": 4}')
+    thread = stall(pid, 20.0)
+    started = time.monotonic()
+    ref = store.commit_dir(source, "stages/sft/k/checkpoints/step_000004", metadata={"step": 4})
+    thread.join()
+    assert time.monotonic() - started >= 19  # the commit waited out the stall
+    assert store.is_committed(ref.uri) and store.verify(ref.uri)
+
+
+def test_a_stall_past_the_retry_budget_fails_in_one_line_commits_nothing_and_a_retry_succeeds(
+    s3_server, s3_bucket, tmp_path
+):
+    from engine.storage import StorageUnavailable
+
+    endpoint, pid = s3_server
+    cfg = StorageConfig(root=f"s3://{s3_bucket}/runs", endpoint_url=endpoint, read_timeout_s=2, attempts=1)
+    store = ArtifactStore.from_config(cfg, tmp_path)
+    store.check()
+    source = tmp_path / "ckpt"
+    source.mkdir()
+    (source / "state.json").write_text("{}")
+    end = threading.Event()
+    thread = stall(pid, 120.0, end)  # longer than 2 s x 1 try: the stage gives up, then the server comes back
+    try:
+        with pytest.raises(
+            StorageUnavailable, match=r"^storage did not take s3://.*/runs/ckpt/step_000008: "
+        ) as raised:
+            store.commit_dir(source, "ckpt/step_000008")
+    finally:
+        end.set()
+        thread.join()
+    assert "\n" not in str(raised.value)
+    assert not store.is_committed("ckpt/step_000008")  # nothing half committed
+    assert store.is_committed(store.commit_dir(source, "ckpt/step_000008").uri)  # once it answers, a retry commits

@@ -121,3 +121,18 @@ def test_a_stage_job_imports_no_prefect_unless_it_locks(tmp_path):
         "assert not any(m == 'prefect' or m.startswith('prefect.') for m in sys.modules), 'prefect imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_infrastructure_faults_are_retried_and_end_in_one_line_with_exit_1(monkeypatch, capsys):
+    from engine.errors import InfrastructureError
+    from engine.storage import StorageUnavailable
+    from flows import cli
+
+    assert retry_on_infrastructure_failure(None, None, Failed(data=StorageUnavailable("storage did not take x"))) is True
+
+    def stalled(args):
+        raise InfrastructureError("storage did not take s3://bucket/runs/x: Read timeout\non endpoint")
+
+    monkeypatch.setattr(cli, "cmd_config_show", stalled)
+    assert cli.main(["config", "show"]) == 1
+    assert capsys.readouterr().err == "error: storage did not take s3://bucket/runs/x: Read timeout on endpoint\n"
