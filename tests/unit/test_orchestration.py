@@ -128,7 +128,8 @@ def test_infrastructure_faults_are_retried_and_end_in_one_line_with_exit_1(monke
     from engine.storage import StorageUnavailable
     from flows import cli
 
-    assert retry_on_infrastructure_failure(None, None, Failed(data=StorageUnavailable("storage did not take x"))) is True
+    stalled_store = Failed(data=StorageUnavailable("storage did not take x"))
+    assert retry_on_infrastructure_failure(None, None, stalled_store) is True
 
     def stalled(args):
         raise InfrastructureError("storage did not take s3://bucket/runs/x: Read timeout\non endpoint")
