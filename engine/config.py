@@ -322,8 +322,14 @@ class GRPOConfig(Section):
     reward_timeout_s: float | None = Field(
         None, gt=0.0, description="a reward-function call taking longer fails the completions it was given"
     )
+    environment_timeout_s: float | None = Field(
+        None, gt=0.0, description="an environment step taking longer fails the episodes it was given"
+    )
     max_failed_groups: int = Field(
-        0, ge=0, description="prompt groups a reward function may fail on (never trained on) before the run stops"
+        0,
+        ge=0,
+        description="prompt groups a reward function or environment may fail on (never trained on) before the run "
+        "stops",
     )
     max_rollout_turns: int = Field(1, gt=0)
     verifier_weight: float = Field(1.0, ge=0.0, description="weight of the environment's reward")

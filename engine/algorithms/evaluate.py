@@ -84,7 +84,7 @@ def generation_metrics(cfg: PipelineConfig, model_dirs: list[Path], rows: list[d
     g, e = cfg.grpo, cfg.evaluate
     tokenizer = AutoTokenizer.from_pretrained(model_dirs[0])
     functions = RewardFunctions(g.reward_functions, g.reward_timeout_s) if g.reward_functions else None
-    router = EnvironmentRouter(g.environment_classes())
+    router = EnvironmentRouter(g.environment_classes(), g.environment_timeout_s)
     generation = GenerationGroup(cfg.generation, str(model_dirs[0]), seed=cfg.seed)
     rewards = EpisodeRewards(g.verifier_weight, functions, max_failed_groups=g.max_failed_groups)
     try:

@@ -326,7 +326,7 @@ def start_roles(cfg: PipelineConfig, init_model_dir: Path, pad_id: int, reward_m
     started: list[Any] = []
     try:  # the user's code is loaded first: a bad name fails before any worker starts
         started.append(RewardFunctions(g.reward_functions, g.reward_timeout_s) if g.reward_functions else None)
-        started.append(EnvironmentRouter(g.environment_classes()))
+        started.append(EnvironmentRouter(g.environment_classes(), g.environment_timeout_s))
         started.append(start_policy_group(cfg, init_model_dir, g.optimizer, g.max_steps, pad_id))
         started.append(start_policy_group(cfg, init_model_dir, None, g.max_steps, pad_id) if g.loss.kl_beta else None)
         started.append(GenerationGroup(cfg.generation, str(init_model_dir), seed=cfg.seed))

@@ -76,7 +76,7 @@ class EpisodeRewards:
         environment = torch.tensor([e.reward for e in episodes], dtype=torch.float64)
         total = environment * self.verifier_weight
         metrics = {"reward/environment": float(environment.mean())}
-        failures: list[str | None] = [None] * len(episodes)
+        failures: list[str | None] = [e.metadata.get("failed") for e in episodes]  # an environment that failed
         if self.functions is not None:
             scored = self.functions.score(
                 [e.prompt for e in episodes],
@@ -84,13 +84,13 @@ class EpisodeRewards:
                 [e.columns for e in episodes],
                 [e.row_id for e in episodes],
             )
-            failures = scored.failures
-            self._count(episodes, failures)
-            metrics["reward/failed_groups"] = float(len({e.group for e, why in zip(episodes, failures) if why}))
+            failures = [env or function for env, function in zip(failures, scored.failures)]
             for name, values in scored.values.items():
                 applicable = [v for v in values if v is not None]
                 total += self.functions.weights[name] * torch.tensor([v or 0.0 for v in values], dtype=torch.float64)
                 metrics[f"reward/{name}"] = sum(applicable) / len(applicable) if applicable else 0.0
+        self._count(episodes, failures)
+        metrics["reward/failed_groups"] = float(len({e.group for e, why in zip(episodes, failures) if why}))
         if self.reward_model is not None:
             rewards = self.reward_model.rewards([e.prompt for e in episodes], [e.completion for e in episodes])
             scores = torch.tensor(rewards, dtype=torch.float64)

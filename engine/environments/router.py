@@ -46,12 +46,21 @@ def merge_results(count: int, by_task: dict[str, list[int]], parts: dict[str, En
     return merged
 
 
-class EnvironmentRouter:
-    """One actor per task, started when a row first needs it; a user environment that raises stops the run with one
-    line naming it (a built-in one that raises is a bug and keeps its traceback)."""
+def failed_result(rows: list[int], metadata: list[dict[str, Any]], why: str) -> EnvStepResult:
+    """What the rows of a user environment's failed call get: episodes that end, marked failed (never scored 0:
+    ``engine.algorithms.rewards`` drops their groups and counts them)."""
+    count = len(rows)
+    marked = [{**metadata[row], "failed": why} for row in rows]
+    return EnvStepResult([None] * count, [0.0] * count, [True] * count, [None] * count, marked)
 
-    def __init__(self, classes: dict[str, str]):
-        self.specs = classes
+
+class EnvironmentRouter:
+    """One actor per task, started when a row first needs it. A user environment that raises, or does not answer
+    within ``timeout_s`` (its actor is then replaced), fails the rows it was given; a built-in one that raises is a bug
+    and keeps its traceback."""
+
+    def __init__(self, classes: dict[str, str], timeout_s: float | None = None):
+        self.specs, self.timeout_s = classes, timeout_s
         self.classes = {task: load_environment(task, spec) for task, spec in classes.items()}
         self.actors: dict[str, Any] = {}
 
@@ -68,15 +77,18 @@ class EnvironmentRouter:
         }
         parts = {}
         for task, ref in refs.items():
+            where = f"environment {self.specs[task]} (task {task!r})"
             try:
-                parts[task] = cluster.get(ref)
+                parts[task] = cluster.get(ref, timeout=self.timeout_s)
             except ray.exceptions.RayTaskError as exc:
                 if self.specs[task].startswith("engine."):
                     raise
-                cause = exc.cause
-                raise UserCodeError(
-                    f"environment {self.specs[task]} (task {task!r}) raised {type(cause).__name__}: {cause}"
-                ) from None
+                why = f"{where} raised {type(exc.cause).__name__}: {exc.cause}"
+                parts[task] = failed_result(by_task[task], metadata, why)
+            except ray.exceptions.GetTimeoutError:
+                ray.kill(self.actors.pop(task))  # a hung step holds the actor: the next rows get a fresh one
+                why = f"{where} did not answer within {self.timeout_s:g} s (grpo.environment_timeout_s)"
+                parts[task] = failed_result(by_task[task], metadata, why)
         return merge_results(len(message_logs), by_task, parts)
 
     def shutdown(self) -> None:

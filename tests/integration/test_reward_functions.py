@@ -30,3 +30,40 @@ def test_a_file_function_runs_in_its_actor_and_a_hung_one_fails_its_batch_only(r
         assert again.values["length"] == [4.0] and again.failures == [None]
     finally:
         functions.shutdown()
+
+
+def test_a_user_environment_that_raises_or_hangs_fails_its_rows_and_is_replaced(ray_local, tmp_path):
+    from engine.environments.router import EnvironmentRouter
+
+    code = tmp_path / "my_envs.py"
+    code.write_text(
+        "import time\n"
+        "from engine.environments.interfaces import EnvStepResult\n"
+        "class Moody:\n"
+        "    def step(self, logs, metadata):\n"
+        "        reply = logs[0][-1]['content']\n"
+        "        if reply == 'raise':\n"
+        "            raise ValueError('no')\n"
+        "        if reply == 'hang':\n"
+        "            time.sleep(30)\n"
+        "        n = len(logs)\n"
+        "        return EnvStepResult([None] * n, [1.0] * n, [True] * n, [None] * n, [dict(m) for m in metadata])\n"
+    )
+    router = EnvironmentRouter(
+        {"moody": f"{code}:Moody", "math": "engine.environments.math_verifier:MathVerifierEnv"}, timeout_s=3.0
+    )
+    try:
+
+        def step(reply: str):
+            logs = [[{"role": "assistant", "content": reply}], [{"role": "assistant", "content": "4"}]]
+            return router.step(logs, [{"task": "moody"}, {"task": "math", "answer": "4"}])
+
+        assert step("fine").rewards == [1.0, 1.0] and "failed" not in step("fine").metadata[0]
+        raised = step("raise")
+        assert raised.metadata[0]["failed"] == f"environment {code}:Moody (task 'moody') raised ValueError: no"
+        assert raised.rewards == [0.0, 1.0] and raised.terminated[0] and "failed" not in raised.metadata[1]
+        hung = step("hang")
+        assert hung.metadata[0]["failed"].endswith("did not answer within 3 s (grpo.environment_timeout_s)")
+        assert step("fine").rewards == [1.0, 1.0]  # a fresh actor took the hung one's place
+    finally:
+        router.shutdown()

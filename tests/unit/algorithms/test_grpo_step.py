@@ -265,3 +265,17 @@ def test_a_lost_generation_worker_is_restarted_with_the_current_weights_and_the_
     first, second = (loop.roles.policy.trained for loop in (uninterrupted, interrupted))
     assert [[e.input_ids for e in batch] for batch in second] == [[e.input_ids for e in batch] for batch in first]
     assert [[e.scalars for e in batch] for batch in second] == [[e.scalars for e in batch] for batch in first]
+
+
+def test_an_episode_an_environment_failed_on_is_counted_like_a_reward_function_failure(tokenizer):
+    from engine.algorithms.rewards import EpisodeRewards
+    from engine.algorithms.rollouts import new_episodes
+    from engine.user_code import UserCodeError
+
+    episodes = new_episodes(tokenizer, ROWS[:3], 2, "math")
+    episodes[2].metadata["failed"] = "environment my_envs.py:Moody (task 'math') raised ValueError: no"
+    rewards = EpisodeRewards(1.0, max_failed_groups=1)
+    _, metrics, failed = rewards(episodes)
+    assert failed == [False, False, True, False, False, False] and metrics["reward/failed_groups"] == 1.0
+    with pytest.raises(UserCodeError, match=r"^environment my_envs.py:Moody .* raised ValueError: no \(2 groups"):
+        rewards(episodes)
