@@ -106,13 +106,23 @@ def up(workdir: str | Path, ports: Ports, worker: bool = True) -> dict[str, str]
         raise
 
 
-def _up(workdir: str | Path, ports: Ports, worker: bool) -> dict[str, str]:
-    directory = state_dir(workdir)
-    directory.mkdir(parents=True, exist_ok=True)
+def _base_env() -> dict[str, str]:
     env = {**os.environ, "DO_NOT_TRACK": "true", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     env.pop("PREFECT_API_URL", None)  # the server itself must not point at another API
+    return env
+
+
+def start_prefect_server(workdir: str | Path, ports: Ports) -> None:
+    """The Prefect server of ``workdir`` (its database under PREFECT_HOME), started and answering; ``up`` calls it,
+    and it starts the server again after ``stop_service`` (the same database: runs in flight carry on)."""
+    directory = state_dir(workdir)
+    # the database lives under PREFECT_HOME: a restart, from whatever shell, must find the one `up` started with
+    home_file = directory / "prefect-home"
+    home = home_file.read_text() if home_file.exists() else os.environ.get("PREFECT_HOME", "")
+    home_file.write_text(home)
     server_env = {  # the UI asks /ui-settings where its API is: tell it this port, not the default 4200
-        **env,
+        **_base_env(),
+        **({"PREFECT_HOME": home} if home else {}),
         "PREFECT_SERVER_API_HOST": HOST,
         "PREFECT_SERVER_API_PORT": str(ports.prefect),
         "PREFECT_UI_API_URL": ports.prefect_api,
@@ -123,6 +133,23 @@ def _up(workdir: str | Path, ports: Ports, worker: bool) -> dict[str, str]:
         [_bin("prefect"), "server", "start", "--host", HOST, "--port", str(ports.prefect)],
         server_env,
     )
+    _wait_healthy(f"{ports.prefect_api}/health", "prefect-server", directory)
+
+
+def stop_service(workdir: str | Path, name: str) -> bool:
+    """Stop one recorded service by its PID; False if it was not running."""
+    directory = state_dir(workdir)
+    pid = _pid(directory, name)
+    if pid is not None:
+        _stop(pid)
+    (directory / f"{name}.pid").unlink(missing_ok=True)
+    return pid is not None
+
+
+def _up(workdir: str | Path, ports: Ports, worker: bool) -> dict[str, str]:
+    directory = state_dir(workdir)
+    directory.mkdir(parents=True, exist_ok=True)
+    env = _base_env()
     mlflow_db = Path(workdir).expanduser().resolve() / "mlflow.db"
     _start(
         directory,
@@ -143,7 +170,7 @@ def _up(workdir: str | Path, ports: Ports, worker: bool) -> dict[str, str]:
         ],
         {**env, "MLFLOW_DISABLE_TELEMETRY": "true"},
     )
-    _wait_healthy(f"{ports.prefect_api}/health", "prefect-server", directory)
+    start_prefect_server(workdir, ports)
     _wait_healthy(f"{ports.mlflow_ui}/health", "mlflow-server", directory)
     client_env = {**env, **service_env(ports)}
     created = subprocess.run(
@@ -180,14 +207,8 @@ def _stop(pid: int, timeout_s: float = 15.0) -> None:
 
 def down(workdir: str | Path) -> list[str]:
     """Stop every recorded service by its PID; returns the names stopped."""
-    directory = state_dir(workdir)
-    stopped = []
-    for name in reversed(SERVICES):
-        pid = _pid(directory, name)
-        if pid is not None:
-            _stop(pid)
-            stopped.append(name)
-        (directory / f"{name}.pid").unlink(missing_ok=True)
+    stopped = [name for name in reversed(SERVICES) if stop_service(workdir, name)]
+    (state_dir(workdir) / "prefect-home").unlink(missing_ok=True)  # the next `up` takes the shell's PREFECT_HOME
     return stopped
 
 

@@ -72,18 +72,41 @@ def deployed(services):
     return services
 
 
-def run_on_worker(services, deployment: str, params: dict, worker_env: dict) -> str:
-    """`prefect deployment run`, then one `prefect worker start --run-once` that executes it; the flow run id."""
+def run_on_worker(services, deployment: str, params: dict, worker_env: dict, while_running=None) -> str:
+    """`prefect deployment run`, then one `prefect worker start --run-once` that executes it; the flow run id.
+    ``while_running(run_id)`` is called once a stage of the run is under way."""
     started = prefect(["deployment", "run", deployment, "--params", json.dumps({"params": params})], services.env)
     assert started.returncode == 0, started.stdout + started.stderr
     run_id = flow_run_id(started.stdout)
-    worker = prefect(
-        ["worker", "start", "--pool", "local", "--type", "process", "--run-once"],
-        {**services.env, **worker_env},
-        timeout=1500,
+    worker = subprocess.Popen(
+        [PREFECT, "worker", "start", "--pool", "local", "--type", "process", "--run-once"],
+        cwd=REPO,
+        env={**os.environ, **services.env, **worker_env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
-    assert worker.returncode == 0, worker.stdout[-3000:] + worker.stderr[-3000:]
+    if while_running is not None:
+        wait_for_a_running_stage(services.api, run_id, worker)
+        while_running(run_id)
+    stdout, stderr = worker.communicate(timeout=1500)
+    assert worker.returncode == 0, stdout[-3000:] + stderr[-3000:]
     return run_id
+
+
+def wait_for_a_running_stage(api: str, run_id: str, worker: subprocess.Popen, timeout_s: float = 600) -> None:
+    import time
+
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    deadline = time.monotonic() + timeout_s
+    with client_for(api) as client:
+        while True:
+            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])))
+            if any(run.name.startswith("train_sft") and run.state and run.state.is_running() for run in runs):
+                return
+            assert worker.poll() is None and time.monotonic() < deadline, "the run never reached its SFT stage"
+            time.sleep(0.5)
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +122,22 @@ def completed_run(deployed, s3_endpoint, tmp_path_factory):
         "workdir": str(tmp_path_factory.mktemp("flow-workdir")),
         "tracking.registered_model": "tiny-grpo",
     }
-    run_id = run_on_worker(deployed, "grpo-pipeline/local", {"config": "grpo_tiny", "overrides": overrides}, {})
+    restarts = []
+
+    def restart_the_prefect_server(run_id: str) -> None:
+        """Mid-SFT, the server stops and starts again on its database, as an upgrade or a crash would have it."""
+        from urllib.parse import urlparse
+
+        from flows import services
+
+        port = urlparse(deployed.api).port
+        assert services.stop_service(deployed.workdir, "prefect-server")
+        services.start_prefect_server(deployed.workdir, services.Ports(prefect=port))
+        restarts.append(run_id)
+
+    params = {"config": "grpo_tiny", "overrides": overrides}
+    run_id = run_on_worker(deployed, "grpo-pipeline/local", params, {}, while_running=restart_the_prefect_server)
+    assert restarts == [run_id]
     return SimpleNamespace(id=run_id, bucket=bucket, endpoint=s3_endpoint)
 
 
@@ -117,6 +155,8 @@ def test_prefect_deploy_all_registers_every_deployment(deployed):
 
 @pytest.mark.timeout(3900)  # services 300, deploy 1800, run 1800
 def test_grpo_pipeline_deployment_runs_on_a_worker(completed_run, deployed):
+    """The run completes through a restart of the Prefect server (``completed_run``), and its final state, task
+    states, artifacts, committed models, MLflow runs and registered versions are all recorded."""
     from mlflow.tracking import MlflowClient
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
