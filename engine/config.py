@@ -232,6 +232,21 @@ class GenerationConfig(Section):
     refit_bucket_bytes: int = Field(64 << 20, gt=0, description="size of the weight buckets streamed on refit")
 
 
+class LoraConfig(Section):
+    """Low-rank adapters (peft) on a stage's model: only the adapters train; rank 0 is full fine-tuning."""
+
+    rank: int = Field(0, ge=0, description="adapter rank r; 0: full fine-tuning")
+    alpha: float = Field(32.0, gt=0.0, description="the adapters' output is scaled by alpha / rank")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="module names to adapt (e.g. [q_proj, v_proj]); all-linear: every linear layer"
+    )
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
+
+
 class SFTConfig(Section):
     max_steps: int = Field(120, gt=0)
     batch_size: int = Field(64, gt=0, description="sequences per optimizer step, over all ranks")
@@ -240,6 +255,7 @@ class SFTConfig(Section):
     val_size: int = Field(256, gt=0, description="validation sequences used per evaluation")
     checkpoint_every: int = Field(40, gt=0)
     optimizer: OptimizerConfig = OptimizerConfig()
+    lora: LoraConfig = LoraConfig()
 
 
 class RewardModelConfig(Section):
@@ -256,6 +272,7 @@ class RewardModelConfig(Section):
     val_every: int = Field(20, gt=0)
     val_size: int = Field(128, gt=0, description="validation pairs")
     optimizer: OptimizerConfig = OptimizerConfig(lr=1e-3, warmup_steps=5)
+    lora: LoraConfig = LoraConfig()
 
 
 class PolicyLossConfig(Section):
@@ -351,6 +368,7 @@ class GRPOConfig(Section):
     checkpoint_every: int = Field(50, gt=0)
     loss: PolicyLossConfig = PolicyLossConfig()
     optimizer: OptimizerConfig = OptimizerConfig(lr=1e-4, warmup_steps=0, schedule="constant", grad_clip=1.0)
+    lora: LoraConfig = LoraConfig()
 
     @model_validator(mode="after")
     def _environment_known(self) -> "GRPOConfig":
@@ -376,6 +394,7 @@ class DPOConfig(Section):
     val_size: int = Field(128, gt=0, description="validation pairs")
     checkpoint_every: int = Field(50, gt=0)
     optimizer: OptimizerConfig = OptimizerConfig(lr=1e-4, warmup_steps=5)
+    lora: LoraConfig = LoraConfig()
 
 
 class EvaluateConfig(Section):
@@ -397,6 +416,11 @@ class StagesConfig(Section):
 class ExportConfig(Section):
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         "auto", description="dtype of committed model weights; auto: bf16 for bf16 training, else fp32"
+    )
+    lora_adapter: bool = Field(
+        False,
+        description="a LoRA stage also commits its adapter alone (model/adapter/, for peft's PeftModel.from_pretrained "
+        "on the base model); the merged model is always committed: later stages and vLLM load it",
     )
 
 
@@ -430,6 +454,17 @@ class PipelineConfig(Section):
         if value in ("auto", "never") or "://" in value or value.startswith("/"):
             return value
         raise ValueError("must be 'auto', 'never' or a checkpoint URI")
+
+    @model_validator(mode="after")
+    def _lora_on_fsdp2(self) -> "PipelineConfig":
+        if self.policy.backend != "fsdp2":
+            for stage in ("sft", "reward_model", "grpo", "dpo"):
+                if getattr(self, stage).lora.enabled:
+                    raise ValueError(
+                        f"{stage}.lora.rank={getattr(self, stage).lora.rank}: LoRA runs on the fsdp2 trainer only "
+                        f"(policy.backend={self.policy.backend}); set {stage}.lora.rank=0 or policy.backend=fsdp2"
+                    )
+        return self
 
     @model_validator(mode="after")
     def _fill_local_defaults(self) -> "PipelineConfig":

@@ -22,7 +22,7 @@ from engine.data.batching import MicroBatch
 from engine.data.chat import TokenizedExample
 from engine.data.datasets import read_jsonl
 from engine.data.preferences import pair_examples
-from engine.policy.group import PolicyGroup, start_policy_group
+from engine.policy.group import BaseModelView, PolicyGroup, start_policy_group
 from engine.storage import ArtifactRef, ArtifactStore
 from engine.tracking import StageRun
 
@@ -64,7 +64,7 @@ class DPOLoss:
 
 def reference_logprobs(
     store: ArtifactStore,
-    policy: PolicyGroup,
+    reference: PolicyGroup | BaseModelView,
     examples: list[TokenizedExample],
     model_digest: str,
     numerics: dict[str, str],
@@ -80,7 +80,7 @@ def reference_logprobs(
         cached = store.read_json(key, REFERENCE_FILE)
         if len(cached) == len(examples):
             return cached
-    outputs = policy.forward(examples)
+    outputs = reference.forward(examples)
     values = [float((lp * torch.tensor(e.loss_mask, dtype=lp.dtype)).sum()) for lp, e in zip(outputs, examples)]
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / REFERENCE_FILE).write_text(json.dumps(values))
@@ -122,10 +122,11 @@ def run_dpo(
     train = pair_examples(tokenizer, read_jsonl(dataset_dir / "train.jsonl"), d.max_seq_len, "train")
     val_rows = read_jsonl(dataset_dir / "val.jsonl")[: d.val_size]
     val = pair_examples(tokenizer, val_rows, d.max_seq_len, "validation")
-    policy = start_policy_group(cfg, sft_model_dir, d.optimizer, d.max_steps, tokenizer.pad_token_id)
+    policy = start_policy_group(cfg, sft_model_dir, d.optimizer, d.max_steps, tokenizer.pad_token_id, lora=d.lora)
     numerics = {"precision": cfg.policy.precision, "backend": cfg.policy.backend}
+    reference = policy.base_model() if d.lora.enabled else policy  # LoRA: the base under the adapters
     for examples in (train, val):
-        for example, value in zip(examples, reference_logprobs(store, policy, examples, model_digest, numerics)):
+        for example, value in zip(examples, reference_logprobs(store, reference, examples, model_digest, numerics)):
             example.scalars["reference_logprob_sum"] = value
     spec = LoopSpec(
         name="dpo",
@@ -140,5 +141,6 @@ def run_dpo(
         val_every=d.val_every,
         checkpoint_every=d.checkpoint_every,
         group_size=2,
+        lora=d.lora,
     )
     return run_loop(cfg, store, run, sft_model_dir, spec, stage_prefix, tokenizer.pad_token_id, policy=policy)

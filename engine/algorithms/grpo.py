@@ -49,7 +49,7 @@ from engine.environments.reward_functions import RewardFunctions
 from engine.environments.router import EnvironmentRouter
 from engine.generation.group import GenerationGroup, WorkerLost
 from engine.generation.interfaces import SamplingParams
-from engine.policy.group import PolicyGroup, start_policy_group
+from engine.policy.group import BaseModelView, PolicyGroup, start_policy_group
 from engine.storage import ArtifactRef, ArtifactStore
 from engine.tracking import StageRun
 from engine.weight_sync import refit
@@ -98,7 +98,7 @@ class GRPORoles:
     policy: PolicyGroup
     generation: GenerationGroup
     environments: EnvironmentRouter
-    reference: PolicyGroup | None = None  # frozen: the KL reference
+    reference: PolicyGroup | BaseModelView | None = None  # frozen: the KL reference
     reward_model: RewardModelScorer | None = None
     reward_functions: RewardFunctions | None = None
 
@@ -295,6 +295,7 @@ def train_loop(
     g = cfg.grpo
     policy = loop.roles.policy
     state = checkpointing.resume(store, policy, stage_prefix, cfg, run)
+    run.log_params(policy.parameter_counts())
     loop.rewards.failed_groups = int(sum(h.get("reward/failed_groups", 0.0) for h in state.history))
     if state.step:
         refit(policy, loop.roles.generation, version=state.step)
@@ -319,6 +320,15 @@ def train_loop(
     return state
 
 
+def _start_reference(
+    cfg: PipelineConfig, model_dir: Path, pad_id: int, policy: PolicyGroup
+) -> PolicyGroup | BaseModelView:
+    """The KL reference: with LoRA the policy's own base model (adapters disabled), else a frozen copy."""
+    if cfg.grpo.lora.enabled:
+        return policy.base_model()
+    return start_policy_group(cfg, model_dir, None, cfg.grpo.max_steps, pad_id)
+
+
 def start_roles(cfg: PipelineConfig, init_model_dir: Path, pad_id: int, reward_model_dir: Path | None) -> GRPORoles:
     g = cfg.grpo
     if g.reward_model_weight > 0 and reward_model_dir is None:
@@ -327,8 +337,8 @@ def start_roles(cfg: PipelineConfig, init_model_dir: Path, pad_id: int, reward_m
     try:  # the user's code is loaded first: a bad name fails before any worker starts
         started.append(RewardFunctions(g.reward_functions, g.reward_timeout_s) if g.reward_functions else None)
         started.append(EnvironmentRouter(g.environment_classes(), g.environment_timeout_s))
-        started.append(start_policy_group(cfg, init_model_dir, g.optimizer, g.max_steps, pad_id))
-        started.append(start_policy_group(cfg, init_model_dir, None, g.max_steps, pad_id) if g.loss.kl_beta else None)
+        started.append(start_policy_group(cfg, init_model_dir, g.optimizer, g.max_steps, pad_id, lora=g.lora))
+        started.append(_start_reference(cfg, init_model_dir, pad_id, started[-1]) if g.loss.kl_beta else None)
         started.append(GenerationGroup(cfg.generation, str(init_model_dir), seed=cfg.seed))
         started.append(RewardModelScorer.start(cfg, reward_model_dir) if g.reward_model_weight > 0 else None)
     except BaseException:

@@ -78,5 +78,6 @@ def run_reward_model(
         checkpoint_every=rm.max_steps,
         group_size=2,
         model_kind="reward" if rm.head == "scalar" else "causal_lm",
+        lora=rm.lora,
     )
     return run_loop(cfg, store, run, sft_model_dir, spec, stage_prefix, tokenizer.pad_token_id)

@@ -57,5 +57,6 @@ def run_sft(
         batch_size=sft.batch_size,
         val_every=sft.val_every,
         checkpoint_every=sft.checkpoint_every,
+        lora=sft.lora,
     )
     return run_loop(cfg, store, run, base_model_dir, spec, stage_prefix, tokenizer.pad_token_id)

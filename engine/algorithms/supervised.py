@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from engine import checkpointing
-from engine.config import OptimizerConfig, PipelineConfig
+from engine.config import LoraConfig, OptimizerConfig, PipelineConfig
 from engine.data.chat import TokenizedExample
 from engine.policy.group import PolicyGroup, start_policy_group
 from engine.storage import ArtifactRef, ArtifactStore
@@ -66,6 +66,7 @@ class LoopSpec:
     checkpoint_every: int
     group_size: int = 1  # examples per unit (2: a chosen/rejected pair)
     model_kind: str = "causal_lm"
+    lora: LoraConfig | None = None  # the stage's adapters (rank 0: full fine-tuning)
 
 
 def _unit_examples(examples: list[TokenizedExample], units: list[int], size: int) -> list[TokenizedExample]:
@@ -84,7 +85,7 @@ def run_loop(
 ) -> ArtifactRef:
     """Train, checkpoint and export; returns the committed model's ref with the stage's metrics."""
     if policy is None:
-        policy = start_policy_group(cfg, model_dir, spec.optimizer, spec.max_steps, pad_id, spec.model_kind)
+        policy = start_policy_group(cfg, model_dir, spec.optimizer, spec.max_steps, pad_id, spec.model_kind, spec.lora)
     try:
         return _train(cfg, store, run, model_dir, spec, stage_prefix, policy)
     finally:
@@ -102,6 +103,7 @@ def _train(
 ) -> ArtifactRef:
     sampler = StepSampler(len(spec.train) // spec.group_size, spec.batch_size, cfg.seed)
     state = checkpointing.resume(store, policy, stage_prefix, cfg, run)
+    run.log_params(policy.parameter_counts())
 
     def validate(step: int) -> dict[str, float]:
         metrics = spec.validation(policy.evaluate(spec.val, spec.loss_fn, spec.group_size))

@@ -8,6 +8,7 @@ the step's gradient is then the same whatever the number of ranks or micro-batch
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +23,9 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
-from engine.config import OptimizerConfig, PolicyConfig
+from engine.config import LoraConfig, OptimizerConfig, PolicyConfig
 from engine.data.batching import MicroBatch
+from engine.models import lora
 from engine.models.loading import set_config_dtype
 from engine.models.logprobs import token_logprobs_from_logits
 from engine.policy import process_group
@@ -43,6 +45,7 @@ class FSDP2PolicyWorker:
         total_steps: int,
         seed: int,
         model_kind: str = "causal_lm",
+        lora: dict[str, Any] | None = None,
     ):
         self.rank, self.world_size = rank, world_size
         self.model_kind = model_kind  # "causal_lm": per-token logprobs; "reward": one scalar per sequence
@@ -50,6 +53,7 @@ class FSDP2PolicyWorker:
         self.policy = PolicyConfig.model_validate(policy)
         # None: a frozen role (reference, teacher, scorer) that only runs forward passes
         self.optimizer_cfg = OptimizerConfig.model_validate(optimizer) if optimizer is not None else None
+        self.lora_cfg = LoraConfig.model_validate(lora or {})
         self.total_steps = total_steps
         self.seed = seed
         torch.set_num_threads(self.policy.threads_per_worker)
@@ -67,9 +71,8 @@ class FSDP2PolicyWorker:
         self.model = self._build_model()
         self.optimizer = self.scheduler = None
         if self.optimizer_cfg is not None:
-            self.optimizer, self.scheduler = build_optimizer(
-                self.model.parameters(), self.optimizer_cfg, self.total_steps
-            )
+            trainable = [p for p in self.model.parameters() if p.requires_grad]  # LoRA: the adapters only
+            self.optimizer, self.scheduler = build_optimizer(trainable, self.optimizer_cfg, self.total_steps)
 
     def _build_model(self) -> torch.nn.Module:
         from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -86,12 +89,15 @@ class FSDP2PolicyWorker:
         if self.policy.activation_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
+        if self.lora_cfg.enabled:
+            model = lora.add_adapters(model, self.lora_cfg, self.model_kind)
         mixed = (
             MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
             if self.policy.precision == "bf16"
             else MixedPrecisionPolicy()
         )
-        for layer in model.model.layers:
+        plain = model.get_base_model() if self.lora_cfg.enabled else model
+        for layer in plain.model.layers:
             fully_shard(layer, mp_policy=mixed)
         fully_shard(model, mp_policy=mixed)
         for module in model.modules():
@@ -164,21 +170,35 @@ class FSDP2PolicyWorker:
         return {"loss_share": loss_share, **metric_sums}
 
     @torch.no_grad()
-    def forward_only(self, micro_batches: list[MicroBatch]) -> list[torch.Tensor]:
-        """The model's outputs (see ``_forward``) for each micro-batch, without gradients."""
+    def forward_only(self, micro_batches: list[MicroBatch], adapters: bool = True) -> list[torch.Tensor]:
+        """The model's outputs (see ``_forward``) for each micro-batch, without gradients; ``adapters=False``:
+        those of the base model under the LoRA adapters (a reference without a second copy of the weights)."""
+        if not adapters and not self.lora_cfg.enabled:
+            raise ValueError("adapters=False needs a LoRA model (lora.rank > 0)")
         self.model.eval()
         try:
-            return [self._forward(batch).cpu() for batch in micro_batches]
+            with self.model.disable_adapter() if not adapters else contextlib.nullcontext():
+                return [self._forward(batch).cpu() for batch in micro_batches]
         finally:
             self.model.train()
 
     # ------------------------------------------------------------------------------ state
 
+    def _training_state(self) -> tuple[dict[str, Any], dict[str, Any], StateDictOptions]:
+        """Model and optimizer state to checkpoint. LoRA: the adapters (and a new head) only, as the base comes
+        unchanged from the model path; loading is then not strict, for the frozen weights left out."""
+        if not self.lora_cfg.enabled:
+            return *get_state_dict(self.model, self.optimizer), StateDictOptions()
+        options = StateDictOptions(strict=False)
+        model_state, optim_state = get_state_dict(self.model, self.optimizer, options=options)
+        trainable = {name for name, param in self.model.named_parameters() if param.requires_grad}
+        return {k: v for k, v in model_state.items() if k in trainable}, optim_state, options
+
     def save_checkpoint(self, directory: str) -> None:
         """Model and optimizer shards through DCP, plus this rank's scheduler and RNG state."""
         if self.optimizer is None:
             raise RuntimeError("a frozen model has no training state to checkpoint")
-        model_state, optim_state = get_state_dict(self.model, self.optimizer)
+        model_state, optim_state, _ = self._training_state()
         dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(Path(directory) / "dcp"))
         extra = {"scheduler": self.scheduler.state_dict(), "rng": torch.get_rng_state()}
         if self.device.type == "cuda":
@@ -189,20 +209,29 @@ class FSDP2PolicyWorker:
     def load_checkpoint(self, directory: str) -> None:
         if self.optimizer is None:
             raise RuntimeError("a frozen model has no training state to restore")
-        model_state, optim_state = get_state_dict(self.model, self.optimizer)
+        model_state, optim_state, options = self._training_state()
         state = {"model": model_state, "optim": optim_state}
         dcp.load(state, checkpoint_id=str(Path(directory) / "dcp"))
-        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        set_state_dict(
+            self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"], options=options
+        )
         extra = torch.load(Path(directory) / f"rank{self.rank}.pt", weights_only=False)
         self.scheduler.load_state_dict(extra["scheduler"])
         torch.set_rng_state(extra["rng"])
         if "cuda_rng" in extra:
             torch.cuda.set_rng_state(extra["cuda_rng"], self.device)
 
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """Unsharded weights on CPU (every rank takes part; rank 0 gets them)."""
+    def _gathered_state(self) -> dict[str, torch.Tensor]:
+        """Unsharded weights on CPU under the live model's names (every rank takes part; rank 0 gets them)."""
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         return get_model_state_dict(self.model, options=options)
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Unsharded plain weights on CPU, LoRA adapters merged in (every rank takes part; rank 0 gets them)."""
+        state = self._gathered_state()
+        if self.lora_cfg.enabled and self.rank == 0:
+            return lora.merge_adapters(state, lora.adapter_scaling(self.model))
+        return state
 
     def weight_buckets(self, bucket_bytes: int) -> WeightBuckets | None:
         """Full weights as Ray object-store buckets, for a refit. Every rank takes part in the gather;
@@ -210,13 +239,18 @@ class FSDP2PolicyWorker:
         state = self.full_state_dict()
         return put_weight_buckets(state, bucket_bytes) if self.rank == 0 else None
 
-    def export_hf(self, directory: str, dtype: str = "float32") -> None:
-        """Full Hugging Face weights (config, safetensors) in ``dtype``, written by rank 0."""
-        state = self.full_state_dict()
+    def export_hf(self, directory: str, dtype: str = "float32", adapter: bool = False) -> None:
+        """Full Hugging Face weights (config, safetensors) in ``dtype``, written by rank 0; a LoRA model's
+        adapters merged in, and with ``adapter`` also the adapter alone under ``adapter/`` (peft's layout)."""
+        state = self._gathered_state()
         if self.rank == 0:
             cast = getattr(torch, dtype)
-            self.model.save_pretrained(directory, state_dict={k: v.to(cast) for k, v in state.items()})
+            plain_model = self.model.get_base_model() if self.lora_cfg.enabled else self.model
+            plain = lora.merge_adapters(state, lora.adapter_scaling(self.model)) if self.lora_cfg.enabled else state
+            plain_model.save_pretrained(directory, state_dict={k: v.to(cast) for k, v in plain.items()})
             set_config_dtype(Path(directory), dtype)
+            if adapter and self.lora_cfg.enabled:
+                self.model.save_pretrained(str(Path(directory) / "adapter"), state_dict=state)
         dist.barrier()
 
     def info(self) -> dict[str, Any]:
@@ -226,4 +260,5 @@ class FSDP2PolicyWorker:
             "device": str(self.device),
             "backend": dist.get_backend(),
             "parameters": sum(p.numel() for p in self.model.parameters()),
+            "trainable_parameters": sum(p.numel() for p in self.model.parameters() if p.requires_grad),
         }

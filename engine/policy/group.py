@@ -14,7 +14,7 @@ from typing import Any, Callable
 import torch
 
 from engine import cluster
-from engine.config import OptimizerConfig, PipelineConfig
+from engine.config import LoraConfig, OptimizerConfig, PipelineConfig
 from engine.data.batching import MicroBatch, plan_step
 from engine.data.chat import TokenizedExample
 from engine.weight_sync import WeightBuckets
@@ -67,12 +67,12 @@ class PolicyGroup:
     def evaluate(self, examples: list[TokenizedExample], loss_fn: Callable, group_size: int = 1) -> dict[str, float]:
         return self._run("evaluate", examples, loss_fn, group_size)
 
-    def forward(self, examples: list[TokenizedExample]) -> list[torch.Tensor]:
+    def forward(self, examples: list[TokenizedExample], adapters: bool = True) -> list[torch.Tensor]:
         """Per-example outputs in the order given. A causal LM gives token logprobs aligned to the input ids:
         ``out[t]`` is log p(input_ids[t] | input_ids[:t]), [len], with ``out[0] = 0`` (nothing predicts the first
-        token); a reward model gives one score per example."""
+        token); a reward model gives one score per example. ``adapters=False``: a LoRA group's base model."""
         plans, _ = self._plans(examples, 1)
-        outputs = self.workers.call_per_rank("forward_only", [(plan,) for plan in plans])
+        outputs = self.workers.call_per_rank("forward_only", [(plan, adapters) for plan in plans])
         ordered: list[torch.Tensor | None] = [None] * len(examples)
         for rank in self.reporting_ranks:
             for batch, output in zip(plans[rank], outputs[rank]):
@@ -91,9 +91,10 @@ class PolicyGroup:
     def load_checkpoint(self, directory: str | Path) -> None:
         self.workers.call("load_checkpoint", str(directory))
 
-    def export(self, directory: str | Path, dtype: str = "float32") -> None:
-        """Full Hugging Face weights (in ``dtype``) and config, no tokenizer, written into ``directory``."""
-        self.workers.call("export_hf", str(directory), dtype)
+    def export(self, directory: str | Path, dtype: str = "float32", adapter: bool = False) -> None:
+        """Full Hugging Face weights (in ``dtype``) and config, no tokenizer, written into ``directory``; LoRA
+        adapters merged in, and with ``adapter`` also saved alone under ``adapter/``."""
+        self.workers.call("export_hf", str(directory), dtype, adapter)
 
     def weight_buckets(self, bucket_bytes: int) -> WeightBuckets:
         """The current full weights as object-store buckets, for a refit (gathered by every rank)."""
@@ -102,9 +103,32 @@ class PolicyGroup:
     def info(self) -> list[dict[str, Any]]:
         return self.workers.call("info")
 
+    def parameter_counts(self) -> dict[str, int]:
+        """The model's total and trainable parameters (LoRA: the adapters, and a reward model's new head)."""
+        first = self.info()[0]
+        return {"model/parameters": first["parameters"], "model/trainable_parameters": first["trainable_parameters"]}
+
+    def base_model(self) -> "BaseModelView":
+        """The frozen base under this group's LoRA adapters, as a forward-only role (a reference model)."""
+        return BaseModelView(self)
+
     def shutdown(self) -> None:
         self.workers.shutdown()
         self.virtual.release()
+
+
+@dataclass
+class BaseModelView:
+    """A LoRA group's base model (adapters disabled) as a frozen role: no second copy of the weights. It runs on
+    the group's workers, so shutting it down leaves them to the group's owner."""
+
+    group: PolicyGroup
+
+    def forward(self, examples: list[TokenizedExample]) -> list[torch.Tensor]:
+        return self.group.forward(examples, adapters=False)
+
+    def shutdown(self) -> None:
+        pass
 
 
 def start_policy_group(
@@ -114,8 +138,10 @@ def start_policy_group(
     total_steps: int,
     pad_id: int,
     model_kind: str = "causal_lm",
+    lora: LoraConfig | None = None,
 ) -> PolicyGroup:
-    """Trainer workers on ``model_dir``; ``optimizer=None`` starts a frozen group (forward passes only)."""
+    """Trainer workers on ``model_dir``; ``optimizer=None`` starts a frozen group (forward passes only);
+    ``lora`` with a rank adds adapters, which alone train."""
     if cfg.policy.backend == "megatron":  # one config error here rather than one per rank from the actors
         from transformers import AutoConfig
 
@@ -139,6 +165,7 @@ def start_policy_group(
             "total_steps": total_steps,
             "seed": cfg.seed,
             "model_kind": model_kind,
+            **({"lora": lora.model_dump(mode="json")} if lora is not None and lora.enabled else {}),
         },
     )
     layouts = workers.call("parallel_layout")

@@ -171,6 +171,7 @@ class MegatronPolicyWorker:
         self.tp_rank = parallel_state.get_tensor_model_parallel_rank()
         self.pp_rank = parallel_state.get_pipeline_model_parallel_rank()
         self.dp_rank = parallel_state.get_data_parallel_rank()
+        self.dp_size = parallel_state.get_data_parallel_world_size()
         self.first_stage = parallel_state.is_pipeline_first_stage()
         self.last_stage = parallel_state.is_pipeline_last_stage()
         self.layers = megatron_convert.stage_layers(self.shape, layout.pipeline_parallel, self.pp_rank)
@@ -320,8 +321,10 @@ class MegatronPolicyWorker:
         return self._summed(results)
 
     @torch.no_grad()
-    def forward_only(self, micro_batches: list[MicroBatch]) -> list[torch.Tensor]:
+    def forward_only(self, micro_batches: list[MicroBatch], adapters: bool = True) -> list[torch.Tensor]:
         """Token logprobs [B, L-1] per micro-batch (on the reporter; other ranks return an empty list)."""
+        if not adapters:
+            raise ValueError("the Megatron worker trains no LoRA adapters: there is no base model under them")
 
         def collect(batch: MicroBatch, logits: torch.Tensor):
             logprobs = vocab_parallel_token_logprobs(logits, batch["input_ids"], self.shape.vocab_size)
@@ -439,8 +442,8 @@ class MegatronPolicyWorker:
         state = self.full_state_dict()
         return put_weight_buckets(state, bucket_bytes) if state is not None else None
 
-    def export_hf(self, directory: str, dtype: str = "float32") -> None:
-        """Full Hugging Face weights (config, safetensors) in ``dtype``, written by rank 0."""
+    def export_hf(self, directory: str, dtype: str = "float32", adapter: bool = False) -> None:
+        """Full Hugging Face weights (config, safetensors) in ``dtype``, written by rank 0 (no adapters to add)."""
         from safetensors.torch import save_file
 
         state = self.full_state_dict()
@@ -465,5 +468,12 @@ class MegatronPolicyWorker:
             "tensor_parallel_rank": self.tp_rank,
             "pipeline_parallel_rank": self.pp_rank,
             "data_parallel_rank": self.dp_rank,
-            "parameters": sum(p.numel() for p in self.model.parameters()),
+            **self._parameter_counts(),
         }
+
+    def _parameter_counts(self) -> dict[str, int]:
+        """The whole model's parameters: each rank holds a tensor/pipeline piece, every replica the same pieces."""
+        local = torch.tensor(sum(p.numel() for p in self.model.parameters()), dtype=torch.long)
+        dist.all_reduce(local)  # gloo or NCCL: every rank takes part, as in every info() call
+        total = int(local) // self.dp_size
+        return {"parameters": total, "trainable_parameters": total}

@@ -162,3 +162,85 @@ def assert_trains_on_cuda_like_cpu(policy, data, reference_curve) -> None:
     for got, want in zip(curve, reference_curve):
         assert got["loss"] == pytest.approx(want["loss"], rel=1e-3)
     assert curve[-1]["loss"] < curve[0]["loss"]
+
+
+def _dir_bytes(path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def _hf_logprobs(model, data, pad):
+    from engine.data.batching import collate
+    from engine.models.logprobs import token_logprobs_from_logits
+
+    batch = collate(data, pad)
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return token_logprobs_from_logits(logits, batch["input_ids"]), batch["loss_mask"].bool()
+
+
+def _group_logprobs(policy, data, adapters=True):
+    return torch.nn.utils.rnn.pad_sequence([lp[1:] for lp in policy.forward(data, adapters)], batch_first=True)
+
+
+def test_lora_trains_adapters_only_resumes_exactly_and_exports_merged_and_adapter(
+    ray_local, tiny_model_dir, examples, tmp_path
+):
+    """LoRA on two FSDP2 ranks: only the adapters train and are checkpointed; the base under them stays the
+    reference; a resumed run continues the same curve; the merged export and the adapter alone (through peft)
+    give the trainer's logprobs."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from engine.config import LoraConfig
+    from engine.models.lora import add_adapters
+
+    data, pad = examples
+    lora = {"sft.lora.rank": 4, "sft.lora.alpha": 8.0}
+
+    def lora_policy():
+        cfg = load_config(None, {"policy.world_size": 2, "sft.optimizer.warmup_steps": 0, "sft.optimizer.lr": 1e-2, **lora})
+        return start_policy_group(cfg, tiny_model_dir, cfg.sft.optimizer, 10, pad, lora=cfg.sft.lora)
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    base_lp, mask = _hf_logprobs(base, data[:4], pad)
+    expected_trainable = sum(
+        p.numel()
+        for p in add_adapters(AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoraConfig(rank=4), "causal_lm")
+        .parameters()
+        if p.requires_grad
+    )
+    policy = lora_policy()
+    try:
+        counts = policy.parameter_counts()
+        assert counts["model/trainable_parameters"] == expected_trainable
+        assert counts["model/parameters"] == sum(p.numel() for p in base.parameters()) + expected_trainable
+        assert torch.allclose(_group_logprobs(policy, data[:4])[mask], base_lp[mask], atol=1e-5)  # B starts at 0
+        first = train_curve(policy, data, steps=1)
+        policy.save_checkpoint(str(tmp_path / "ckpt"))
+        rest = [policy.train(data[s * BATCH : (s + 1) * BATCH], sft_loss) for s in range(1, STEPS)]
+        trained_lp = _group_logprobs(policy, data[:4])
+        assert torch.allclose(_group_logprobs(policy, data[:4], adapters=False)[mask], base_lp[mask], atol=1e-5)
+        assert not torch.allclose(trained_lp[mask], base_lp[mask], atol=1e-3)
+        policy.export(str(tmp_path / "hf"), adapter=True)
+    finally:
+        policy.shutdown()
+    assert rest[-1]["loss"] < first[0]["loss"]
+
+    checkpoint_bytes = _dir_bytes(tmp_path / "ckpt" / "dcp")
+    full_fine_tune_bytes = 3 * 4 * counts["model/parameters"]  # fp32 weights and AdamW's two moments
+    assert 3 * 4 * expected_trainable <= checkpoint_bytes < full_fine_tune_bytes / 4  # tiny tensors: DCP metadata
+
+    resumed = lora_policy()
+    try:
+        resumed.load_checkpoint(str(tmp_path / "ckpt"))
+        again = [resumed.train(data[s * BATCH : (s + 1) * BATCH], sft_loss) for s in range(1, STEPS)]
+    finally:
+        resumed.shutdown()
+    assert_same_curve(first + again, first + rest)
+
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32)
+    assert set(merged.state_dict()) == set(base.state_dict())
+    assert torch.allclose(_hf_logprobs(merged, data[:4], pad)[0][mask], trained_lp[mask], atol=1e-5)
+    assert _dir_bytes(tmp_path / "hf" / "adapter") < _dir_bytes(tmp_path / "hf") / 4
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path / "hf" / "adapter")
+    assert torch.allclose(_hf_logprobs(adapted, data[:4], pad)[0][mask], trained_lp[mask], atol=1e-5)

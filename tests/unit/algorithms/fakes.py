@@ -127,8 +127,11 @@ class FakePolicy:
         self.loaded.append(Path(directory))
         self.steps_done = json.loads((Path(directory) / "fake_shards.json").read_text())["steps_done"]
 
-    def export(self, directory, dtype: str = "float32") -> None:
+    def export(self, directory, dtype: str = "float32", adapter: bool = False) -> None:
         (Path(directory) / "config.json").write_text(json.dumps({"steps_done": self.steps_done}))
+
+    def parameter_counts(self) -> dict[str, int]:
+        return {"model/parameters": 1000, "model/trainable_parameters": 10}
 
     def shutdown(self) -> None:
         pass
@@ -140,6 +143,10 @@ class RecordingRun:
     def __init__(self):
         self.metrics: dict[int, dict[str, float]] = {}
         self.tags: dict[str, str] = {}
+        self.params: dict[str, Any] = {}
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        self.params.update(params)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         self.metrics.setdefault(step, {}).update(metrics)
