@@ -221,7 +221,7 @@ def export_model(
     committed to ``key``."""
     export = new_staging_dir("model-")
     try:
-        policy.export(export, cfg.export_dtype(), adapter=cfg.export.lora_adapter)
+        policy.export(export, cfg.export_dtype())
         copy_tokenizer(base_model_dir, export)
         (export / CONFIG_FILE).write_text(cfg.to_yaml())
         for name, text in (extra_files or {}).items():

@@ -241,6 +241,17 @@ class LoraConfig(Section):
     target_modules: list[str] | Literal["all-linear"] = Field(
         "all-linear", description="module names to adapt (e.g. [q_proj, v_proj]); all-linear: every linear layer"
     )
+    export_adapter: bool = Field(
+        False,
+        description="also commit the adapter alone (model/adapter/, for peft's PeftModel.from_pretrained on the base "
+        "model); the merged model is always committed: later stages and vLLM load it",
+    )
+
+    @model_validator(mode="after")
+    def _adapter_to_export(self) -> "LoraConfig":
+        if self.export_adapter and not self.enabled:
+            raise ValueError("lora.export_adapter needs adapters: set lora.rank > 0")
+        return self
 
     @property
     def enabled(self) -> bool:
@@ -416,11 +427,6 @@ class StagesConfig(Section):
 class ExportConfig(Section):
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         "auto", description="dtype of committed model weights; auto: bf16 for bf16 training, else fp32"
-    )
-    lora_adapter: bool = Field(
-        False,
-        description="a LoRA stage also commits its adapter alone (model/adapter/, for peft's PeftModel.from_pretrained "
-        "on the base model); the merged model is always committed: later stages and vLLM load it",
     )
 
 

@@ -239,9 +239,9 @@ class FSDP2PolicyWorker:
         state = self.full_state_dict()
         return put_weight_buckets(state, bucket_bytes) if self.rank == 0 else None
 
-    def export_hf(self, directory: str, dtype: str = "float32", adapter: bool = False) -> None:
+    def export_hf(self, directory: str, dtype: str = "float32") -> None:
         """Full Hugging Face weights (config, safetensors) in ``dtype``, written by rank 0; a LoRA model's
-        adapters merged in, and with ``adapter`` also the adapter alone under ``adapter/`` (peft's layout)."""
+        adapters merged in, and with ``lora.export_adapter`` the adapter alone under ``adapter/`` (peft's layout)."""
         state = self._gathered_state()
         if self.rank == 0:
             cast = getattr(torch, dtype)
@@ -249,7 +249,7 @@ class FSDP2PolicyWorker:
             plain = lora.merge_adapters(state, lora.adapter_scaling(self.model)) if self.lora_cfg.enabled else state
             plain_model.save_pretrained(directory, state_dict={k: v.to(cast) for k, v in plain.items()})
             set_config_dtype(Path(directory), dtype)
-            if adapter and self.lora_cfg.enabled:
+            if self.lora_cfg.export_adapter:
                 self.model.save_pretrained(str(Path(directory) / "adapter"), state_dict=state)
         dist.barrier()
 

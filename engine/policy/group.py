@@ -91,10 +91,10 @@ class PolicyGroup:
     def load_checkpoint(self, directory: str | Path) -> None:
         self.workers.call("load_checkpoint", str(directory))
 
-    def export(self, directory: str | Path, dtype: str = "float32", adapter: bool = False) -> None:
+    def export(self, directory: str | Path, dtype: str = "float32") -> None:
         """Full Hugging Face weights (in ``dtype``) and config, no tokenizer, written into ``directory``; LoRA
-        adapters merged in, and with ``adapter`` also saved alone under ``adapter/``."""
-        self.workers.call("export_hf", str(directory), dtype, adapter)
+        adapters merged in (and saved alone under ``adapter/`` with ``lora.export_adapter``)."""
+        self.workers.call("export_hf", str(directory), dtype)
 
     def weight_buckets(self, bucket_bytes: int) -> WeightBuckets:
         """The current full weights as object-store buckets, for a refit (gathered by every rank)."""

@@ -442,8 +442,8 @@ class MegatronPolicyWorker:
         state = self.full_state_dict()
         return put_weight_buckets(state, bucket_bytes) if state is not None else None
 
-    def export_hf(self, directory: str, dtype: str = "float32", adapter: bool = False) -> None:
-        """Full Hugging Face weights (config, safetensors) in ``dtype``, written by rank 0 (no adapters to add)."""
+    def export_hf(self, directory: str, dtype: str = "float32") -> None:
+        """Full Hugging Face weights (config, safetensors) in ``dtype``, written by rank 0."""
         from safetensors.torch import save_file
 
         state = self.full_state_dict()

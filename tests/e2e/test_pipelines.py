@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -164,6 +165,54 @@ def test_a_trainer_rank_killed_mid_grpo_is_retried_from_its_checkpoint(small_grp
     client, runs = stage_runs(workdir, "grpo")
     assert [run.info.status for run in runs] == ["FAILED", "FINISHED"]  # the killed attempt, then its retry
     assert runs[-1].data.tags["posttrain.resumed_from_step"] == "4"
+
+
+GRPO_LORA = {
+    "grpo.max_steps": 12,
+    "grpo.val_every": 6,
+    "grpo.checkpoint_every": 6,
+    "grpo.val_size": 32,
+    "evaluate.size": 64,
+    "grpo.lora.rank": 16,
+    "grpo.lora.export_adapter": True,
+    "grpo.optimizer.lr": 1e-3,  # adapters want about 10x full fine-tuning's rate (measured: 1e-4 reaches 0.77 at 25)
+    "grpo.loss.kl_beta": 0.01,  # the KL reference is then the base model under the adapters
+}
+
+
+@pytest.mark.timeout(2700)  # services 300, default run 1200, 2 x 600
+def test_lora_grpo_learns_and_resumes_exactly_from_its_adapter_checkpoint(default_run, services, tmp_path):
+    """GRPO with LoRA adapters on the SFT model: held-out accuracy rises by >= 0.3 (measured 0.17 -> 0.92 in 12
+    steps), the generator's logprobs match the trainer's after every refit of merged weights, the committed model
+    holds the merged weights and the adapter alone. A folder holding only the first run's step-6 checkpoint
+    (adapters and their optimizer state) resumes from it to the uninterrupted run's curve."""
+    args = ["run", "grpo-pipeline", "--json", *settings(GRPO_LORA)]
+    first_dir = seed(tmp_path / "first", default_run)
+    first = summary_of(run_cli(args, first_dir, env=services.prefect_env))
+    assert first["stages"]["grpo"]["metrics"]["token_mult_prob_error_median"] <= 1.001
+    accuracy = first["stages"]["evaluate"]["metrics"]
+    assert accuracy["accuracy_final"] >= accuracy["accuracy_sft"] + 0.3, accuracy
+    client, run = stage_run(first_dir, "grpo", first)
+    trainable, total = (int(run.data.params[f"model/{k}parameters"]) for k in ("trainable_", ""))
+    assert 0 < trainable < total / 4
+    grpo_dir = first_dir / ".posttrain/store" / first["stages"]["grpo"]["artifact"].split("/store/", 1)[1]
+    (model_dir,) = grpo_dir.glob("*/model.safetensors")
+    adapter = json.loads((model_dir.parent / "adapter/adapter_config.json").read_text())
+    assert adapter["r"] == 16 and (model_dir.parent / "adapter/adapter_model.safetensors").is_file()
+
+    resumed_dir = seed(tmp_path / "resumed", default_run)
+    checkpoints = grpo_dir.parent / "checkpoints"
+    shutil.copytree(checkpoints, resumed_dir / ".posttrain/store" / checkpoints.relative_to(first_dir / ".posttrain/store"))
+    resumed = summary_of(run_cli(args, resumed_dir, env=services.prefect_env))
+    resumed_client, resumed_run = stage_run(resumed_dir, "grpo", resumed)
+    assert int(resumed_run.data.tags["posttrain.resumed_from_step"]) == 6
+    for key in ("reward/mean", "loss", "kl"):
+        want = metric_curve(client, run.info.run_id, key)
+        got = metric_curve(resumed_client, resumed_run.info.run_id, key)
+        assert sorted(got) == list(range(7, 13))
+        for step, value in got.items():
+            assert value == pytest.approx(want[step], abs=1e-5), (key, step)
+    assert resumed["stages"]["evaluate"]["metrics"] == first["stages"]["evaluate"]["metrics"]
 
 
 @pytest.mark.timeout(2100)  # services 300, default run 1200, 600

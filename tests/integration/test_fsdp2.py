@@ -195,7 +195,7 @@ def test_lora_trains_adapters_only_resumes_exactly_and_exports_merged_and_adapte
     from engine.models.lora import add_adapters
 
     data, pad = examples
-    lora = {"sft.lora.rank": 4, "sft.lora.alpha": 8.0}
+    lora = {"sft.lora.rank": 4, "sft.lora.alpha": 8.0, "sft.lora.export_adapter": True}
 
     def lora_policy():
         cfg = load_config(None, {"policy.world_size": 2, "sft.optimizer.warmup_steps": 0, "sft.optimizer.lr": 1e-2, **lora})
@@ -221,7 +221,7 @@ def test_lora_trains_adapters_only_resumes_exactly_and_exports_merged_and_adapte
         trained_lp = _group_logprobs(policy, data[:4])
         assert torch.allclose(_group_logprobs(policy, data[:4], adapters=False)[mask], base_lp[mask], atol=1e-5)
         assert not torch.allclose(trained_lp[mask], base_lp[mask], atol=1e-3)
-        policy.export(str(tmp_path / "hf"), adapter=True)
+        policy.export(str(tmp_path / "hf"))
     finally:
         policy.shutdown()
     assert rest[-1]["loss"] < first[0]["loss"]

@@ -127,7 +127,7 @@ class FakePolicy:
         self.loaded.append(Path(directory))
         self.steps_done = json.loads((Path(directory) / "fake_shards.json").read_text())["steps_done"]
 
-    def export(self, directory, dtype: str = "float32", adapter: bool = False) -> None:
+    def export(self, directory, dtype: str = "float32") -> None:
         (Path(directory) / "config.json").write_text(json.dumps({"steps_done": self.steps_done}))
 
     def parameter_counts(self) -> dict[str, int]:
