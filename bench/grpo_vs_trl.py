@@ -52,10 +52,17 @@ def our_layout(config: str = "grpo_tiny") -> str:
 
 
 def run_ours(
-    workdir: Path, tiny: dict, sft_steps: int, steps: int, salt: int, grpo: dict = GRPO, backend: str = "vllm"
+    workdir: Path,
+    tiny: dict,
+    sft_steps: int,
+    steps: int,
+    salt: int,
+    grpo: dict = GRPO,
+    backend: str = "vllm",
+    extra: dict | None = None,
 ) -> dict:
     """One `posttrain run grpo` generating with ``backend``; ``salt`` varies a GRPO-only setting so GRPO reruns
-    while SFT stays cached."""
+    while SFT stays cached; ``extra``: further overrides (dotted keys)."""
     overrides = {
         "workdir": str(workdir),
         "generation.backend": backend,
@@ -68,6 +75,7 @@ def run_ours(
         **{f"grpo.{k}": v for k, v in grpo.items() if k != "lr"},
         "grpo.optimizer.lr": grpo["lr"],
         **{f"model.tiny.{k}": v for k, v in tiny.items()},
+        **(extra or {}),
     }
     args = [POSTTRAIN, "run", "grpo", "--json"] + [a for k, v in overrides.items() for a in ("--set", f"{k}={v}")]
     started = time.perf_counter()
