@@ -230,6 +230,11 @@ class GenerationConfig(Section):
     kv_cache_bytes: int = Field(1 << 30, gt=0)
     threads_per_worker: int = Field(1, gt=0)
     refit_bucket_bytes: int = Field(64 << 20, gt=0, description="size of the weight buckets streamed on refit")
+    lora_refit: Literal["merged", "adapter"] = Field(
+        "merged",
+        description="with grpo.lora: merged pushes base + adapters as full weights; adapter pushes the adapters "
+        "alone, which vLLM applies to the base it loaded (vllm backend)",
+    )
 
 
 class LoraConfig(Section):
@@ -470,6 +475,15 @@ class PipelineConfig(Section):
                         f"{stage}.lora.rank={getattr(self, stage).lora.rank}: LoRA runs on the fsdp2 trainer only "
                         f"(policy.backend={self.policy.backend}); set {stage}.lora.rank=0 or policy.backend=fsdp2"
                     )
+        return self
+
+    @model_validator(mode="after")
+    def _adapter_refit_has_adapters(self) -> "PipelineConfig":
+        if self.generation.lora_refit == "adapter":
+            if not self.grpo.lora.enabled:
+                raise ValueError("generation.lora_refit=adapter needs adapters to push: set grpo.lora.rank > 0")
+            if self.generation.backend != "vllm":
+                raise ValueError("generation.lora_refit=adapter needs generation.backend=vllm")
         return self
 
     @model_validator(mode="after")

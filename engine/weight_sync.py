@@ -63,6 +63,39 @@ def check_manifest(incoming: WeightManifest, expected: dict[str, TensorSpec], al
     return [spec.name for spec in incoming if spec.name in expected]
 
 
+ADAPTER_PREFIX = "base_model.model."  # peft's names: <prefix><module>.lora_A.weight
+
+
+def check_adapter_manifest(incoming: WeightManifest, expected: dict[str, TensorSpec]) -> tuple[int, list[str]]:
+    """The rank and the adapted modules of an adapter push, after checking that every tensor adapts a weight the
+    engine has, each module gets both A [r, in] and B [out, r] with that weight's shape, at one rank."""
+    parts: dict[str, dict[str, TensorSpec]] = {}
+    for spec in incoming:
+        module, _, part = spec.name.removeprefix(ADAPTER_PREFIX).rpartition(".lora_")
+        if not spec.name.startswith(ADAPTER_PREFIX) or part not in ("A.weight", "B.weight"):
+            raise WeightMismatch(f"adapter update has a tensor that is not a LoRA matrix: {spec.name}")
+        if f"{module}.weight" not in expected:
+            raise WeightMismatch(f"adapter update adapts {module}, which the model does not have")
+        parts.setdefault(module, {})[part[0]] = spec
+    if not parts:
+        raise WeightMismatch("adapter update holds no tensors")
+    ranks = set()
+    for module, pair in parts.items():
+        if set(pair) != {"A", "B"}:
+            raise WeightMismatch(f"adapter update for {module} lacks lora_{'B' if 'A' in pair else 'A'}")
+        out_features, in_features = expected[f"{module}.weight"].shape
+        rank = pair["A"].shape[0]
+        if pair["A"].shape != (rank, in_features) or pair["B"].shape != (out_features, rank):
+            raise WeightMismatch(
+                f"adapter update for {module} has shapes {pair['A'].shape} and {pair['B'].shape}, "
+                f"expected ({rank}, {in_features}) and ({out_features}, {rank})"
+            )
+        ranks.add(rank)
+    if len(ranks) != 1:
+        raise WeightMismatch(f"adapter update mixes ranks {sorted(ranks)}")
+    return ranks.pop(), sorted(parts)
+
+
 def gather_checked(manifest: WeightManifest, buckets: list[Any], keep: list[str]) -> list[tuple[str, torch.Tensor]]:
     """Fetch every bucket (Ray object refs or plain lists of (name, tensor)) and check each tensor
     against the manifest, all before the engine is touched."""
@@ -103,14 +136,20 @@ def put_weight_buckets(state: dict[str, torch.Tensor], bucket_bytes: int) -> Wei
 class RefitSource(Protocol):
     """What a refit needs of a trainer group (``engine.policy.group.PolicyGroup``)."""
 
-    def weight_buckets(self, bucket_bytes: int) -> WeightBuckets: ...
+    def weight_buckets(self, bucket_bytes: int, adapters_only: bool = False) -> WeightBuckets: ...
 
 
 def refit(source: RefitSource, generation: "GenerationGroup", version: int) -> dict[str, float]:
-    """Push the trainer's current weights into every generation worker; returns refit/* metrics."""
+    """Push the trainer's current weights into every generation worker (a generator that applies LoRA adapters
+    itself gets the adapters alone); returns refit/* metrics."""
     started = time.perf_counter()
-    manifest, buckets, total_bytes = source.weight_buckets(generation.cfg.refit_bucket_bytes)
-    generation.update_weights(manifest, buckets, version)
+    bucket_bytes = generation.cfg.refit_bucket_bytes
+    if generation.applies_adapters:
+        manifest, buckets, total_bytes = source.weight_buckets(bucket_bytes, adapters_only=True)
+        generation.update_adapters(manifest, buckets, version)
+    else:
+        manifest, buckets, total_bytes = source.weight_buckets(bucket_bytes)
+        generation.update_weights(manifest, buckets, version)
     return {"refit/seconds": time.perf_counter() - started, "refit/bytes": float(total_bytes)}
 
 

@@ -339,7 +339,8 @@ def start_roles(cfg: PipelineConfig, init_model_dir: Path, pad_id: int, reward_m
         started.append(EnvironmentRouter(g.environment_classes(), g.environment_timeout_s))
         started.append(start_policy_group(cfg, init_model_dir, g.optimizer, g.max_steps, pad_id, lora=g.lora))
         started.append(_start_reference(cfg, init_model_dir, pad_id, started[-1]) if g.loss.kl_beta else None)
-        started.append(GenerationGroup(cfg.generation, str(init_model_dir), seed=cfg.seed))
+        adapters = g.lora if cfg.generation.lora_refit == "adapter" else None
+        started.append(GenerationGroup(cfg.generation, str(init_model_dir), seed=cfg.seed, adapters=adapters))
         started.append(RewardModelScorer.start(cfg, reward_model_dir) if g.reward_model_weight > 0 else None)
     except BaseException:
         for role in filter(None, started):

@@ -1,7 +1,7 @@
 """Data-parallel generation workers on Ray.
 
 Prompts are split into contiguous shards, one per worker, and the results put back in order. Weights arrive
-through ``update_weights`` (the refit of ``engine.weight_sync``).
+through ``update_weights``, or ``update_adapters`` (the refit of ``engine.weight_sync``).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Any
 import ray
 
 from engine import cluster, worker_envs
-from engine.config import GenerationConfig
+from engine.config import GenerationConfig, LoraConfig
 from engine.errors import InfrastructureError
 from engine.generation.interfaces import Completion, SamplingParams
 
@@ -32,8 +32,11 @@ class WorkerLost(InfrastructureError):
 
 
 class GenerationGroup:
-    def __init__(self, cfg: GenerationConfig, model_dir: str, seed: int = 0):
-        self.cfg, self.model_dir, self.seed = cfg, model_dir, seed
+    """``adapters``: the trainer's LoRA adapters, applied by the engine on top of the base it loaded (refits then
+    push the adapters alone, ``generation.lora_refit: adapter``)."""
+
+    def __init__(self, cfg: GenerationConfig, model_dir: str, seed: int = 0, adapters: LoraConfig | None = None):
+        self.cfg, self.model_dir, self.seed, self.adapters = cfg, model_dir, seed, adapters
         self.virtual = cluster.VirtualCluster(cfg.num_workers, cpus_per_bundle=1.0)
         self.workers = self._start_workers()
 
@@ -52,6 +55,7 @@ class GenerationGroup:
                 max_model_len=cfg.max_model_len,
                 kv_cache_bytes=cfg.kv_cache_bytes,
                 seed=self.seed,
+                **({"lora_rank": self.adapters.rank, "lora_alpha": self.adapters.alpha} if self.adapters else {}),
             )
             for i in range(cfg.num_workers)
         ]
@@ -76,8 +80,15 @@ class GenerationGroup:
             raise WorkerLost(f"a generation worker died: {str(exc).splitlines()[0]}") from exc
         return [completions for shard in shards for completions in shard]
 
+    @property
+    def applies_adapters(self) -> bool:
+        return self.adapters is not None
+
     def update_weights(self, manifest: list, buckets: list, version: int) -> None:
         ray.get([worker.update_weights.remote(manifest, buckets, version) for worker in self.workers])
+
+    def update_adapters(self, manifest: list, buckets: list, version: int) -> None:
+        ray.get([worker.update_adapters.remote(manifest, buckets, version) for worker in self.workers])
 
     def call(self, method: str, *args: Any, **kwargs: Any) -> list[Any]:
         return ray.get([getattr(worker, method).remote(*args, **kwargs) for worker in self.workers])

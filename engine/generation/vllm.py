@@ -11,13 +11,15 @@ engine broken.
 from __future__ import annotations
 
 import json
+import shutil
 import struct
+import tempfile
 from pathlib import Path
 from typing import Any
 
 from engine.generation.interfaces import Completion, SamplingParams
 from engine.generation.sampling import sample_seed
-from engine.weight_sync import TensorSpec, WeightManifest, check_manifest, gather_checked
+from engine.weight_sync import TensorSpec, WeightManifest, check_adapter_manifest, check_manifest, gather_checked
 
 _SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
 
@@ -33,6 +35,17 @@ def checkpoint_manifest(model_dir: Path) -> dict[str, TensorSpec]:
             if name != "__metadata__":
                 specs[name] = TensorSpec(name, tuple(meta["shape"]), _SAFETENSORS_DTYPES.get(meta["dtype"], "?"))
     return specs
+
+
+ENGINE_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts
+
+
+def _engine_lora_rank(rank: int) -> int:
+    """The engine's adapter slot size: the smallest rank vLLM offers that holds ``rank``."""
+    fitting = [size for size in ENGINE_LORA_RANKS if size >= rank]
+    if not fitting:
+        raise ValueError(f"vLLM serves LoRA adapters up to rank {ENGINE_LORA_RANKS[-1]}, not {rank}")
+    return fitting[0]
 
 
 def _refresh_tied_output_layer(worker: Any) -> None:
@@ -57,10 +70,15 @@ class VLLMGenerationWorker:
         max_model_len: int = 512,
         kv_cache_bytes: int = 1 << 30,
         seed: int = 0,
+        lora_rank: int = 0,
+        lora_alpha: float = 0.0,
         **_: Any,
     ):
         from vllm import LLM
 
+        adapters = {}
+        if lora_rank:  # one adapter slot, the policy's, replaced in place by every refit
+            adapters = {"enable_lora": True, "max_lora_rank": _engine_lora_rank(lora_rank), "max_loras": 1}
         self.llm = LLM(
             model=model_path,
             dtype=dtype,
@@ -70,7 +88,11 @@ class VLLMGenerationWorker:
             enable_chunked_prefill=False,
             enable_prefix_caching=True,
             seed=seed,
+            **adapters,
         )
+        self.model_path, self.lora_alpha = model_path, lora_alpha
+        self.adapter = None  # the LoRARequest of the adapters last pushed; None: the base model alone
+        self.adapter_dir = Path(tempfile.mkdtemp(prefix="posttrain-adapter-"))
         self.tokenizer = self.llm.get_tokenizer()
         self.expected = checkpoint_manifest(Path(model_path))
         config = json.loads((Path(model_path) / "config.json").read_text())
@@ -101,7 +123,7 @@ class VLLMGenerationWorker:
                         logprobs=0,
                     )
                 )
-        outputs = self.llm.generate(requests, sampling, use_tqdm=False)
+        outputs = self.llm.generate(requests, sampling, use_tqdm=False, lora_request=self.adapter)
         completions = []
         for output in outputs:
             sample = output.outputs[0]
@@ -119,6 +141,35 @@ class VLLMGenerationWorker:
             self.llm.collective_rpc(_refresh_tied_output_layer)
         self.llm.reset_prefix_cache()
         self.version = version
+        return {"tensors": float(len(named))}
+
+    def update_adapters(self, manifest: WeightManifest, buckets: list[Any], version: int) -> dict[str, float]:
+        """Apply the trainer's LoRA adapters to the base model (checked against its weights first): written as a
+        peft folder and loaded into the engine's one adapter slot in place."""
+        from safetensors.torch import save_file
+        from vllm.lora.request import LoRARequest
+
+        rank, modules = check_adapter_manifest(manifest, self.expected)
+        named = gather_checked(manifest, buckets, [spec.name for spec in manifest])
+        folder = self.adapter_dir / f"v{version}"
+        folder.mkdir()
+        save_file({name: tensor.contiguous() for name, tensor in named}, str(folder / "adapter_model.safetensors"))
+        config = {
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "base_model_name_or_path": self.model_path,
+            "r": rank,
+            "lora_alpha": self.lora_alpha,
+            "target_modules": modules,
+            "bias": "none",
+        }
+        (folder / "adapter_config.json").write_text(json.dumps(config))
+        adapter = LoRARequest("policy", 1, str(folder), load_inplace=True)
+        self.llm.llm_engine.add_lora(adapter)
+        self.llm.reset_prefix_cache()  # cached prefixes were computed under the previous adapters
+        if self.adapter is not None:
+            shutil.rmtree(self.adapter.lora_path, ignore_errors=True)
+        self.adapter, self.version = adapter, version
         return {"tensors": float(len(named))}
 
     def weight_version(self) -> int:

@@ -51,6 +51,12 @@ def merge_adapters(state: dict[str, torch.Tensor], scaling: float) -> dict[str, 
     return merged
 
 
+def adapter_weights(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The adapters of a peft model's full state dict, under the names peft saves them with (and vLLM loads):
+    ``base_model.model.<module>.lora_A.weight``."""
+    return {name.replace(f".{ADAPTER}.", "."): tensor for name, tensor in state.items() if ".lora_" in name}
+
+
 def adapter_scaling(model: torch.nn.Module) -> float:
     """alpha / r of the model's adapter (the same for every adapted layer)."""
     cfg = model.peft_config[ADAPTER]

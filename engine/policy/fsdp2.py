@@ -213,7 +213,11 @@ class FSDP2PolicyWorker:
         state = {"model": model_state, "optim": optim_state}
         dcp.load(state, checkpoint_id=str(Path(directory) / "dcp"))
         set_state_dict(
-            self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"], options=options
+            self.model,
+            self.optimizer,
+            model_state_dict=state["model"],
+            optim_state_dict=state["optim"],
+            options=options,
         )
         extra = torch.load(Path(directory) / f"rank{self.rank}.pt", weights_only=False)
         self.scheduler.load_state_dict(extra["scheduler"])
@@ -233,11 +237,15 @@ class FSDP2PolicyWorker:
             return lora.merge_adapters(state, lora.adapter_scaling(self.model))
         return state
 
-    def weight_buckets(self, bucket_bytes: int) -> WeightBuckets | None:
-        """Full weights as Ray object-store buckets, for a refit. Every rank takes part in the gather;
-        rank 0 returns (manifest, bucket refs, total bytes)."""
-        state = self.full_state_dict()
-        return put_weight_buckets(state, bucket_bytes) if self.rank == 0 else None
+    def weight_buckets(self, bucket_bytes: int, adapters_only: bool = False) -> WeightBuckets | None:
+        """Full weights (LoRA merged in), or a LoRA model's adapters alone, as Ray object-store buckets for a
+        refit. Every rank takes part in the gather; rank 0 returns (manifest, bucket refs, total bytes)."""
+        if adapters_only and not self.lora_cfg.enabled:
+            raise ValueError("adapters_only needs a LoRA model (lora.rank > 0)")
+        state = self._gathered_state() if adapters_only else self.full_state_dict()
+        if self.rank != 0:
+            return None
+        return put_weight_buckets(lora.adapter_weights(state) if adapters_only else state, bucket_bytes)
 
     def export_hf(self, directory: str, dtype: str = "float32") -> None:
         """Full Hugging Face weights (config, safetensors) in ``dtype``, written by rank 0; a LoRA model's

@@ -96,9 +96,11 @@ class PolicyGroup:
         adapters merged in (and saved alone under ``adapter/`` with ``lora.export_adapter``)."""
         self.workers.call("export_hf", str(directory), dtype)
 
-    def weight_buckets(self, bucket_bytes: int) -> WeightBuckets:
-        """The current full weights as object-store buckets, for a refit (gathered by every rank)."""
-        return next(result for result in self.workers.call("weight_buckets", bucket_bytes) if result is not None)
+    def weight_buckets(self, bucket_bytes: int, adapters_only: bool = False) -> WeightBuckets:
+        """The current full weights (or a LoRA model's adapters alone) as object-store buckets, for a refit
+        (gathered by every rank)."""
+        results = self.workers.call("weight_buckets", bucket_bytes, adapters_only)
+        return next(result for result in results if result is not None)
 
     def info(self) -> list[dict[str, Any]]:
         return self.workers.call("info")

@@ -437,8 +437,10 @@ class MegatronPolicyWorker:
             state.update(megatron_convert.megatron_to_hf(shards, self.shape, layers, stage == 0, last))
         return state
 
-    def weight_buckets(self, bucket_bytes: int) -> WeightBuckets | None:
+    def weight_buckets(self, bucket_bytes: int, adapters_only: bool = False) -> WeightBuckets | None:
         """Full Hugging Face weights as Ray object-store buckets on rank 0, for a refit."""
+        if adapters_only:
+            raise ValueError("the Megatron worker trains no LoRA adapters to push")
         state = self.full_state_dict()
         return put_weight_buckets(state, bucket_bytes) if state is not None else None
 

@@ -202,7 +202,9 @@ def test_lora_grpo_learns_and_resumes_exactly_from_its_adapter_checkpoint(defaul
 
     resumed_dir = seed(tmp_path / "resumed", default_run)
     checkpoints = grpo_dir.parent / "checkpoints"
-    shutil.copytree(checkpoints, resumed_dir / ".posttrain/store" / checkpoints.relative_to(first_dir / ".posttrain/store"))
+    shutil.copytree(
+        checkpoints, resumed_dir / ".posttrain/store" / checkpoints.relative_to(first_dir / ".posttrain/store")
+    )
     resumed = summary_of(run_cli(args, resumed_dir, env=services.prefect_env))
     resumed_client, resumed_run = stage_run(resumed_dir, "grpo", resumed)
     assert int(resumed_run.data.tags["posttrain.resumed_from_step"]) == 6

@@ -198,15 +198,18 @@ def test_lora_trains_adapters_only_resumes_exactly_and_exports_merged_and_adapte
     lora = {"sft.lora.rank": 4, "sft.lora.alpha": 8.0, "sft.lora.export_adapter": True}
 
     def lora_policy():
-        cfg = load_config(None, {"policy.world_size": 2, "sft.optimizer.warmup_steps": 0, "sft.optimizer.lr": 1e-2, **lora})
+        cfg = load_config(
+            None, {"policy.world_size": 2, "sft.optimizer.warmup_steps": 0, "sft.optimizer.lr": 1e-2, **lora}
+        )
         return start_policy_group(cfg, tiny_model_dir, cfg.sft.optimizer, 10, pad, lora=cfg.sft.lora)
 
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     base_lp, mask = _hf_logprobs(base, data[:4], pad)
     expected_trainable = sum(
         p.numel()
-        for p in add_adapters(AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoraConfig(rank=4), "causal_lm")
-        .parameters()
+        for p in add_adapters(
+            AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoraConfig(rank=4), "causal_lm"
+        ).parameters()
         if p.requires_grad
     )
     policy = lora_policy()
@@ -242,5 +245,7 @@ def test_lora_trains_adapters_only_resumes_exactly_and_exports_merged_and_adapte
     assert set(merged.state_dict()) == set(base.state_dict())
     assert torch.allclose(_hf_logprobs(merged, data[:4], pad)[0][mask], trained_lp[mask], atol=1e-5)
     assert _dir_bytes(tmp_path / "hf" / "adapter") < _dir_bytes(tmp_path / "hf") / 4
-    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path / "hf" / "adapter")
+    adapted = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path / "hf" / "adapter"
+    )
     assert torch.allclose(_hf_logprobs(adapted, data[:4], pad)[0][mask], trained_lp[mask], atol=1e-5)

@@ -196,3 +196,55 @@ def test_an_exported_bf16_model_loads_in_vllm(vllm_group, tiny_model_dir, prompt
         original.shutdown()
     assert all(len(s[0].token_ids) > 0 for s in got)
     assert [s[0].token_ids for s in got] == [s[0].token_ids for s in want]
+
+
+def test_lora_adapter_refit_keeps_vllm_on_the_trainers_logprobs(ray_local, tiny_model_dir, prompts, tokenizer):
+    """generation.lora_refit=adapter: vLLM applies the pushed adapters to the base it loaded. After each training
+    step and adapter refit (replaced in place, not served stale) the generator's logprobs are the trainer's; the
+    push is a fraction of a merged one's bytes; a bad adapter push is refused and the engine keeps the last one."""
+    from engine.config import LoraConfig, load_config
+    from engine.policy.group import start_policy_group
+    from engine.weight_sync import manifest_of
+    from tests.integration.test_fsdp2 import BATCH
+
+    lora = LoraConfig(rank=8, alpha=16.0)
+    cfg = load_config(None, {"policy.world_size": 1, "sft.optimizer.warmup_steps": 0, "sft.optimizer.lr": 1e-2})
+    policy = start_policy_group(cfg, tiny_model_dir, cfg.sft.optimizer, 10, tokenizer.pad_token_id, lora=lora)
+    group = GenerationGroup(GenerationConfig(backend="vllm"), str(tiny_model_dir), adapters=lora)
+    try:
+        trainer_lp, generator_lp = trainer_vs_generator(policy, prompts, group.generate(prompts, SAMPLING))
+        assert (trainer_lp - generator_lp).abs().max() < 1e-3  # adapters start at zero: the base model
+        for version in (1, 2):
+            samples = group.generate(prompts, SAMPLING)
+            examples = [
+                TokenizedExample(p + s.token_ids, [0] * len(p) + [1] * len(s.token_ids))
+                for p, ss in zip(prompts, samples)
+                for s in ss
+            ][:BATCH]
+            policy.train(examples, sft_loss)
+            trainer_lp, generator_lp = trainer_vs_generator(policy, prompts, samples)
+            assert (trainer_lp - generator_lp).abs().max() > 1e-2  # the step moved the adapters
+            metrics = refit(policy, group, version=version)
+            fresh = group.generate(prompts, SAMPLING)
+            trainer_lp, generator_lp = trainer_vs_generator(policy, prompts, fresh)
+            after = logprob_agreement(trainer_lp, generator_lp, torch.ones_like(trainer_lp))
+            assert after["logprob_max_abs_diff"] < 1e-3 and after["token_mult_prob_error"] < 1.001, after
+        merged_bytes = policy.weight_buckets(1 << 30)[2]
+        assert metrics["refit/bytes"] == 4 * policy.parameter_counts()["model/trainable_parameters"]
+        assert metrics["refit/bytes"] < merged_bytes / 2
+
+        manifest, buckets, _ = policy.weight_buckets(1 << 30, adapters_only=True)
+        adapters = dict(ray.get(buckets[0]))
+        name = next(n for n in adapters if n.endswith("q_proj.lora_A.weight"))
+        wrong = {**adapters, name: torch.zeros(8, 3)}
+        with pytest.raises(ray.exceptions.RayTaskError, match="adapter update for .*q_proj has shapes"):
+            group.update_adapters(manifest_of(wrong), [list(wrong.items())], 3)
+        unknown = {**adapters, name.replace("q_proj", "no_proj"): adapters[name]}
+        with pytest.raises(ray.exceptions.RayTaskError, match="which the model does not have"):
+            group.update_adapters(manifest_of(unknown), [list(unknown.items())], 3)
+        assert group.call("weight_version") == [2]
+        again = group.generate(prompts, SAMPLING)
+        assert [[c.token_ids for c in s] for s in again] == [[c.token_ids for c in s] for s in fresh]
+    finally:
+        group.shutdown()
+        policy.shutdown()

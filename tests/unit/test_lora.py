@@ -8,7 +8,7 @@ import torch
 
 from engine.config import LoraConfig, load_config
 from engine.errors import ConfigError
-from engine.models.lora import add_adapters, adapter_scaling, merge_adapters
+from engine.models.lora import adapter_scaling, add_adapters, merge_adapters
 
 
 def _with_trained_adapters(model: torch.nn.Module, cfg: LoraConfig, kind: str) -> torch.nn.Module:
@@ -60,3 +60,41 @@ def test_lora_on_megatron_is_refused_naming_the_field():
     assert load_config("sft_tiny", ["policy.backend=megatron"]).sft.lora.rank == 0
     with pytest.raises(ConfigError, match=r"grpo.lora.rank=8: LoRA runs on the fsdp2 trainer only"):
         load_config("grpo_tiny", ["policy.backend=megatron", "grpo.lora.rank=8"])
+
+
+def test_an_adapter_push_is_checked_against_the_engines_weights():
+    from engine.weight_sync import TensorSpec, WeightMismatch, check_adapter_manifest
+
+    expected = {
+        "model.layers.0.self_attn.q_proj.weight": TensorSpec(
+            "model.layers.0.self_attn.q_proj.weight", (64, 32), "float32"
+        ),
+        "model.layers.0.mlp.down_proj.weight": TensorSpec("model.layers.0.mlp.down_proj.weight", (32, 96), "float32"),
+    }
+
+    def spec(module: str, part: str, shape: tuple[int, ...]) -> TensorSpec:
+        return TensorSpec(f"base_model.model.model.layers.0.{module}.lora_{part}.weight", shape, "float32")
+
+    good = [spec("self_attn.q_proj", "A", (4, 32)), spec("self_attn.q_proj", "B", (64, 4))]
+    good += [spec("mlp.down_proj", "A", (4, 96)), spec("mlp.down_proj", "B", (32, 4))]
+    assert check_adapter_manifest(good, expected) == (
+        4,
+        ["model.layers.0.mlp.down_proj", "model.layers.0.self_attn.q_proj"],
+    )
+    with pytest.raises(WeightMismatch, match="q_proj lacks lora_B"):
+        check_adapter_manifest(good[:1] + good[2:], expected)
+    with pytest.raises(WeightMismatch, match="mixes ranks"):
+        check_adapter_manifest(
+            good[:2] + [spec("mlp.down_proj", "A", (8, 96)), spec("mlp.down_proj", "B", (32, 8))], expected
+        )
+    with pytest.raises(WeightMismatch, match="not a LoRA matrix"):
+        check_adapter_manifest(good + [TensorSpec("model.norm.weight", (32,), "float32")], expected)
+    with pytest.raises(WeightMismatch, match="holds no tensors"):
+        check_adapter_manifest([], expected)
+
+
+def test_adapter_refit_needs_grpo_adapters_and_vllm():
+    with pytest.raises(ConfigError, match="generation.lora_refit=adapter needs adapters"):
+        load_config("grpo_tiny", ["generation.lora_refit=adapter"])
+    with pytest.raises(ConfigError, match="needs generation.backend=vllm"):
+        load_config("grpo_tiny", ["generation.lora_refit=adapter", "grpo.lora.rank=8", "generation.backend=hf"])

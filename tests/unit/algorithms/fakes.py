@@ -31,6 +31,7 @@ class FakeGeneration:
         self.versions: list[int] = []
         self.die_at_call: int | None = None  # the call at which a worker "dies" (WorkerLost), once
         self.restarts = 0
+        self.applies_adapters = False  # refits push full weights
 
     def restart(self) -> None:
         self.restarts += 1
