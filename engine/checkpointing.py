@@ -111,7 +111,7 @@ def _say_why_not_resumed(store: ArtifactStore, stage_prefix: str) -> None:
 def check_resumable(saved: dict[str, Any], current: dict[str, Any], stage: str, source: str) -> None:
     """A checkpoint resumes a run whose config matches it, but for how long it runs and how often it reports;
     otherwise one line naming what differs."""
-    sections = [stage, "policy", "data", "model", "seed"] + (["generation"] if stage == "grpo" else [])
+    sections = [stage, "policy", "data", "model", "seed"] + (["generation"] if stage in ("grpo", "distill") else [])
     allowed = {f"{stage}.{name}" for name in RESUMABLE_CHANGES}
 
     def flat(data: Any, prefix: str) -> dict[str, Any]:

@@ -413,6 +413,29 @@ class DPOConfig(Section):
     lora: LoraConfig = LoraConfig()
 
 
+class DistillConfig(Section):
+    """On-policy distillation: the student samples, a frozen teacher scores each sampled token, and the student is
+    trained toward the teacher with GRPO's clipped policy loss on a per-token advantage of teacher logprob - student
+    logprob (a reverse KL). Prompts, environments and rewards (logged, not trained on) are GRPO's."""
+
+    teacher: str | None = Field(
+        None,
+        description="the teacher: a hub id, a folder, or a store/fsspec URI such as a GRPO stage's model; "
+        "it must share the student's tokenizer",
+    )
+    max_steps: int = Field(50, gt=0)
+    prompts_per_step: int = Field(32, gt=0)
+    generations_per_prompt: int = Field(4, gt=0)
+    max_new_tokens: int = Field(8, gt=0)
+    temperature: float = Field(1.0, gt=0.0)
+    val_every: int = Field(25, gt=0)
+    val_size: int = Field(128, gt=0, description="held-out prompts for greedy pass@1")
+    checkpoint_every: int = Field(50, gt=0)
+    loss: PolicyLossConfig = PolicyLossConfig()
+    optimizer: OptimizerConfig = OptimizerConfig(lr=1e-4, warmup_steps=0, schedule="constant", grad_clip=1.0)
+    lora: LoraConfig = LoraConfig()
+
+
 class EvaluateConfig(Section):
     size: int = Field(256, gt=0, description="held-out rows")
     max_new_tokens: int = Field(8, gt=0)
@@ -456,6 +479,7 @@ class PipelineConfig(Section):
     reward_model: RewardModelConfig = RewardModelConfig()
     grpo: GRPOConfig = GRPOConfig()
     dpo: DPOConfig = DPOConfig()
+    distill: DistillConfig = DistillConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     export: ExportConfig = ExportConfig()
 
@@ -469,7 +493,7 @@ class PipelineConfig(Section):
     @model_validator(mode="after")
     def _lora_on_fsdp2(self) -> "PipelineConfig":
         if self.policy.backend != "fsdp2":
-            for stage in ("sft", "reward_model", "grpo", "dpo"):
+            for stage in ("sft", "reward_model", "grpo", "dpo", "distill"):
                 if getattr(self, stage).lora.enabled:
                     raise ValueError(
                         f"{stage}.lora.rank={getattr(self, stage).lora.rank}: LoRA runs on the fsdp2 trainer only "
@@ -480,7 +504,7 @@ class PipelineConfig(Section):
     @model_validator(mode="after")
     def _adapter_refit_has_adapters(self) -> "PipelineConfig":
         if self.generation.lora_refit == "adapter":
-            if not self.grpo.lora.enabled:
+            if not (self.grpo.lora.enabled or self.distill.lora.enabled):
                 raise ValueError("generation.lora_refit=adapter needs adapters to push: set grpo.lora.rank > 0")
             if self.generation.backend != "vllm":
                 raise ValueError("generation.lora_refit=adapter needs generation.backend=vllm")

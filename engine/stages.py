@@ -22,7 +22,7 @@ from engine.caching import folder_digest, stage_key
 from engine.config import GRPOConfig, PipelineConfig
 from engine.data import sources
 from engine.data.datasets import build_splits, resolve_sources, write_jsonl
-from engine.errors import DataError, ModelLoadError
+from engine.errors import ConfigError, DataError, ModelLoadError
 from engine.models.loading import resolve_model
 from engine.storage import ArtifactRef, ArtifactStore
 
@@ -122,9 +122,10 @@ def prepare_model(rt: Runtime) -> StageResult:
     return StageResult(name="model", ref=ref, cached=False)
 
 
-def model_digest(rt: Runtime, local: Path) -> str:
-    """A store artifact by its manifest, a hub snapshot by its commit, any other folder by its files' bytes."""
-    name = rt.cfg.model.name
+def model_digest(rt: Runtime, local: Path, name: str | None = None) -> str:
+    """A store artifact by its manifest, a hub snapshot by its commit, any other folder by its files' bytes
+    (``name``: the model as the config names it; default ``model.name``)."""
+    name = name or rt.cfg.model.name
     manifest = rt.store.manifest(name) if name.startswith(rt.store.root + "/") else None
     if manifest is not None:
         return manifest.digest()
@@ -240,6 +241,46 @@ def train_grpo(
     return _run_stage(rt, "grpo", stage_config, inputs, parent_run_id, body)
 
 
+def train_distill(rt: Runtime, start: ArtifactRef, data: ArtifactRef, parent_run_id: str | None) -> StageResult:
+    """The student (``start``) distilled on-policy from ``distill.teacher``, whose digest is part of the key."""
+    cfg = rt.cfg
+    teacher = distill_teacher(cfg)
+    teacher_dir = resolve_model(teacher, rt.store, rt.cache_dir)
+    inputs = {
+        "start": start.digest,
+        "data": data.digest,
+        "teacher": model_digest(rt, teacher_dir, teacher),
+        **user_code_digests(cfg.grpo),
+    }
+
+    def body(run: "StageRun", prefix: str) -> ArtifactRef:
+        from engine.algorithms.distill import run_distill
+
+        start_dir, data_dir = local_model_dir(rt, start), rt.store.download(data.uri)
+        return run_distill(cfg, rt.store, run, start_dir, teacher_dir, data_dir, prefix)
+
+    stage_config = {**_training_config(cfg, "generation", "distill"), "scoring": scoring_config(cfg.grpo)}
+    return _run_stage(rt, "distill", stage_config, inputs, parent_run_id, body)
+
+
+def distill_teacher(cfg: PipelineConfig) -> str:
+    if not cfg.distill.teacher:
+        raise ConfigError("distill.teacher is required: a hub id, a folder or a store URI of the teacher model")
+    return cfg.distill.teacher
+
+
+def scoring_config(g: GRPOConfig) -> dict[str, Any]:
+    """What scores a generated answer (GRPO's environments and reward functions, weighted): part of the key of
+    every stage that scores with them but does not train GRPO."""
+    return {
+        "environment": g.environment,
+        "environments": g.environment_classes(),
+        "reward_functions": [f.model_dump(mode="json") for f in g.reward_functions],
+        "verifier_weight": g.verifier_weight,
+        "max_rollout_turns": g.max_rollout_turns,
+    }
+
+
 def train_dpo(rt: Runtime, start: ArtifactRef, data: ArtifactRef, parent_run_id: str | None) -> StageResult:
     cfg = rt.cfg
 
@@ -266,14 +307,7 @@ def evaluate(
     the final model's preference accuracy against the start model; ``start_name`` labels the start model."""
     cfg = rt.cfg
     g = cfg.grpo
-    rewards = {
-        "environment": g.environment,
-        "environments": g.environment_classes(),
-        "reward_functions": [f.model_dump(mode="json") for f in g.reward_functions],
-        "verifier_weight": g.verifier_weight,
-        "max_rollout_turns": g.max_rollout_turns,
-    }
-    stage_config = {"rewards": rewards, "start_name": start_name, "preference": preference}
+    stage_config = {"rewards": scoring_config(g), "start_name": start_name, "preference": preference}
     stage_config.update(cfg.section("policy", "generation", "evaluate"))
 
     def body(run: "StageRun", prefix: str) -> ArtifactRef:

@@ -40,10 +40,12 @@ EXIT_USER_ERROR = 2
 EXIT_INFRASTRUCTURE = 1
 
 
-PIPELINES = ("grpo-pipeline", "dpo-pipeline", "sft", "reward-model", "grpo", "dpo")
+PIPELINES = ("grpo-pipeline", "dpo-pipeline", "distill-pipeline", "sft", "reward-model", "grpo", "dpo", "distill")
 DEFAULT_CONFIGS = {
     "grpo-pipeline": "grpo_tiny",
     "dpo-pipeline": "dpo_tiny",
+    "distill-pipeline": "distill_tiny",
+    "distill": "distill_tiny",
     "sft": "sft_tiny",
     "reward-model": "grpo_tiny",
     "grpo": "grpo_tiny",

@@ -2,6 +2,7 @@
 
 grpo-pipeline: prepare -> [sft] -> [reward_model] -> grpo -> evaluate
 dpo-pipeline:  prepare -> [sft] -> dpo -> evaluate
+distill-pipeline: prepare -> [sft] -> distill (from distill.teacher) -> evaluate
 
 ``stages.sft: false`` starts RL or DPO from ``model.name`` itself; the reward model is trained where GRPO uses it
 (``stages.reward_model: auto``) or where the config says so.
@@ -14,11 +15,11 @@ from typing import Any, Callable
 from prefect import flow
 
 from engine.config import PipelineConfig, RunParameters
-from engine.stages import StageResult, preflight
+from engine.stages import StageResult, distill_teacher, preflight
 from flows.common import PipelineRun, flow_run_name
 from tasks.evaluate import evaluate
 from tasks.prepare import prepare_data, prepare_model
-from tasks.train import train_dpo, train_grpo, train_reward_model, train_sft
+from tasks.train import train_distill, train_dpo, train_grpo, train_reward_model, train_sft
 
 
 def _run(pipeline: str, params: RunParameters, stages: Callable[[PipelineRun, PipelineConfig], Any]) -> dict:
@@ -60,6 +61,12 @@ def _dpo_stages(run: PipelineRun, cfg: PipelineConfig) -> tuple[StageResult, Sta
     return start, data, run.stage(train_dpo, cfg, start.ref, data.ref, run.parent.run_id)
 
 
+def _distill_stages(run: PipelineRun, cfg: PipelineConfig) -> tuple[StageResult, StageResult, StageResult]:
+    distill_teacher(cfg)  # a missing teacher fails before the student's SFT
+    start, data = _start(run, cfg)
+    return start, data, run.stage(train_distill, cfg, start.ref, data.ref, run.parent.run_id)
+
+
 def _evaluated(stages: Callable, preference: bool) -> Callable[[PipelineRun, PipelineConfig], None]:
     def run_all(run: PipelineRun, cfg: PipelineConfig) -> None:
         start, data, final = stages(run, cfg)
@@ -77,6 +84,11 @@ def grpo_pipeline(params: RunParameters = RunParameters(config="grpo_tiny")) -> 
 @flow(name="dpo-pipeline", flow_run_name=flow_run_name)
 def dpo_pipeline(params: RunParameters = RunParameters(config="dpo_tiny")) -> dict[str, Any]:
     return _run("dpo-pipeline", params, _evaluated(_dpo_stages, preference=True))
+
+
+@flow(name="distill-pipeline", flow_run_name=flow_run_name)
+def distill_pipeline(params: RunParameters = RunParameters(config="distill_tiny")) -> dict[str, Any]:
+    return _run("distill-pipeline", params, _evaluated(_distill_stages, preference=False))
 
 
 @flow(name="sft", flow_run_name=flow_run_name)
@@ -99,4 +111,9 @@ def dpo(params: RunParameters = RunParameters(config="dpo_tiny")) -> dict[str, A
     return _run("dpo", params, _dpo_stages)
 
 
-FLOWS = {f.name: f for f in (grpo_pipeline, dpo_pipeline, sft, reward_model, grpo, dpo)}
+@flow(name="distill", flow_run_name=flow_run_name)
+def distill(params: RunParameters = RunParameters(config="distill_tiny")) -> dict[str, Any]:
+    return _run("distill", params, _distill_stages)
+
+
+FLOWS = {f.name: f for f in (grpo_pipeline, dpo_pipeline, distill_pipeline, sft, reward_model, grpo, dpo, distill)}

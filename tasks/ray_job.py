@@ -33,6 +33,7 @@ STAGES: dict[str, Callable[..., stages.StageResult]] = {
         stages.train_reward_model,
         stages.train_grpo,
         stages.train_dpo,
+        stages.train_distill,
         stages.evaluate,
     )
 }

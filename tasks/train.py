@@ -35,6 +35,13 @@ def train_grpo(
     return run_stage(stages.train_grpo, cfg, sft, data, reward_model, parent_run_id)
 
 
+@task(name="train_distill", cache_policy=NO_CACHE)
+def train_distill(
+    cfg: PipelineConfig, student: ArtifactRef, data: ArtifactRef, parent_run_id: str | None
+) -> StageResult:
+    return run_stage(stages.train_distill, cfg, student, data, parent_run_id)
+
+
 @task(name="train_dpo", cache_policy=NO_CACHE)
 def train_dpo(cfg: PipelineConfig, sft: ArtifactRef, data: ArtifactRef, parent_run_id: str | None) -> StageResult:
     return run_stage(stages.train_dpo, cfg, sft, data, parent_run_id)

@@ -101,9 +101,10 @@ class GRPORoles:
     reference: PolicyGroup | BaseModelView | None = None  # frozen: the KL reference
     reward_model: RewardModelScorer | None = None
     reward_functions: RewardFunctions | None = None
+    teacher: PolicyGroup | None = None  # frozen: the distillation teacher
 
     def shutdown(self) -> None:
-        roles = (self.policy, self.reference, self.reward_model, self.generation, self.environments)
+        roles = (self.policy, self.reference, self.teacher, self.reward_model, self.generation, self.environments)
         for role in (*roles, self.reward_functions):
             if role is not None:
                 role.shutdown()
@@ -292,7 +293,7 @@ def train_loop(
     loop: GRPOLoop, store: ArtifactStore, run: StageRun, cfg: PipelineConfig, stage_prefix: str
 ) -> checkpointing.LoopState:
     """The steps from the resume point to ``max_steps``, with validation, metrics and checkpoints."""
-    g = cfg.grpo
+    g = loop.cfg
     policy = loop.roles.policy
     state = checkpointing.resume(store, policy, stage_prefix, cfg, run)
     run.log_params(policy.parameter_counts())
@@ -302,7 +303,8 @@ def train_loop(
     if not state.val_history:
         state.val_history.append(loop.validate(0))
         run.log_metrics({k: v for k, v in state.val_history[-1].items() if k != "step"}, step=0)
-    progress = tqdm(range(state.step, g.max_steps), initial=state.step, total=g.max_steps, desc="grpo", unit="step")
+    stage = checkpointing.stage_of_prefix(stage_prefix)
+    progress = tqdm(range(state.step, g.max_steps), initial=state.step, total=g.max_steps, desc=stage, unit="step")
     for step in progress:
         started = time.perf_counter()
         metrics = loop.step(step)
@@ -321,16 +323,23 @@ def train_loop(
 
 
 def _start_reference(
-    cfg: PipelineConfig, model_dir: Path, pad_id: int, policy: PolicyGroup
+    cfg: PipelineConfig, g: GRPOConfig, model_dir: Path, pad_id: int, policy: PolicyGroup
 ) -> PolicyGroup | BaseModelView:
     """The KL reference: with LoRA the policy's own base model (adapters disabled), else a frozen copy."""
-    if cfg.grpo.lora.enabled:
+    if g.lora.enabled:
         return policy.base_model()
-    return start_policy_group(cfg, model_dir, None, cfg.grpo.max_steps, pad_id)
+    return start_policy_group(cfg, model_dir, None, g.max_steps, pad_id)
 
 
-def start_roles(cfg: PipelineConfig, init_model_dir: Path, pad_id: int, reward_model_dir: Path | None) -> GRPORoles:
-    g = cfg.grpo
+def start_roles(
+    cfg: PipelineConfig,
+    g: GRPOConfig,
+    init_model_dir: Path,
+    pad_id: int,
+    reward_model_dir: Path | None,
+    teacher_dir: Path | None = None,
+) -> GRPORoles:
+    """The run's workers under the loop's settings ``g``; ``teacher_dir`` adds a frozen teacher (distillation)."""
     if g.reward_model_weight > 0 and reward_model_dir is None:
         raise ValueError("grpo.reward_model_weight > 0 needs a trained reward model")
     started: list[Any] = []
@@ -338,16 +347,17 @@ def start_roles(cfg: PipelineConfig, init_model_dir: Path, pad_id: int, reward_m
         started.append(RewardFunctions(g.reward_functions, g.reward_timeout_s) if g.reward_functions else None)
         started.append(EnvironmentRouter(g.environment_classes(), g.environment_timeout_s))
         started.append(start_policy_group(cfg, init_model_dir, g.optimizer, g.max_steps, pad_id, lora=g.lora))
-        started.append(_start_reference(cfg, init_model_dir, pad_id, started[-1]) if g.loss.kl_beta else None)
-        adapters = g.lora if cfg.generation.lora_refit == "adapter" else None
+        started.append(_start_reference(cfg, g, init_model_dir, pad_id, started[-1]) if g.loss.kl_beta else None)
+        adapters = g.lora if cfg.generation.lora_refit == "adapter" and g.lora.enabled else None
         started.append(GenerationGroup(cfg.generation, str(init_model_dir), seed=cfg.seed, adapters=adapters))
         started.append(RewardModelScorer.start(cfg, reward_model_dir) if g.reward_model_weight > 0 else None)
+        started.append(start_policy_group(cfg, teacher_dir, None, g.max_steps, pad_id) if teacher_dir else None)
     except BaseException:
         for role in filter(None, started):
             role.shutdown()
         raise
-    functions, environments, policy, reference, generation, reward_model = started
-    return GRPORoles(policy, generation, environments, reference, reward_model, functions)
+    functions, environments, policy, reference, generation, reward_model, teacher = started
+    return GRPORoles(policy, generation, environments, reference, reward_model, functions, teacher)
 
 
 def run_grpo(
@@ -365,7 +375,7 @@ def run_grpo(
     tokenizer = AutoTokenizer.from_pretrained(init_model_dir)
     train_rows = read_jsonl(dataset_dir / "train.jsonl")
     val_rows = read_jsonl(dataset_dir / "val.jsonl")[: g.val_size]
-    roles = start_roles(cfg, init_model_dir, tokenizer.pad_token_id, reward_model_dir)
+    roles = start_roles(cfg, g, init_model_dir, tokenizer.pad_token_id, reward_model_dir)
     try:
         loop = GRPOLoop(g, cfg.seed, tokenizer, train_rows, val_rows, roles)
         state = train_loop(loop, store, run, cfg, stage_prefix)

@@ -92,7 +92,7 @@ class VLLMGenerationWorker:
         )
         self.model_path, self.lora_alpha = model_path, lora_alpha
         self.adapter = None  # the LoRARequest of the adapters last pushed; None: the base model alone
-        self.adapter_dir = Path(tempfile.mkdtemp(prefix="posttrain-adapter-"))
+        self.adapter_dir = Path(tempfile.mkdtemp(prefix="posttrain-adapter-")) if lora_rank else None
         self.tokenizer = self.llm.get_tokenizer()
         self.expected = checkpoint_manifest(Path(model_path))
         config = json.loads((Path(model_path) / "config.json").read_text())
@@ -149,6 +149,8 @@ class VLLMGenerationWorker:
         from safetensors.torch import save_file
         from vllm.lora.request import LoRARequest
 
+        if self.adapter_dir is None:
+            raise ValueError("this engine was started without LoRA adapters (lora_rank=0)")
         rank, modules = check_adapter_manifest(manifest, self.expected)
         named = gather_checked(manifest, buckets, [spec.name for spec in manifest])
         folder = self.adapter_dir / f"v{version}"

@@ -230,12 +230,14 @@ class FSDP2PolicyWorker:
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         return get_model_state_dict(self.model, options=options)
 
+    def _plain(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The gathered weights as the plain model's: LoRA adapters merged in."""
+        return lora.merge_adapters(state, lora.adapter_scaling(self.model)) if self.lora_cfg.enabled else state
+
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Unsharded plain weights on CPU, LoRA adapters merged in (every rank takes part; rank 0 gets them)."""
         state = self._gathered_state()
-        if self.lora_cfg.enabled and self.rank == 0:
-            return lora.merge_adapters(state, lora.adapter_scaling(self.model))
-        return state
+        return self._plain(state) if self.rank == 0 else state
 
     def weight_buckets(self, bucket_bytes: int, adapters_only: bool = False) -> WeightBuckets | None:
         """Full weights (LoRA merged in), or a LoRA model's adapters alone, as Ray object-store buckets for a
@@ -254,8 +256,7 @@ class FSDP2PolicyWorker:
         if self.rank == 0:
             cast = getattr(torch, dtype)
             plain_model = self.model.get_base_model() if self.lora_cfg.enabled else self.model
-            plain = lora.merge_adapters(state, lora.adapter_scaling(self.model)) if self.lora_cfg.enabled else state
-            plain_model.save_pretrained(directory, state_dict={k: v.to(cast) for k, v in plain.items()})
+            plain_model.save_pretrained(directory, state_dict={k: v.to(cast) for k, v in self._plain(state).items()})
             set_config_dtype(Path(directory), dtype)
             if self.lora_cfg.export_adapter:
                 self.model.save_pretrained(str(Path(directory) / "adapter"), state_dict=state)

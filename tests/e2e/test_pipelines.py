@@ -217,6 +217,42 @@ def test_lora_grpo_learns_and_resumes_exactly_from_its_adapter_checkpoint(defaul
     assert resumed["stages"]["evaluate"]["metrics"] == first["stages"]["evaluate"]["metrics"]
 
 
+DISTILL_SMALL = {"distill.val_size": 32, "evaluate.size": 64}
+
+
+@pytest.mark.timeout(2400)  # services 300, default run 1200, 600 + 2 x 120
+def test_distill_pipeline_teaches_the_sft_model_the_grpo_models_answers(default_run, services, tmp_path):
+    """distill-pipeline with the default run's GRPO model as the teacher: the student (the default SFT model, cached)
+    gains >= 0.3 held-out accuracy (measured 0.18 -> 0.86) from the teacher's logprobs alone, and its reverse KL to
+    the teacher falls. Without a teacher, or with one of another tokenizer, the run fails in one line."""
+    from engine.config import TinyModelConfig
+    from engine.models.tiny import make_tiny_model
+    from tests.e2e.test_bad_input import assert_one_line_error
+
+    workdir = seed(tmp_path / "distill", default_run)
+    env = services.prefect_env
+    missing = run_cli(["run", "distill-pipeline", *settings(DISTILL_SMALL)], workdir, env=env, timeout=120)
+    assert_one_line_error(missing, "distill.teacher is required")
+    assert not (workdir / ".posttrain/store/stages/distill").exists()
+
+    store = default_run.summary["stages"]["grpo"]["artifact"].split("/store/", 1)[1]
+    teacher = f"file://{workdir}/.posttrain/store/{store}"  # the seeded copy of the default run's GRPO model
+    args = ["run", "distill-pipeline", "--json", *settings({**DISTILL_SMALL, "distill.teacher": teacher})]
+    summary = summary_of(run_cli(args, workdir, env=env))
+    assert cached(summary) == {"model": True, "data": True, "sft": True, "distill": False, "evaluate": False}
+    distill = summary["stages"]["distill"]["metrics"]
+    assert distill["token_mult_prob_error_median"] <= 1.001, distill
+    accuracy = summary["stages"]["evaluate"]["metrics"]
+    assert accuracy["accuracy_final"] >= accuracy["accuracy_sft"] + 0.3, accuracy
+    client, run = stage_run(workdir, "distill", summary)
+    kl = metric_curve(client, run.info.run_id, "distill/reverse_kl")
+    assert kl[max(kl)] < kl[1], kl  # measured 0.47 -> 0.15
+
+    other = make_tiny_model(tmp_path / "other-tokenizer", TinyModelConfig(vocab_size=400))
+    args = ["run", "distill-pipeline", *settings({**DISTILL_SMALL, "distill.teacher": str(other)})]
+    assert_one_line_error(run_cli(args, workdir, env=env), f"distill.teacher {other} has another tokenizer")
+
+
 @pytest.mark.timeout(2100)  # services 300, default run 1200, 600
 def test_the_reward_model_learns_and_serves_as_a_reward(seeded_workdir, services):
     """grpo.reward_model_weight > 0 trains the reward model (stages.reward_model: auto) on the SFT model and adds
