@@ -57,3 +57,15 @@ def test_a_step_trains_on_teacher_minus_student_per_token(tokenizer):
     assert batch["advantage"].shape == batch["generation_logprobs"].shape  # per token, shifted like the logprobs
     (loss_fn,) = roles.policy.loss_fns
     assert loss_fn is loop.loss
+
+
+def test_a_teacher_with_another_tokenizer_is_refused_in_one_line(tiny_model_dir, tmp_path):
+    from engine.algorithms.distill import check_same_tokenizer
+    from engine.config import TinyModelConfig
+    from engine.errors import ModelLoadError
+    from engine.models.tiny import make_tiny_model
+
+    check_same_tokenizer(tiny_model_dir, tiny_model_dir, "same")
+    other = make_tiny_model(tmp_path / "other", TinyModelConfig(vocab_size=300))  # the corpus fills 307 tokens
+    with pytest.raises(ModelLoadError, match=f"distill.teacher {other} has another tokenizer than the student"):
+        check_same_tokenizer(tiny_model_dir, other, str(other))
