@@ -12,17 +12,14 @@ student must share a tokenizer (checked before any worker starts).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
-from engine import checkpointing
-from engine.algorithms.grpo import HISTORY_FILE, GRPOLoop, ScoredStep, start_roles, summarize, train_loop
+from engine.algorithms.grpo import GRPOLoop, ScoredStep, run_policy_stage
 from engine.algorithms.rollouts import Episode
 from engine.config import GRPOConfig, PipelineConfig
 from engine.data.chat import TokenizedExample
-from engine.data.datasets import read_jsonl
 from engine.errors import ModelLoadError
 from engine.storage import ArtifactRef, ArtifactStore
 from engine.tracking import StageRun
@@ -97,25 +94,7 @@ def run_distill(
     dataset_dir: Path,
     stage_prefix: str,
 ) -> ArtifactRef:
-    from transformers import AutoTokenizer
-
     check_same_tokenizer(student_dir, teacher_dir, cfg.distill.teacher or str(teacher_dir))
-    g = loop_settings(cfg)
-    tokenizer = AutoTokenizer.from_pretrained(student_dir)
-    train_rows = read_jsonl(dataset_dir / "train.jsonl")
-    val_rows = read_jsonl(dataset_dir / "val.jsonl")[: g.val_size]
-    roles = start_roles(cfg, g, student_dir, tokenizer.pad_token_id, None, teacher_dir=teacher_dir)
-    try:
-        loop = DistillLoop(g, cfg.seed, tokenizer, train_rows, val_rows, roles)
-        state = train_loop(loop, store, run, cfg, stage_prefix)
-        return checkpointing.export_model(
-            store,
-            roles.policy,
-            student_dir,
-            f"{stage_prefix}/model",
-            cfg,
-            summarize(state.history, state.val_history),
-            extra_files={HISTORY_FILE: "".join(json.dumps(h) + "\n" for h in state.history)},
-        )
-    finally:
-        roles.shutdown()
+    return run_policy_stage(
+        cfg, loop_settings(cfg), DistillLoop, store, run, student_dir, dataset_dir, stage_prefix, None, teacher_dir
+    )

@@ -369,15 +369,33 @@ def run_grpo(
     stage_prefix: str,
     reward_model_dir: Path | None = None,
 ) -> ArtifactRef:
+    return run_policy_stage(
+        cfg, cfg.grpo, GRPOLoop, store, run, init_model_dir, dataset_dir, stage_prefix, reward_model_dir
+    )
+
+
+def run_policy_stage(
+    cfg: PipelineConfig,
+    g: GRPOConfig,
+    loop_class: type[GRPOLoop],
+    store: ArtifactStore,
+    run: StageRun,
+    init_model_dir: Path,
+    dataset_dir: Path,
+    stage_prefix: str,
+    reward_model_dir: Path | None = None,
+    teacher_dir: Path | None = None,
+) -> ArtifactRef:
+    """Start the roles, run ``loop_class``'s steps under the settings ``g`` and commit the final model (GRPO, and
+    distillation's variant of its loop)."""
     from transformers import AutoTokenizer
 
-    g = cfg.grpo
     tokenizer = AutoTokenizer.from_pretrained(init_model_dir)
     train_rows = read_jsonl(dataset_dir / "train.jsonl")
     val_rows = read_jsonl(dataset_dir / "val.jsonl")[: g.val_size]
-    roles = start_roles(cfg, g, init_model_dir, tokenizer.pad_token_id, reward_model_dir)
+    roles = start_roles(cfg, g, init_model_dir, tokenizer.pad_token_id, reward_model_dir, teacher_dir)
     try:
-        loop = GRPOLoop(g, cfg.seed, tokenizer, train_rows, val_rows, roles)
+        loop = loop_class(g, cfg.seed, tokenizer, train_rows, val_rows, roles)
         state = train_loop(loop, store, run, cfg, stage_prefix)
         return checkpointing.export_model(
             store,

@@ -49,15 +49,19 @@ def hf_group(ray_local, tiny_model_dir):
     group.shutdown()
 
 
+def completion_examples(prompts, completions) -> list[TokenizedExample]:
+    """Each prompt with each of its completions, the completion's tokens the targets."""
+    return [
+        TokenizedExample(prompt + sample.token_ids, [0] * len(prompt) + [1] * len(sample.token_ids))
+        for prompt, samples in zip(prompts, completions)
+        for sample in samples
+    ]
+
+
 def trainer_vs_generator(policy, prompts, completions):
     """Trainer logprobs of the generated tokens next to the generator's, flattened in the same order."""
-    examples, generated = [], []
-    for prompt, samples in zip(prompts, completions):
-        for sample in samples:
-            examples.append(
-                TokenizedExample(prompt + sample.token_ids, [0] * len(prompt) + [1] * len(sample.token_ids))
-            )
-            generated += sample.logprobs
+    examples = completion_examples(prompts, completions)
+    generated = [lp for samples in completions for sample in samples for lp in sample.logprobs]
     trainer = torch.cat(policy.forward(examples))  # aligned to the input ids, as the loss masks are
     mask = torch.cat([torch.tensor(e.loss_mask) for e in examples]).bool()
     return trainer[mask], torch.tensor(generated)
@@ -97,12 +101,7 @@ def test_refit_after_a_trainer_step_restores_logprob_agreement(backend, request,
         trainer_lp, generator_lp = trainer_vs_generator(policy, prompts, stale)
         assert (trainer_lp - generator_lp).abs().max() < 1e-3  # same initial weights
 
-        examples = [
-            TokenizedExample(p + s.token_ids, [0] * len(p) + [1] * len(s.token_ids))
-            for p, ss in zip(prompts, stale)
-            for s in ss
-        ][:BATCH]
-        policy.train(examples, sft_loss)
+        policy.train(completion_examples(prompts, stale)[:BATCH], sft_loss)
         trainer_lp, generator_lp = trainer_vs_generator(policy, prompts, stale)
         before = logprob_agreement(trainer_lp, generator_lp, torch.ones_like(trainer_lp))
         assert before["logprob_max_abs_diff"] > 1e-2  # the step moved the trainer: a refit is needed
@@ -216,12 +215,7 @@ def test_lora_adapter_refit_keeps_vllm_on_the_trainers_logprobs(ray_local, tiny_
         assert (trainer_lp - generator_lp).abs().max() < 1e-3  # adapters start at zero: the base model
         for version in (1, 2):
             samples = group.generate(prompts, SAMPLING)
-            examples = [
-                TokenizedExample(p + s.token_ids, [0] * len(p) + [1] * len(s.token_ids))
-                for p, ss in zip(prompts, samples)
-                for s in ss
-            ][:BATCH]
-            policy.train(examples, sft_loss)
+            policy.train(completion_examples(prompts, samples)[:BATCH], sft_loss)
             trainer_lp, generator_lp = trainer_vs_generator(policy, prompts, samples)
             assert (trainer_lp - generator_lp).abs().max() > 1e-2  # the step moved the adapters
             metrics = refit(policy, group, version=version)
