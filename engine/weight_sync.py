@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
+from engine.models.lora import PEFT_PREFIX  # adapters arrive under peft's names: <prefix><module>.lora_A.weight
+
 if TYPE_CHECKING:
     from engine.generation.group import GenerationGroup
 
@@ -63,16 +65,13 @@ def check_manifest(incoming: WeightManifest, expected: dict[str, TensorSpec], al
     return [spec.name for spec in incoming if spec.name in expected]
 
 
-ADAPTER_PREFIX = "base_model.model."  # peft's names: <prefix><module>.lora_A.weight
-
-
 def check_adapter_manifest(incoming: WeightManifest, expected: dict[str, TensorSpec]) -> tuple[int, list[str]]:
     """The rank and the adapted modules of an adapter push, after checking that every tensor adapts a weight the
     engine has, each module gets both A [r, in] and B [out, r] with that weight's shape, at one rank."""
     parts: dict[str, dict[str, TensorSpec]] = {}
     for spec in incoming:
-        module, _, part = spec.name.removeprefix(ADAPTER_PREFIX).rpartition(".lora_")
-        if not spec.name.startswith(ADAPTER_PREFIX) or part not in ("A.weight", "B.weight"):
+        module, _, part = spec.name.removeprefix(PEFT_PREFIX).rpartition(".lora_")
+        if not spec.name.startswith(PEFT_PREFIX) or part not in ("A.weight", "B.weight"):
             raise WeightMismatch(f"adapter update has a tensor that is not a LoRA matrix: {spec.name}")
         if f"{module}.weight" not in expected:
             raise WeightMismatch(f"adapter update adapts {module}, which the model does not have")

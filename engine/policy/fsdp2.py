@@ -234,20 +234,15 @@ class FSDP2PolicyWorker:
         """The gathered weights as the plain model's: LoRA adapters merged in."""
         return lora.merge_adapters(state, lora.adapter_scaling(self.model)) if self.lora_cfg.enabled else state
 
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """Unsharded plain weights on CPU, LoRA adapters merged in (every rank takes part; rank 0 gets them)."""
-        state = self._gathered_state()
-        return self._plain(state) if self.rank == 0 else state
-
     def weight_buckets(self, bucket_bytes: int, adapters_only: bool = False) -> WeightBuckets | None:
         """Full weights (LoRA merged in), or a LoRA model's adapters alone, as Ray object-store buckets for a
         refit. Every rank takes part in the gather; rank 0 returns (manifest, bucket refs, total bytes)."""
         if adapters_only and not self.lora_cfg.enabled:
             raise ValueError("adapters_only needs a LoRA model (lora.rank > 0)")
-        state = self._gathered_state() if adapters_only else self.full_state_dict()
+        state = self._gathered_state()
         if self.rank != 0:
             return None
-        return put_weight_buckets(lora.adapter_weights(state) if adapters_only else state, bucket_bytes)
+        return put_weight_buckets(lora.adapter_weights(state) if adapters_only else self._plain(state), bucket_bytes)
 
     def export_hf(self, directory: str, dtype: str = "float32") -> None:
         """Full Hugging Face weights (config, safetensors) in ``dtype``, written by rank 0; a LoRA model's
