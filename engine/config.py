@@ -145,6 +145,15 @@ class TrackingConfig(Section):
         None, description="each committed model becomes a version of this MLflow registered model"
     )
     flush_every: int = Field(10, gt=0, description="steps of metrics buffered per MLflow batch call")
+    sinks: list[Literal["mlflow", "tensorboard", "wandb"]] = Field(
+        ["mlflow"], min_length=1, description="trackers that receive every run's params and metrics"
+    )
+    dir: str | None = Field(None, description="TensorBoard event files and W&B run folders; default <workdir>/tracking")
+    wandb_project: str | None = Field(None, description="W&B project; default tracking.experiment")
+    wandb_entity: str | None = None
+    wandb_mode: Literal["online", "offline"] | None = Field(
+        None, description="None leaves it to W&B: $WANDB_MODE, else online with the key `wandb login` stored"
+    )
 
 
 class RayConfig(Section):
@@ -519,6 +528,8 @@ class PipelineConfig(Section):
             self.storage.root = f"file://{workdir / 'store'}"
         if self.tracking.uri is None:
             self.tracking.uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{workdir / 'mlflow.db'}"
+        if self.tracking.dir is None:
+            self.tracking.dir = str(workdir / "tracking")
         return self
 
     def trains_reward_model(self) -> bool:

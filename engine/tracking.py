@@ -1,8 +1,9 @@
-"""MLflow tracking: one parent run per pipeline run, one nested run per stage.
+"""Tracking: one parent run per pipeline run, one nested run per stage, in MLflow and the other configured sinks.
 
-Runs are addressed explicitly through ``MlflowClient`` (no global active run), so a stage run can be
+MLflow runs are addressed explicitly through ``MlflowClient`` (no global active run), so a stage run can be
 opened from any process that knows the parent's id. Per-step metrics are buffered and sent with
-``log_batch`` (one call per ``flush_every`` steps: a single ``log_metric`` costs 4-67 ms).
+``log_batch`` (one call per ``flush_every`` steps: a single ``log_metric`` costs 4-67 ms). TensorBoard and W&B
+(``tracking.sinks``, engine/tracking_sinks.py) receive the same params and metrics as they are logged.
 """
 
 from __future__ import annotations
@@ -10,11 +11,13 @@ from __future__ import annotations
 import logging
 import os
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Mapping
 
 from engine.config import PipelineConfig, TrackingConfig
 from engine.secrets import redact
+from engine.tracking_sinks import SinkRun, check_installed, open_sink_runs
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "true")
@@ -47,12 +50,12 @@ def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
 def open_store(cfg: TrackingConfig) -> None:
     """Open the tracking store ahead of the first run. MLflow keeps one store per URI for the process, and a SQL
     store takes about 2 s to import and connect: the CLI opens it while Prefect's temporary server starts."""
-    if cfg.enabled:
+    if cfg.enabled and "mlflow" in cfg.sinks:
         MlflowClient(tracking_uri=cfg.uri)
 
 
 class StageRun:
-    """A run (pipeline or stage) with buffered metrics.
+    """A run (pipeline or stage) with buffered MLflow metrics, mirrored to the other sinks' runs.
 
     Training never waits on, or fails for, the tracking server: metrics that cannot be sent stay in a bounded buffer
     (one warning line when the server stops answering), are sent again at most every ``RETRY_EVERY_S`` and when the
@@ -65,19 +68,33 @@ class StageRun:
         self.client = client
         self.run_id = run_id
         self.flush_every = flush_every
+        self.mirrors: dict[str, SinkRun] = {}
+        # the pipeline run's stages are grouped under this id in every sink: MLflow's run id where MLflow tracks
+        self.group_id = run_id or uuid.uuid4().hex
         self._pending: list[Metric] = []
         self._steps_pending = 0
         self._unreachable_since: float | None = None
         self._dropped = 0
 
+    @property
+    def links(self) -> dict[str, str]:
+        """Where each sink keeps this run: MLflow's run id, TensorBoard's folder, W&B's run path or folder."""
+        mlflow = {"mlflow": self.run_id} if self.run_id else {}
+        return {**mlflow, **{name: run.link for name, run in self.mirrors.items()}}
+
     def log_params(self, params: Mapping[str, Any]) -> None:
+        flat = flatten(redact(dict(params)))
+        for mirror in self.mirrors.values():
+            mirror.log_params(flat)
         if self.client is None:
             return
-        items = [Param(k, v) for k, v in flatten(redact(dict(params))).items()]
+        items = [Param(k, v) for k, v in flat.items()]
         for start in range(0, len(items), _MAX_BATCH):
             self.client.log_batch(self.run_id, params=items[start : start + _MAX_BATCH])
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        for mirror in self.mirrors.values():
+            mirror.log_metrics(metrics, step)
         if self.client is None:
             return
         now = int(time.time() * 1000)
@@ -131,6 +148,8 @@ class StageRun:
 
     def finish(self, status: str = "FINISHED") -> None:
         """Send what is left and close the run; a tracking server still down costs the record, not the result."""
+        for mirror in self.mirrors.values():
+            mirror.finish(status)
         if self.client is None:
             return
         self.flush(force=True)
@@ -143,13 +162,15 @@ class StageRun:
 
 
 class Tracker:
-    """Opens pipeline and stage runs in one experiment; a no-op when tracking is disabled."""
+    """Opens pipeline and stage runs in one experiment of each sink; a no-op when tracking is disabled."""
 
     def __init__(self, cfg: TrackingConfig, artifact_root: Path):
         self.cfg = cfg
         self.client: MlflowClient | None = None
         self.experiment_id: str | None = None
-        if not cfg.enabled:
+        self.sinks = cfg.sinks if cfg.enabled else []
+        check_installed(self.sinks)
+        if "mlflow" not in self.sinks:
             return
         self.client = MlflowClient(tracking_uri=cfg.uri)
         experiment = self.client.get_experiment_by_name(cfg.experiment)
@@ -171,16 +192,17 @@ class Tracker:
         return f"{uri.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{run_id}"
 
     def start_pipeline(self, cfg: PipelineConfig, run_name: str) -> StageRun:
-        run = self._create(run_name, tags={"posttrain.pipeline": cfg.name})
+        run = self._create(run_name, {"posttrain.pipeline": cfg.name}, group=None, job_type="pipeline")
         run.log_params(cfg.redacted())
         run.log_text(cfg.to_yaml(), "config.yaml")
         return run
 
     def start_stage(self, parent_run_id: str | None, stage: str, params: Mapping[str, Any]) -> StageRun:
+        """A stage's run under the pipeline run ``parent_run_id`` (the parent's ``group_id``)."""
         tags = {"posttrain.stage": stage}
-        if parent_run_id:
+        if parent_run_id and self.client is not None:
             tags["mlflow.parentRunId"] = parent_run_id
-        run = self._create(stage, tags)
+        run = self._create(stage, tags, group=parent_run_id or "ungrouped", job_type=stage)
         run.log_params(params)
         return run
 
@@ -199,8 +221,12 @@ class Tracker:
         version = self.client.create_model_version(name, source=source, run_id=run_id, tags={"posttrain.stage": stage})
         return version.version
 
-    def _create(self, name: str, tags: dict[str, str]) -> StageRun:
-        if self.client is None:
-            return StageRun(None, None, self.cfg.flush_every)
-        created = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
-        return StageRun(self.client, created.info.run_id, self.cfg.flush_every)
+    def _create(self, name: str, tags: dict[str, str], group: str | None, job_type: str) -> StageRun:
+        """A run in every sink; ``group`` None opens a pipeline run, whose own id groups its stages."""
+        run_id = None
+        if self.client is not None:
+            run_id = self.client.create_run(self.experiment_id, run_name=name, tags=tags).info.run_id
+        run = StageRun(self.client, run_id, self.cfg.flush_every)
+        if any(sink != "mlflow" for sink in self.sinks):
+            run.mirrors = open_sink_runs(self.cfg, group or run.group_id, name, job_type)
+        return run

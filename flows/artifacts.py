@@ -6,17 +6,24 @@ import re
 from typing import Any
 
 MODEL_STAGES = ("sft", "reward_model", "grpo", "dpo")
+TRACKER_NAMES = {"tensorboard": "TensorBoard", "wandb": "W&B"}
 
 
 def summary_markdown(summary: dict[str, Any], config: str, mlflow_url: str | None, tracking_uri: str | None) -> str:
     """The stage table of a run summary (see ``PipelineRun.finish``)."""
-    mlflow = f"[{summary['mlflow_run_id']}]({mlflow_url})" if mlflow_url else f"`{summary['mlflow_run_id']}`"
     lines = [
         f"# {summary['pipeline']}: {summary['status']}",
         "",
         f"- config: `{config}`",
         f"- wall time: {summary['wall_seconds']:.1f} s",
-        f"- MLflow run: {mlflow}" + ("" if mlflow_url else f" (tracking URI `{tracking_uri}`)"),
+    ]
+    for sink, link in summary["tracking"].items():
+        if sink == "mlflow":
+            run = f"[{link}]({mlflow_url})" if mlflow_url else f"`{link}` (tracking URI `{tracking_uri}`)"
+            lines.append(f"- MLflow run: {run}")
+        else:
+            lines.append(f"- {TRACKER_NAMES[sink]} run: `{link}`")
+    lines += [
         "",
         "| stage | status | artifact | key metrics |",
         "|---|---|---|---|",

@@ -119,10 +119,8 @@ def _split_override(text: str) -> tuple[str, Any]:
 
 
 def _print_summary(summary: dict[str, Any]) -> None:
-    print(
-        f"{summary['pipeline']}: {summary['status']} in {summary['wall_seconds']:.1f}s "
-        f"(mlflow run {summary['mlflow_run_id']})"
-    )
+    runs = ", ".join(f"{sink} {link}" for sink, link in summary["tracking"].items())
+    print(f"{summary['pipeline']}: {summary['status']} in {summary['wall_seconds']:.1f}s ({runs or 'not tracked'})")
     for name, stage in summary["stages"].items():
         metrics = ", ".join(f"{k}={v:.4g}" for k, v in stage["metrics"].items())
         print(f"  {name:<12} {'cached' if stage['cached'] else 'ran':<6} {stage['artifact']}  {metrics}")

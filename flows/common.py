@@ -40,7 +40,8 @@ class PipelineRun:
         self.task_options = stage_task_options(cfg)
 
     def stage(self, stage_task: Task, *args: Any) -> StageResult:
-        result = stage_task.with_options(**self.task_options)(*args)
+        """Run a stage task; its state is kept whether the stage ran or was found committed (a ``Cached`` state)."""
+        result = stage_task.with_options(**self.task_options)(*args, return_state=True).result()
         self.stages[result.name] = result
         return result
 
@@ -54,6 +55,7 @@ class PipelineRun:
             "status": status,
             "run_id": self.run_id,
             "mlflow_run_id": self.parent.run_id,
+            "tracking": self.parent.links,
             "wall_seconds": round(time.monotonic() - self.started, 2),
             "stages": {
                 name: {"artifact": r.ref.uri, "cached": r.cached, "metrics": r.ref.metrics}

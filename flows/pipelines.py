@@ -40,38 +40,38 @@ def _start(run: PipelineRun, cfg: PipelineConfig) -> tuple[StageResult, StageRes
     data = run.stage(prepare_data, cfg)
     if not cfg.stages.sft:
         return model, data
-    return run.stage(train_sft, cfg, model.ref, data.ref, run.parent.run_id), data
+    return run.stage(train_sft, cfg, model.ref, data.ref, run.parent.group_id), data
 
 
 def _through_reward_model(run: PipelineRun, cfg: PipelineConfig) -> tuple[StageResult, StageResult, StageResult]:
     start, data = _start(run, cfg)
-    return start, data, run.stage(train_reward_model, cfg, start.ref, data.ref, run.parent.run_id)
+    return start, data, run.stage(train_reward_model, cfg, start.ref, data.ref, run.parent.group_id)
 
 
 def _grpo_stages(run: PipelineRun, cfg: PipelineConfig) -> tuple[StageResult, StageResult, StageResult]:
     start, data = _start(run, cfg)
     reward_model = None
     if cfg.trains_reward_model():
-        reward_model = run.stage(train_reward_model, cfg, start.ref, data.ref, run.parent.run_id).ref
-    return start, data, run.stage(train_grpo, cfg, start.ref, data.ref, reward_model, run.parent.run_id)
+        reward_model = run.stage(train_reward_model, cfg, start.ref, data.ref, run.parent.group_id).ref
+    return start, data, run.stage(train_grpo, cfg, start.ref, data.ref, reward_model, run.parent.group_id)
 
 
 def _dpo_stages(run: PipelineRun, cfg: PipelineConfig) -> tuple[StageResult, StageResult, StageResult]:
     start, data = _start(run, cfg)
-    return start, data, run.stage(train_dpo, cfg, start.ref, data.ref, run.parent.run_id)
+    return start, data, run.stage(train_dpo, cfg, start.ref, data.ref, run.parent.group_id)
 
 
 def _distill_stages(run: PipelineRun, cfg: PipelineConfig) -> tuple[StageResult, StageResult, StageResult]:
     distill_teacher(cfg)  # a missing teacher fails before the student's SFT
     start, data = _start(run, cfg)
-    return start, data, run.stage(train_distill, cfg, start.ref, data.ref, run.parent.run_id)
+    return start, data, run.stage(train_distill, cfg, start.ref, data.ref, run.parent.group_id)
 
 
 def _evaluated(stages: Callable, preference: bool) -> Callable[[PipelineRun, PipelineConfig], None]:
     def run_all(run: PipelineRun, cfg: PipelineConfig) -> None:
         start, data, final = stages(run, cfg)
         start_name = "sft" if cfg.stages.sft else "base"
-        run.stage(evaluate, cfg, start.ref, final.ref, data.ref, run.parent.run_id, start_name, preference)
+        run.stage(evaluate, cfg, start.ref, final.ref, data.ref, run.parent.group_id, start_name, preference)
 
     return run_all
 

@@ -7,9 +7,8 @@ from prefect.cache_policies import NO_CACHE
 
 from engine import stages
 from engine.config import PipelineConfig
-from engine.stages import StageResult
 from engine.storage import ArtifactRef
-from tasks.runner import run_stage
+from tasks.runner import TaskOutcome, run_stage
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
@@ -21,5 +20,5 @@ def evaluate(
     parent_run_id: str | None,
     start_name: str,
     preference: bool,
-) -> StageResult:
+) -> TaskOutcome:
     return run_stage(stages.evaluate, cfg, start, final, data, parent_run_id, start_name, preference)

@@ -7,15 +7,14 @@ from prefect.cache_policies import NO_CACHE
 
 from engine import stages
 from engine.config import PipelineConfig
-from engine.stages import StageResult
-from tasks.runner import run_stage
+from tasks.runner import TaskOutcome, run_stage
 
 
 @task(name="prepare_model", cache_policy=NO_CACHE)
-def prepare_model(cfg: PipelineConfig) -> StageResult:
+def prepare_model(cfg: PipelineConfig) -> TaskOutcome:
     return run_stage(stages.prepare_model, cfg)
 
 
 @task(name="prepare_data", cache_policy=NO_CACHE)
-def prepare_data(cfg: PipelineConfig) -> StageResult:
+def prepare_data(cfg: PipelineConfig) -> TaskOutcome:
     return run_stage(stages.prepare_data, cfg)

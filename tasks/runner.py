@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 from prefect import Task
 from prefect.client.schemas.objects import TaskRun
-from prefect.states import State
+from prefect.states import Completed, State
 
 from engine import stages
 from engine.config import PipelineConfig
@@ -27,15 +27,24 @@ def has_prefect_server() -> bool:
 
 
 StageInput = ArtifactRef | str | bool | None
+TaskOutcome = stages.StageResult | State
 
 
-def run_stage(stage: Callable[..., stages.StageResult], cfg: PipelineConfig, *inputs: StageInput) -> stages.StageResult:
+def run_stage(stage: Callable[..., stages.StageResult], cfg: PipelineConfig, *inputs: StageInput) -> TaskOutcome:
     """Run ``stage(runtime, *inputs)`` (a function of ``engine.stages``) where ``cfg.ray.submission`` says."""
     if cfg.ray.submission == "job":
         from tasks.ray_job import submit_stage
 
-        return submit_stage(stage, cfg, list(inputs))
-    return stage(open_runtime(cfg, reporting_api_url()), *inputs)
+        return task_outcome(submit_stage(stage, cfg, list(inputs)))
+    return task_outcome(stage(open_runtime(cfg, reporting_api_url()), *inputs))
+
+
+def task_outcome(result: stages.StageResult) -> TaskOutcome:
+    """A stage found committed ends its task in a completed state named ``Cached``: in the Prefect UI a cache hit
+    does not look like a run. Callers take the result from the state (``return_state=True``, ``state.result()``)."""
+    if result.cached:
+        return Completed(data=result, name="Cached", message=f"{result.name}: committed by an earlier run")
+    return result
 
 
 def retry_on_infrastructure_failure(task: Task, task_run: TaskRun, state: State) -> bool:

@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 import torch
-from tqdm import tqdm
 
 from engine import checkpointing
 from engine.algorithms.advantages import estimate_advantages, overlong_penalty
@@ -49,6 +48,7 @@ from engine.environments.reward_functions import RewardFunctions
 from engine.environments.router import EnvironmentRouter
 from engine.generation.group import GenerationGroup, WorkerLost
 from engine.generation.interfaces import SamplingParams
+from engine.logs import StepProgress
 from engine.policy.group import BaseModelView, PolicyGroup, start_policy_group
 from engine.storage import ArtifactRef, ArtifactStore
 from engine.tracking import StageRun
@@ -304,7 +304,7 @@ def train_loop(
         state.val_history.append(loop.validate(0))
         run.log_metrics({k: v for k, v in state.val_history[-1].items() if k != "step"}, step=0)
     stage = checkpointing.stage_of_prefix(stage_prefix)
-    progress = tqdm(range(state.step, g.max_steps), initial=state.step, total=g.max_steps, desc=stage, unit="step")
+    progress = StepProgress(state.step, g.max_steps, stage)
     for step in progress:
         started = time.perf_counter()
         metrics = loop.step(step)

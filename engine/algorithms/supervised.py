@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from tqdm import tqdm
 
 from engine import checkpointing
 from engine.config import LoraConfig, OptimizerConfig, PipelineConfig
 from engine.data.chat import TokenizedExample
+from engine.logs import StepProgress
 from engine.policy.group import PolicyGroup, start_policy_group
 from engine.storage import ArtifactRef, ArtifactStore
 from engine.tracking import StageRun
@@ -113,9 +113,7 @@ def _train(
     if not state.val_history and spec.val:
         run.log_metrics(validate(0), step=0)
     last_loss = float("nan")
-    progress = tqdm(
-        range(state.step, spec.max_steps), initial=state.step, total=spec.max_steps, desc=spec.name, unit="step"
-    )
+    progress = StepProgress(state.step, spec.max_steps, spec.name)
     for step in progress:
         started = time.perf_counter()
         batch = _unit_examples(spec.train, sampler.indices(step), spec.group_size)

@@ -15,6 +15,7 @@ from mlflow.tracking import MlflowClient
 from engine.config import StorageConfig
 from engine.storage import ArtifactStore
 from tests.conftest import POSTTRAIN, run_cli
+from tests.tracker_files import tensorboard_scalars, wandb_history, wandb_home, wandb_records, wandb_run
 
 pytestmark = pytest.mark.slow
 
@@ -57,7 +58,9 @@ def check_committed_run(summary: dict, store: ArtifactStore, steps: int, checkpo
 
 @pytest.mark.timeout(1500)  # services 300, 2 x 600
 def test_tiny_sft_default_config_local_store(tmp_path, services):
-    result = run_cli(["run", "sft", "--json"], cwd=tmp_path, env=services.prefect_env)
+    sinks = ["--set", "tracking.sinks=[mlflow,tensorboard,wandb]", "--set", "tracking.wandb_mode=offline"]
+    env = {**services.prefect_env, **wandb_home(tmp_path)}
+    result = run_cli(["run", "sft", "--json", *sinks], cwd=tmp_path, env=env)
     summary = summary_of(result)
     store = ArtifactStore(f"file://{tmp_path}/.posttrain/store", tmp_path / "cache")
     check_committed_run(summary, store, steps=120, checkpoint_every=40)
@@ -66,13 +69,38 @@ def test_tiny_sft_default_config_local_store(tmp_path, services):
     assert len(runs) == 1
     stage = runs[0]
     assert stage.data.tags["mlflow.parentRunId"] == summary["mlflow_run_id"]
-    assert len(loss_curve(client, stage.info.run_id)) == 120
+    losses = loss_curve(client, stage.info.run_id)
+    assert len(losses) == 120
+    # the same curve in TensorBoard's event files and in the offline W&B run, grouped under the MLflow parent run
+    assert summary["tracking"]["mlflow"] == summary["mlflow_run_id"]
+    board = tensorboard_scalars(Path(summary["tracking"]["tensorboard"]).parent / "sft")["train/loss"]
+    assert board.keys() == losses.keys() and all(abs(board[s] - losses[s]) < 1e-5 * abs(losses[s]) for s in losses)
+    wandb_runs = [wandb_records(r / "files") for r in (tmp_path / ".posttrain/tracking/wandb").glob("offline-run-*")]
+    (sft_run,) = [r for r in wandb_runs if wandb_run(r).job_type == "sft"]
+    assert wandb_run(sft_run).run_group == summary["mlflow_run_id"]
+    assert wandb_history(sft_run)["train/loss"] == losses
     assert stage.data.params["sft.max_steps"] == "120"
-    assert "sft" in result.stderr  # the progress bar
+    assert "posttrain.progress - sft: step 120/120, loss=" in result.stderr and "\r" not in result.stderr  # not a tty
 
     again = summary_of(run_cli(["run", "sft", "--json"], cwd=tmp_path, env=services.prefect_env))
     assert again["stages"]["sft"]["cached"] is True
     assert again["stages"]["sft"]["artifact"] == summary["stages"]["sft"]["artifact"]
+    # in the Prefect UI a cache hit is a completed state named Cached, not a run
+    assert task_states(services.api, summary["run_id"])["train_sft"] == "Completed"
+    assert task_states(services.api, again["run_id"]) == {"prepare_model": "Cached", "prepare_data": "Cached",
+                                                          "train_sft": "Cached"}  # fmt: skip
+
+
+def task_states(api: str, flow_run_id: str) -> dict[str, str]:
+    """The final state name of each task of a flow run, by task name."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: api}), get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    assert all(run.state.is_completed() for run in runs)
+    return {run.name.rsplit("-", 1)[0]: run.state.name for run in runs}  # names are "train_sft-31c"
 
 
 @pytest.mark.timeout(900)  # services 300, 600

@@ -69,6 +69,7 @@ def test_summary_markdown_lists_every_stage():
         "pipeline": "grpo-pipeline",
         "status": "completed",
         "mlflow_run_id": "abc123",
+        "tracking": {"mlflow": "abc123", "tensorboard": "/w/tracking/tensorboard/abc123/grpo-pipeline-1"},
         "wall_seconds": 12.5,
         "stages": {
             "sft": {"artifact": "s3://b/stages/sft/k/model", "cached": True, "metrics": {"val_loss_last": 0.25}},
@@ -80,6 +81,7 @@ def test_summary_markdown_lists_every_stage():
     assert "| sft | cached | `s3://b/stages/sft/k/model` | val_loss_last=0.25 |" in text
     assert "| grpo | ran | `s3://b/stages/grpo/k/model` | - |" in text
     assert "[abc123](http://127.0.0.1:5000/#/experiments/1/runs/abc123)" in text
+    assert "- TensorBoard run: `/w/tracking/tensorboard/abc123/grpo-pipeline-1`" in text
     assert "`abc123` (tracking URI `sqlite:///x.db`)" in summary_markdown(summary, "c", None, "sqlite:///x.db")
 
 
