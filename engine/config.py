@@ -145,6 +145,9 @@ class TrackingConfig(Section):
         None, description="each committed model becomes a version of this MLflow registered model"
     )
     flush_every: int = Field(10, gt=0, description="steps of metrics buffered per MLflow batch call")
+    system_metrics_every_s: float = Field(
+        10.0, ge=0.0, description="CPU, memory, disk, network (and GPU) of the stage's machine into MLflow; 0: off"
+    )
     sinks: list[Literal["mlflow", "tensorboard", "wandb"]] = Field(
         ["mlflow"], min_length=1, description="trackers that receive every run's params and metrics"
     )

@@ -165,10 +165,13 @@ def _run_stage(
     inputs: dict[str, str],
     parent_run_id: str | None,
     body: Callable[["StageRun", str], ArtifactRef],
+    data: ArtifactRef,
     artifact: str = "model",
+    data_context: str = "training",
 ) -> StageResult:
     """Return the committed artifact of this exact stage if there is one; else run ``body`` in a nested
-    MLflow run (``body`` gets the run and the stage's store prefix and commits the artifact)."""
+    MLflow run (``body`` gets the run and the stage's store prefix and commits the artifact; ``data`` is logged as
+    the run's dataset input)."""
     resumed_from = checkpointing.explicit_checkpoint(rt.store, f"stages/{name}/-", rt.cfg.resume)
     if resumed_from is not None:  # a run continued from a named checkpoint is not a fresh run: its own key
         inputs = {**inputs, "resumed_from": resumed_from}
@@ -179,6 +182,8 @@ def _run_stage(
             return hit
         run = rt.tracker.start_stage(parent_run_id, name, stage_config)
         run.set_tags({f"posttrain.input.{k}": v for k, v in inputs.items()})
+        source = rt.cfg.data.source + (f":{rt.cfg.data.subset}" if rt.cfg.data.subset else "")
+        run.log_dataset(source, data.digest, data.uri, data.metrics, data_context)
         status = "FAILED"
         try:
             ref = body(run, prefix)
@@ -204,7 +209,7 @@ def train_sft(rt: Runtime, model: ArtifactRef, data: ArtifactRef, parent_run_id:
         return run_sft(cfg, rt.store, run, local_model_dir(rt, model), rt.store.download(data.uri), prefix)
 
     inputs = {"model": model.digest, "data": data.digest}
-    return _run_stage(rt, "sft", _training_config(cfg, "sft"), inputs, parent_run_id, body)
+    return _run_stage(rt, "sft", _training_config(cfg, "sft"), inputs, parent_run_id, body, data)
 
 
 def train_reward_model(rt: Runtime, start: ArtifactRef, data: ArtifactRef, parent_run_id: str | None) -> StageResult:
@@ -216,7 +221,7 @@ def train_reward_model(rt: Runtime, start: ArtifactRef, data: ArtifactRef, paren
         return run_reward_model(cfg, rt.store, run, local_model_dir(rt, start), rt.store.download(data.uri), prefix)
 
     inputs = {"start": start.digest, "data": data.digest}
-    return _run_stage(rt, "reward_model", _training_config(cfg, "reward_model"), inputs, parent_run_id, body)
+    return _run_stage(rt, "reward_model", _training_config(cfg, "reward_model"), inputs, parent_run_id, body, data)
 
 
 def train_grpo(
@@ -238,7 +243,7 @@ def train_grpo(
         return run_grpo(cfg, rt.store, run, start_dir, data_dir, prefix, reward_model_dir)
 
     stage_config = _training_config(cfg, "generation", "grpo")
-    return _run_stage(rt, "grpo", stage_config, inputs, parent_run_id, body)
+    return _run_stage(rt, "grpo", stage_config, inputs, parent_run_id, body, data)
 
 
 def train_distill(rt: Runtime, start: ArtifactRef, data: ArtifactRef, parent_run_id: str | None) -> StageResult:
@@ -260,7 +265,7 @@ def train_distill(rt: Runtime, start: ArtifactRef, data: ArtifactRef, parent_run
         return run_distill(cfg, rt.store, run, start_dir, teacher_dir, data_dir, prefix)
 
     stage_config = {**_training_config(cfg, "generation", "distill"), "scoring": scoring_config(cfg.grpo)}
-    return _run_stage(rt, "distill", stage_config, inputs, parent_run_id, body)
+    return _run_stage(rt, "distill", stage_config, inputs, parent_run_id, body, data)
 
 
 def distill_teacher(cfg: PipelineConfig) -> str:
@@ -291,7 +296,7 @@ def train_dpo(rt: Runtime, start: ArtifactRef, data: ArtifactRef, parent_run_id:
         return run_dpo(cfg, rt.store, run, start_dir, data_dir, prefix, start.digest)
 
     inputs = {"start": start.digest, "data": data.digest}
-    return _run_stage(rt, "dpo", _training_config(cfg, "dpo"), inputs, parent_run_id, body)
+    return _run_stage(rt, "dpo", _training_config(cfg, "dpo"), inputs, parent_run_id, body, data)
 
 
 def evaluate(
@@ -330,4 +335,4 @@ def evaluate(
         return ref.model_copy(update={"metrics": metrics})
 
     inputs = {"start": start.digest, "final": final.digest, "data": data.digest, **user_code_digests(g)}
-    return _run_stage(rt, "evaluate", stage_config, inputs, parent_run_id, body, artifact="result")
+    return _run_stage(rt, "evaluate", stage_config, inputs, parent_run_id, body, data, "result", "evaluation")

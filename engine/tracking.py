@@ -8,13 +8,18 @@ opened from any process that knows the parent's id. Per-step metrics are buffere
 
 from __future__ import annotations
 
+import getpass
+import json
 import logging
 import os
+import subprocess
 import time
 import uuid
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Mapping
 
+from engine.caching import code_version
 from engine.config import PipelineConfig, TrackingConfig
 from engine.secrets import redact
 from engine.tracking_sinks import SinkRun, check_installed, open_sink_runs
@@ -27,12 +32,37 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
 
-from mlflow.entities import Metric, Param  # noqa: E402
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 log = logging.getLogger("posttrain.tracking")
+logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # its start and stop lines, once per stage
 _MAX_PARAM_CHARS = 6000
 _MAX_BATCH = 100
+# MLflow's UI opens an experiment tagged so in its model-training view (untagged, it guesses GenAI)
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+SOURCE_ROOT = Path(__file__).resolve().parent.parent
+
+
+@lru_cache(maxsize=1)
+def source_tags() -> dict[str, str]:
+    """Where the code of a run comes from: MLflow's source tags (the runs table's Source column), the user, the
+    engine's code version (the one in stage keys) and, in a git checkout, its commit."""
+    tags = {
+        "mlflow.source.type": "JOB",
+        "mlflow.source.name": "posttrain",
+        "mlflow.user": getpass.getuser(),
+        "posttrain.code_version": code_version(),
+    }
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(SOURCE_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return tags
+    if commit.returncode == 0:
+        tags["mlflow.source.git.commit"] = commit.stdout.strip()
+    return tags
 
 
 def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -69,6 +99,7 @@ class StageRun:
         self.run_id = run_id
         self.flush_every = flush_every
         self.mirrors: dict[str, SinkRun] = {}
+        self.system_metrics: Any = None  # MLflow's SystemMetricsMonitor while the run lasts
         # the pipeline run's stages are grouped under this id in every sink: MLflow's run id where MLflow tracks
         self.group_id = run_id or uuid.uuid4().hex
         self._pending: list[Metric] = []
@@ -133,6 +164,15 @@ class StageRun:
             self._dropped += excess
             log.warning("MLflow has been unreachable for long: %d metrics dropped so far", self._dropped)
 
+    def log_dataset(self, name: str, digest: str, uri: str, profile: Mapping[str, float], context: str) -> None:
+        """The run's data as an MLflow dataset input (the runs table's Dataset column); ``context``: training or
+        evaluation."""
+        if self.client is None:
+            return
+        source = json.dumps({"uri": uri})
+        dataset = Dataset(name, digest[:36], "posttrain_store", source, profile=json.dumps(dict(profile)))
+        self.client.log_inputs(self.run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", context)])])
+
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         if self.client is not None:
             self.client.log_artifact(self.run_id, str(path), artifact_path)
@@ -152,6 +192,8 @@ class StageRun:
             mirror.finish(status)
         if self.client is None:
             return
+        if self.system_metrics is not None:
+            self.system_metrics.finish()
         self.flush(force=True)
         try:
             self.client.set_terminated(self.run_id, status=status)
@@ -176,9 +218,13 @@ class Tracker:
         experiment = self.client.get_experiment_by_name(cfg.experiment)
         if experiment is None:
             location = artifact_root.as_uri() if cfg.uri and cfg.uri.startswith("sqlite") else None
-            self.experiment_id = self.client.create_experiment(cfg.experiment, artifact_location=location)
+            self.experiment_id = self.client.create_experiment(
+                cfg.experiment, artifact_location=location, tags=dict([EXPERIMENT_KIND])
+            )
         else:
             self.experiment_id = experiment.experiment_id
+            if EXPERIMENT_KIND[0] not in experiment.tags:  # a kind chosen in the UI stays
+                self.client.set_experiment_tag(self.experiment_id, *EXPERIMENT_KIND)
 
     @classmethod
     def from_config(cls, cfg: PipelineConfig) -> "Tracker":
@@ -204,6 +250,13 @@ class Tracker:
             tags["mlflow.parentRunId"] = parent_run_id
         run = self._create(stage, tags, group=parent_run_id or "ungrouped", job_type=stage)
         run.log_params(params)
+        if self.client is not None and self.cfg.system_metrics_every_s > 0:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            run.system_metrics = SystemMetricsMonitor(
+                run.run_id, sampling_interval=self.cfg.system_metrics_every_s, tracking_uri=self.cfg.uri
+            )
+            run.system_metrics.start()
         return run
 
     def register_model(self, name: str, source: str, run_id: str | None, stage: str) -> str | None:
@@ -225,7 +278,8 @@ class Tracker:
         """A run in every sink; ``group`` None opens a pipeline run, whose own id groups its stages."""
         run_id = None
         if self.client is not None:
-            run_id = self.client.create_run(self.experiment_id, run_name=name, tags=tags).info.run_id
+            created = self.client.create_run(self.experiment_id, run_name=name, tags={**source_tags(), **tags})
+            run_id = created.info.run_id
         run = StageRun(self.client, run_id, self.cfg.flush_every)
         if any(sink != "mlflow" for sink in self.sinks):
             run.mirrors = open_sink_runs(self.cfg, group or run.group_id, name, job_type)

@@ -1,12 +1,13 @@
-"""The path users take: `posttrain server up`, `prefect deploy --all`, `prefect deployment run grpo-pipeline/local`,
-a worker picks the run up, and the results land in the store (S3 on 127.0.0.1), MLflow and Prefect; then the
-Prefect UI, in headless Chromium, shows the run and its summary."""
+"""The path users take: `posttrain server up`, the README's `prefect deploy` commands, `prefect deployment run
+grpo-pipeline/local`, a worker picks the run up, and the results land in the store (S3 on 127.0.0.1), MLflow and
+Prefect; then the Prefect UI, in headless Chromium, shows the run and its summary."""
 
 from __future__ import annotations
 
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -22,12 +23,6 @@ pytestmark = pytest.mark.slow
 
 PREFECT = str(Path(sys.executable).parent / "prefect")
 SCREENSHOTS = REPO / "test-artifacts"
-CLOUD_POOLS = {  # name -> worker type; kubernetes gets our GPU base job template
-    "kubernetes": "kubernetes",
-    "ecs": "ecs",
-    "cloud-run": "cloud-run-v2",
-    "aci": "azure-container-instance",
-}
 TINY = {
     "sft.max_steps": 30,
     "reward_model.max_steps": 6,
@@ -59,16 +54,22 @@ def flow_run_id(output: str) -> str:
     return match.group(1)
 
 
+def readme_prefect_commands() -> list[list[str]]:
+    """The README's `prefect deploy` and `prefect work-pool create` lines, in its order, as written."""
+    lines = [line.split("  #")[0].strip() for line in (REPO / "README.md").read_text().splitlines()]
+    pattern = re.compile(r"(\.venv/bin/)?prefect (--no-prompt deploy|work-pool create) ")
+    return [shlex.split(line)[1:] for line in lines if pattern.match(line)]
+
+
 @pytest.fixture(scope="module")
 def deployed(services):
-    for name, kind in CLOUD_POOLS.items():
-        args = ["work-pool", "create", name, "--type", kind, "--overwrite"]
-        if name == "kubernetes":
-            args += ["--base-job-template", str(REPO / "deployments" / "work-pools" / "kubernetes.json")]
-        created = prefect(args, services.env)
-        assert created.returncode == 0, created.stdout + created.stderr
-    deploy = prefect(["--no-prompt", "deploy", "--all"], services.env, timeout=600)
-    assert deploy.returncode == 0, deploy.stdout[-3000:] + deploy.stderr[-3000:]
+    """The README's commands after `posttrain server up`: the local deployments first (all that a fresh local server
+    can take), then the cloud pools and their deployments."""
+    commands = readme_prefect_commands()
+    assert commands[0] == ["--no-prompt", "deploy", "--name", "local"] and len(commands) == 6, commands
+    for args in commands:
+        done = prefect(args, services.env, timeout=600)
+        assert done.returncode == 0, f"prefect {' '.join(args)}: " + done.stdout[-3000:] + done.stderr[-3000:]
     return services
 
 
@@ -142,7 +143,7 @@ def completed_run(deployed, s3_endpoint, tmp_path_factory):
 
 
 @pytest.mark.timeout(2100)  # services 300, deploy 1800
-def test_prefect_deploy_all_registers_every_deployment(deployed):
+def test_the_readme_deploy_commands_register_every_deployment(deployed):
     expected = set()
     for d in yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"]:
         expected.add((d["entrypoint"].split(":")[1].replace("_", "-"), d["name"]))

@@ -69,6 +69,7 @@ def test_tiny_sft_default_config_local_store(tmp_path, services):
     assert len(runs) == 1
     stage = runs[0]
     assert stage.data.tags["mlflow.parentRunId"] == summary["mlflow_run_id"]
+    assert [used.dataset.name for used in client.get_run(stage.info.run_id).inputs.dataset_inputs] == ["synthetic"]
     losses = loss_curve(client, stage.info.run_id)
     assert len(losses) == 120
     # the same curve in TensorBoard's event files and in the offline W&B run, grouped under the MLflow parent run
