@@ -83,3 +83,20 @@ def seed(folder: Path, default_run: SimpleNamespace) -> Path:
 @pytest.fixture
 def seeded_workdir(default_run, tmp_path) -> Path:
     return seed(tmp_path, default_run)
+
+
+def prefect_task_logs(api: str, flow_run_id: str) -> list:
+    """The log lines of a flow run's tasks, as the Prefect UI shows them, from the server at ``api``."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    logs: list = []
+    with temporary_settings({PREFECT_API_URL: api}), get_client(sync_client=True) as client:
+        while True:  # the server answers a page (200 lines) at a time
+            only_this_run = LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id]))
+            page = client.read_logs(log_filter=only_this_run, offset=len(logs))
+            logs += page
+            if not page:
+                break
+    return [log for log in logs if log.task_run_id is not None]

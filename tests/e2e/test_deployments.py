@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from tests.conftest import REPO, require_tool
+from tests.e2e.conftest import prefect_task_logs
 
 pytestmark = pytest.mark.slow
 
@@ -170,6 +171,9 @@ def test_grpo_pipeline_deployment_runs_on_a_worker(completed_run, deployed):
             artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run.id]))
         )
     assert run.state.is_completed(), run.state
+    logs = prefect_task_logs(deployed.api, str(run.id))
+    # posttrain's own lines are in the task's log of the UI, the progress as lines (no bar off a terminal)
+    assert any(log.name == "posttrain.progress" and "sft: step 30/30" in log.message for log in logs)
     assert run.name.startswith("grpo-pipeline · grpo_tiny · ")
     by_key = {a.key: a for a in artifacts}
     assert {"grpo-pipeline-summary", "model-sft", "model-grpo"} <= set(by_key)

@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import pytest
 
 from tests.conftest import POSTTRAIN, run_cli
-from tests.e2e.conftest import seed
+from tests.e2e.conftest import prefect_task_logs, seed
 from tests.e2e.test_sft_cli import stage_runs, summary_of
 
 pytestmark = pytest.mark.slow
@@ -97,10 +97,10 @@ def test_changing_the_grpo_learning_rate_reruns_grpo_and_evaluate_only(small_grp
 
 
 @pytest.mark.timeout(3000)  # services 300, default run 1200, 600 + 600 + 600
-def test_kill_in_the_middle_of_grpo_then_resume_matches(small_grpo, default_run, tmp_path):
+def test_kill_in_the_middle_of_grpo_then_resume_matches(small_grpo, default_run, tmp_path, services):
     """SIGKILL after GRPO's first checkpoint, then the same command: it resumes at step 4 and the curve from there
-    equals an uninterrupted run's. (Temporary Prefect servers here: a killed run's stage lock would hold for a
-    minute on a real server.)"""
+    equals an uninterrupted run's. (The killed run reports to a temporary Prefect server: its stage lock would hold
+    for a minute on a real one; the resumed run reports to the real one, whose task log says it resumed.)"""
     killed_dir, args, reference = seed(tmp_path / "killed", default_run), small_grpo.args, small_grpo.summary
     proc = subprocess.Popen(
         [POSTTRAIN, *args], cwd=killed_dir, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
@@ -114,10 +114,12 @@ def test_kill_in_the_middle_of_grpo_then_resume_matches(small_grpo, default_run,
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
 
-    result = run_cli(args, cwd=killed_dir)
+    result = run_cli(args, cwd=killed_dir, env=services.prefect_env)
     resumed = summary_of(result)
     assert resumed["stages"]["sft"]["cached"] and not resumed["stages"]["grpo"]["cached"]
     assert "posttrain.checkpointing - grpo resumes from step 4" in result.stderr  # said where the user looks
+    logs = prefect_task_logs(services.api, resumed["run_id"])  # and in the Prefect UI, in the grpo task's log
+    assert [log.name for log in logs if "grpo resumes from step 4" in log.message] == ["posttrain.checkpointing"]
     client, run = stage_run(killed_dir, "grpo", resumed)
     assert int(run.data.tags["posttrain.resumed_from_step"]) == 4
     ref_client, ref_run = stage_run(small_grpo.workdir, "grpo", reference)
