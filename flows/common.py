@@ -11,6 +11,7 @@ from prefect import Task
 from prefect.runtime import flow_run
 
 from engine.config import PipelineConfig
+from engine.logs import show_on_stderr
 from engine.stages import StageResult
 from engine.tracking import StageRun, Tracker
 from flows import artifacts
@@ -29,6 +30,9 @@ class PipelineRun:
     """Opens the MLflow parent run, runs stage tasks with the configured retries, and closes with the summary."""
 
     def __init__(self, pipeline: str, config: str, cfg: PipelineConfig):
+        # posttrain's INFO lines (resumed from step N, progress) pass in every flow run, a deployment's too: Prefect
+        # adds its handlers to the logger (PREFECT_LOGGING_EXTRA_LOGGERS) but leaves its level at the root's WARNING
+        show_on_stderr()
         self.pipeline = pipeline
         self.config = config
         self.cfg = cfg
