@@ -133,6 +133,10 @@ class WorkerGroup:
         refs = [getattr(actor, method).remote(*args, **kwargs) for actor, args in zip(self.actors, per_rank_args)]
         return ray.get(refs)
 
+    def call_on(self, ranks: Sequence[int], method: str, *args: Any) -> list[Any]:
+        """``method`` on the listed ranks only; their results in that order."""
+        return ray.get([getattr(self.actors[rank], method).remote(*args) for rank in ranks])
+
     def shutdown(self) -> None:
         for actor in self.actors:
             ray.kill(actor)

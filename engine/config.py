@@ -470,6 +470,22 @@ class ExportConfig(Section):
     )
 
 
+class ProfileConfig(Section):
+    """torch profiler traces of chosen training steps, from the trainer ranks and the generation workers."""
+
+    steps: list[int] | None = Field(
+        None, description="[first, last] optimizer steps (1-based, inclusive) of every training stage to trace"
+    )
+    ranks: list[int] = Field([0], description="the trainer ranks that trace (generation workers all do)")
+
+    @field_validator("steps")
+    @classmethod
+    def _a_range(cls, steps: list[int] | None) -> list[int] | None:
+        if steps is not None and (len(steps) != 2 or not 1 <= steps[0] <= steps[1]):
+            raise ValueError("must be [first, last] with 1 <= first <= last")
+        return steps
+
+
 class PipelineConfig(Section):
     """Everything one pipeline run needs. The Prefect UI renders it as a form."""
 
@@ -494,6 +510,7 @@ class PipelineConfig(Section):
     distill: DistillConfig = DistillConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     export: ExportConfig = ExportConfig()
+    profile: ProfileConfig = ProfileConfig()
 
     @field_validator("resume")
     @classmethod

@@ -10,9 +10,13 @@ from __future__ import annotations
 import gzip
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from engine.config import ProfileConfig
+    from engine.tracking import StageRun
 
 
 class Profiled:
@@ -37,3 +41,42 @@ class Profiled:
             path = Path(tmp) / "trace.json"
             profiler.export_chrome_trace(str(path))
             return gzip.compress(path.read_bytes())
+
+
+class StepTraces:
+    """A stage loop's traces: started before the first profiled step (or the first one run, after a resume into the
+    range), stopped after the last (or when the loop ends first), attached to the stage's run under
+    ``profile/<stage>/``. ``groups``: the trainer group and, where the stage generates, the generation group."""
+
+    def __init__(self, cfg: "ProfileConfig", run: "StageRun", stage: str, trainer: Any, generation: Any = None):
+        self.cfg, self.run, self.stage = cfg, run, stage
+        self.trainer, self.generation = trainer, generation
+        self.active = False
+
+    def before(self, step: int) -> None:
+        """``step``: the 1-based number of the step about to run."""
+        steps = self.cfg.steps
+        if steps and not self.active and steps[0] <= step <= steps[1]:
+            self.trainer.start_profile(self.cfg.ranks)
+            if self.generation is not None:
+                self.generation.start_profile()
+            self.active, self.first = True, step
+
+    def after(self, step: int) -> None:
+        if self.active and step >= self.cfg.steps[1]:
+            self.close(step)
+
+    def close(self, last: int) -> None:
+        """Stop the traces (if running) and attach them, named by the steps they cover."""
+        if not self.active:
+            return
+        self.active = False
+        traces = {f"trainer_rank{rank}": trace for rank, trace in self.trainer.stop_profile(self.cfg.ranks).items()}
+        if self.generation is not None:
+            traces.update({f"generation_worker{i}": trace for i, trace in self.generation.stop_profile().items()})
+        with tempfile.TemporaryDirectory(prefix="traces-") as tmp:
+            for name, trace in traces.items():
+                if trace:
+                    path = Path(tmp) / f"{name}_steps{self.first}-{last}.json.gz"
+                    path.write_bytes(trace)
+                    self.run.log_artifact(path, f"profile/{self.stage}")

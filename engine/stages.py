@@ -197,7 +197,9 @@ def _run_stage(
 
 
 def _training_config(cfg: PipelineConfig, *sections: str) -> dict[str, Any]:
-    return {"seed": cfg.seed, **cfg.section("policy", "export", *sections)}
+    """A training stage's key material; a profiled run is its own run (a cached one would trace nothing)."""
+    profiled = ("profile",) if cfg.profile.steps else ()
+    return {"seed": cfg.seed, **cfg.section("policy", "export", *sections, *profiled)}
 
 
 def train_sft(rt: Runtime, model: ArtifactRef, data: ArtifactRef, parent_run_id: str | None) -> StageResult:

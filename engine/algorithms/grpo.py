@@ -50,6 +50,7 @@ from engine.generation.group import GenerationGroup, WorkerLost
 from engine.generation.interfaces import SamplingParams
 from engine.logs import StepProgress
 from engine.policy.group import BaseModelView, PolicyGroup, start_policy_group
+from engine.profiling import StepTraces
 from engine.storage import ArtifactRef, ArtifactStore
 from engine.tracking import StageRun
 from engine.weight_sync import refit
@@ -305,9 +306,12 @@ def train_loop(
         run.log_metrics({k: v for k, v in state.val_history[-1].items() if k != "step"}, step=0)
     stage = checkpointing.stage_of_prefix(stage_prefix)
     progress = StepProgress(state.step, g.max_steps, stage)
+    traces = StepTraces(cfg.profile, run, stage, policy, loop.roles.generation)
     for step in progress:
         started = time.perf_counter()
+        traces.before(step + 1)
         metrics = loop.step(step)
+        traces.after(step + 1)
         state.step = step + 1
         if state.step % g.val_every == 0 or state.step == g.max_steps:
             state.val_history.append(loop.validate(state.step))
@@ -318,6 +322,7 @@ def train_loop(
         progress.set_postfix(reward=f"{metrics['reward/mean']:.3f}", acc=f"{state.val_history[-1]['val/accuracy']:.2f}")
         if state.step % g.checkpoint_every == 0 and state.step < g.max_steps:
             checkpointing.checkpoint(store, policy, stage_prefix, cfg, state, state.step * g.prompts_per_step)
+    traces.close(state.step)
     run.flush()
     return state
 

@@ -24,6 +24,7 @@ from engine.config import LoraConfig, OptimizerConfig, PipelineConfig
 from engine.data.chat import TokenizedExample
 from engine.logs import StepProgress
 from engine.policy.group import PolicyGroup, start_policy_group
+from engine.profiling import StepTraces
 from engine.storage import ArtifactRef, ArtifactStore
 from engine.tracking import StageRun
 
@@ -114,10 +115,13 @@ def _train(
         run.log_metrics(validate(0), step=0)
     last_loss = float("nan")
     progress = StepProgress(state.step, spec.max_steps, spec.name)
+    traces = StepTraces(cfg.profile, run, spec.name, policy)
     for step in progress:
         started = time.perf_counter()
         batch = _unit_examples(spec.train, sampler.indices(step), spec.group_size)
+        traces.before(step + 1)
         stats = policy.train(batch, spec.loss_fn, spec.group_size)
+        traces.after(step + 1)
         last_loss, state.step = stats["loss"], step + 1
         metrics = {f"train/{k}": stats[k] for k in ("loss", "grad_norm", "lr", "normalizer_tokens")}
         metrics["train/tokens"] = float(sum(len(example) for example in batch))  # non-padding input tokens
@@ -128,6 +132,7 @@ def _train(
         progress.set_postfix(loss=f"{last_loss:.4f}")
         if state.step % spec.checkpoint_every == 0 and state.step < spec.max_steps:
             checkpointing.checkpoint(store, policy, stage_prefix, cfg, state, state.step * spec.batch_size)
+    traces.close(state.step)
     run.flush()
 
     metrics = {**spec.summary(state.val_history, last_loss), "steps": float(spec.max_steps)}

@@ -90,6 +90,14 @@ class GenerationGroup:
     def update_adapters(self, manifest: list, buckets: list, version: int) -> None:
         ray.get([worker.update_adapters.remote(manifest, buckets, version) for worker in self.workers])
 
+    def start_profile(self) -> None:
+        """Every worker starts a torch profiler trace."""
+        self.call("start_profile")
+
+    def stop_profile(self) -> dict[int, bytes]:
+        """Each worker's trace since ``start_profile`` (gzipped Chrome trace JSON), by worker."""
+        return dict(enumerate(self.call("stop_profile")))
+
     def call(self, method: str, *args: Any, **kwargs: Any) -> list[Any]:
         return ray.get([getattr(worker, method).remote(*args, **kwargs) for worker in self.workers])
 

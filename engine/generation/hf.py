@@ -13,10 +13,11 @@ import torch
 
 from engine.generation.interfaces import Completion, SamplingParams
 from engine.generation.sampling import sample_seed
+from engine.profiling import Profiled
 from engine.weight_sync import WeightManifest, check_manifest, gather_checked, manifest_of
 
 
-class HFGenerationWorker:
+class HFGenerationWorker(Profiled):
     def __init__(self, model_path: str, dtype: str = "float32", threads: int = 1, **_: Any):
         from transformers import AutoModelForCausalLM, AutoTokenizer
         from transformers.utils import logging as hf_logging

@@ -19,6 +19,7 @@ from typing import Any
 
 from engine.generation.interfaces import Completion, SamplingParams
 from engine.generation.sampling import sample_seed
+from engine.profiling import Profiled
 from engine.weight_sync import TensorSpec, WeightManifest, check_adapter_manifest, check_manifest, gather_checked
 
 _SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
@@ -62,7 +63,7 @@ def _refresh_tied_output_layer(worker: Any) -> None:
     head.quant_method.process_weights_after_loading(head)
 
 
-class VLLMGenerationWorker:
+class VLLMGenerationWorker(Profiled):
     def __init__(
         self,
         model_path: str,

@@ -31,10 +31,11 @@ from engine.models.logprobs import token_logprobs_from_logits
 from engine.policy import process_group
 from engine.policy.interfaces import LossFn
 from engine.policy.optim import build_optimizer
+from engine.profiling import Profiled
 from engine.weight_sync import WeightBuckets, put_weight_buckets
 
 
-class FSDP2PolicyWorker:
+class FSDP2PolicyWorker(Profiled):
     def __init__(
         self,
         rank: int,

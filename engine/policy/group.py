@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -104,6 +104,18 @@ class PolicyGroup:
 
     def info(self) -> list[dict[str, Any]]:
         return self.workers.call("info")
+
+    def start_profile(self, ranks: Sequence[int]) -> None:
+        """The listed ranks (those this group has) start a torch profiler trace."""
+        self.workers.call_on(self._ranks(ranks), "start_profile")
+
+    def stop_profile(self, ranks: Sequence[int]) -> dict[int, bytes]:
+        """Each listed rank's trace since ``start_profile`` (gzipped Chrome trace JSON), by rank."""
+        ranks = self._ranks(ranks)
+        return dict(zip(ranks, self.workers.call_on(ranks, "stop_profile")))
+
+    def _ranks(self, ranks: Sequence[int]) -> list[int]:
+        return [rank for rank in ranks if rank < self.workers.world_size]
 
     def parameter_counts(self) -> dict[str, int]:
         """The model's total and trainable parameters (LoRA: the adapters, and a reward model's new head)."""

@@ -31,6 +31,7 @@ from engine.models.megatron_convert import GPTShape
 from engine.policy import process_group
 from engine.policy.interfaces import LossFn
 from engine.policy.optim import lr_multiplier
+from engine.profiling import Profiled
 from engine.weight_sync import WeightBuckets, put_weight_buckets
 
 LAYOUT_FILE = "megatron_layout.json"
@@ -122,7 +123,7 @@ def vocab_parallel_token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor,
     return -tensor_parallel.vocab_parallel_cross_entropy(logits, input_ids[:, 1:].contiguous())
 
 
-class MegatronPolicyWorker:
+class MegatronPolicyWorker(Profiled):
     def __init__(
         self,
         rank: int,

@@ -5,25 +5,9 @@ import pytest
 import torch
 
 from engine.algorithms.sft import sft_loss
-from engine.config import SyntheticDataConfig, load_config
-from engine.data.chat import tokenize_conversation
-from engine.data.synthetic import make_arithmetic
+from engine.config import load_config
 from engine.policy.group import start_policy_group
-
-STEPS, BATCH = 3, 24
-
-
-@pytest.fixture(scope="module")
-def examples(tiny_model_dir):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    rows, _ = make_arithmetic(SyntheticDataConfig(num_train=STEPS * BATCH, num_val=1))
-    messages = [[{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["answer"]}] for r in rows]
-    # vary lengths so micro-batches pad differently
-    for i, m in enumerate(messages):
-        m[0]["content"] += " Think." * (i % 4)
-    return [tokenize_conversation(tok, m, 256) for m in messages], tok.pad_token_id
+from tests.integration.conftest import BATCH, STEPS
 
 
 def make_policy(tiny_model_dir, pad_id, world_size, token_budget, **extra):

@@ -118,6 +118,7 @@ def test_a_run_resumed_from_a_named_checkpoint_is_committed_under_its_own_key(tm
         def start_stage(self, parent, name, params):
             stage_run = RecordingRun()
             stage_run.run_id, stage_run.finish = None, lambda status: None
+            stage_run.log_dataset = lambda *dataset: None
             return stage_run
 
     prefixes = []
@@ -130,6 +131,7 @@ def test_a_run_resumed_from_a_named_checkpoint_is_committed_under_its_own_key(tm
     checkpoint = f"file://{tmp_path}/store/stages/sft/abc/checkpoints/step_000004"
     for resume in ("auto", checkpoint, checkpoint.replace("/sft/", "/grpo/")):
         cfg = load_config(None, {"resume": resume, "workdir": str(tmp_path / "work"), "cache": False})
-        stages._run_stage(stages.Runtime(cfg, store, Tracker()), "sft", {"a": 1}, {"data": "d"}, None, body)
+        data = stages.ArtifactRef(uri=f"file://{tmp_path}/data", digest="d")
+        stages._run_stage(stages.Runtime(cfg, store, Tracker()), "sft", {"a": 1}, {"data": "d"}, None, body, data)
     fresh, resumed, other_stage = prefixes
     assert resumed != fresh and other_stage == fresh  # a resume of another stage does not touch this key

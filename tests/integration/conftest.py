@@ -1,0 +1,22 @@
+"""Fixtures the worker-group tests share."""
+
+import pytest
+
+from engine.config import SyntheticDataConfig
+from engine.data.chat import tokenize_conversation
+from engine.data.synthetic import make_arithmetic
+
+STEPS, BATCH = 3, 24
+
+
+@pytest.fixture(scope="module")
+def examples(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    rows, _ = make_arithmetic(SyntheticDataConfig(num_train=STEPS * BATCH, num_val=1))
+    messages = [[{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["answer"]}] for r in rows]
+    # vary lengths so micro-batches pad differently
+    for i, m in enumerate(messages):
+        m[0]["content"] += " Think." * (i % 4)
+    return [tokenize_conversation(tok, m, 256) for m in messages], tok.pad_token_id
