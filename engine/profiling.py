@@ -46,12 +46,13 @@ class Profiled:
 class StepTraces:
     """A stage loop's traces: started before the first profiled step (or the first one run, after a resume into the
     range), stopped after the last (or when the loop ends first), attached to the stage's run under
-    ``profile/<stage>/``. ``groups``: the trainer group and, where the stage generates, the generation group."""
+    ``profile/<stage>/``. ``trainer``: the trainer group; ``generation``: the generation group where the stage
+    generates."""
 
     def __init__(self, cfg: "ProfileConfig", run: "StageRun", stage: str, trainer: Any, generation: Any = None):
         self.cfg, self.run, self.stage = cfg, run, stage
         self.trainer, self.generation = trainer, generation
-        self.active = False
+        self.active, self.first = False, 0
 
     def before(self, step: int) -> None:
         """``step``: the 1-based number of the step about to run."""

@@ -2,8 +2,8 @@
 
 MLflow stays the run of record (summaries, the model registry, the UI links); a sink mirrors what a stage logs so a
 team that watches TensorBoard or W&B sees the same curves there. A pipeline run and its stage runs are grouped the way
-each tool groups runs: TensorBoard sub-folders ``<tracking.dir>/tensorboard/<pipeline run>/<stage>``, a W&B group
-named after the pipeline run with the stage as the job type.
+each tool groups runs, under the pipeline run's id (MLflow's run id where MLflow tracks): TensorBoard sub-folders
+``<tracking.dir>/tensorboard/<id>/<run name>``, a W&B group ``<id>`` with the stage as the job type.
 """
 
 from __future__ import annotations
