@@ -15,9 +15,7 @@ from engine.algorithms.grpo import GRPOLoss
 from engine.algorithms.rm import pairwise_loss
 from engine.config import DPOConfig, PolicyLossConfig
 from engine.data.chat import TokenizedExample
-from tests.integration.test_fsdp2 import examples, make_policy
-
-__all__ = ["examples"]
+from tests.integration.test_fsdp2 import make_policy
 
 LAYOUTS = {"1 rank": (1, 100_000), "2 ranks": (2, 100_000), "2 ranks, many micro-batches": (2, 48)}
 

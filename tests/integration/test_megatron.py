@@ -18,13 +18,12 @@ from tests.integration.test_fsdp2 import (
     BATCH,
     assert_same_curve,
     assert_trains_on_cuda_like_cpu,
-    examples,
     make_policy,
     reference_curve,
     train_curve,
 )
 
-__all__ = ["examples", "reference_curve"]  # module fixtures shared with the FSDP2 tests (reference: 1 FSDP2 rank)
+__all__ = ["reference_curve"]  # a module fixture shared with the FSDP2 tests (reference: 1 FSDP2 rank)
 
 MEGATRON = {"policy.backend": "megatron"}
 
