@@ -7,11 +7,13 @@ picks the rendezvous address, so the same code spans nodes on a real cluster.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from typing import Any, Sequence
 
 from engine.config import RayConfig
+from engine.resources import Bundle, Groups, bundle_of
 
 # Ray reads these when its processes start: keep it on loopback, quiet and unauthenticated locally.
 _LOCAL_RAY_ENV = {
@@ -24,6 +26,8 @@ _LOCAL_RAY_ENV = {
 import ray  # noqa: E402
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group  # noqa: E402
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy  # noqa: E402
+
+log = logging.getLogger("posttrain.cluster")
 
 
 def connect(cfg: RayConfig) -> None:
@@ -81,22 +85,89 @@ def shutdown() -> None:
         ray.shutdown()
 
 
-class VirtualCluster:
-    """A reserved slice of the cluster: one placement-group bundle per worker."""
+def unplaced_bundles(bundles: Sequence[Bundle], nodes: Sequence[dict[str, float]]) -> int:
+    """How many of ``bundles`` find no room when packed, largest first, into ``nodes``' total resources: a bundle
+    is never split across nodes, so 2 x 1 GPU fits two 1-GPU nodes while 1 x 2 GPUs does not."""
+    free = [dict(node) for node in nodes]
+    unplaced = 0
+    for bundle in sorted(bundles, key=lambda b: (b.get("GPU", 0.0), b["CPU"]), reverse=True):
+        node = next((n for n in free if all(n.get(k, 0.0) >= v for k, v in bundle.items())), None)
+        if node is None:
+            unplaced += 1
+            continue
+        for key, value in bundle.items():
+            node[key] -= value
+    return unplaced
 
-    def __init__(self, num_bundles: int, cpus_per_bundle: float = 1.0, gpus_per_bundle: float = 0.0):
-        bundle: dict[str, float] = {"CPU": cpus_per_bundle}
-        if gpus_per_bundle:
-            bundle["GPU"] = gpus_per_bundle
-        self.bundle = bundle
-        self.group: PlacementGroup = placement_group([dict(bundle) for _ in range(num_bundles)], strategy="PACK")
+
+def _described(resources: dict[str, float]) -> str:
+    return ", ".join(f"{key} {value:g}" for key, value in sorted(resources.items()) if key in ("CPU", "GPU"))
+
+
+def check_fits(groups: Groups) -> None:
+    """Fail in one line, before any actor waits on a placement group that could never be ready, when the
+    connected cluster (all its nodes, busy or not) cannot hold the bundles of ``groups`` at once."""
+    from engine.errors import ConfigError
+
+    nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+    bundles = [bundle for count, bundle in groups.values() for _ in range(count)]
+    if unplaced_bundles(bundles, nodes):
+        totals: dict[str, float] = {}
+        for node in nodes:
+            for key, value in node.items():
+                totals[key] = totals.get(key, 0.0) + value
+        asked = " + ".join(f"{role} {count} x {{{_described(bundle)}}}" for role, (count, bundle) in groups.items())
+        raise ConfigError(
+            f"{asked} do not fit the Ray cluster ({_described(totals) or 'nothing'} on {len(nodes)} node(s), "
+            "a worker never split across nodes): lower policy/generation's world_size, num_workers or "
+            "gpus_per_worker, or add nodes"
+        )
+
+
+class VirtualCluster:
+    """A reserved slice of the cluster: one placement-group bundle per worker, checked to fit first."""
+
+    def __init__(self, role: str, num_bundles: int, cpus_per_bundle: float = 1.0, gpus_per_bundle: float = 0.0):
+        self.bundle = bundle_of(cpus_per_bundle, gpus_per_bundle)
+        check_fits({role: (num_bundles, self.bundle)})
+        self.group: PlacementGroup = placement_group([dict(self.bundle)] * num_bundles, strategy="PACK")
         ray.get(self.group.ready(), timeout=120)
 
     def strategy(self, index: int) -> PlacementGroupSchedulingStrategy:
         return PlacementGroupSchedulingStrategy(placement_group=self.group, placement_group_bundle_index=index)
 
+    def actor_options(self, runtime_env: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Ray options of an actor on one bundle. An actor that reserved no GPU is kept off the node's GPUs
+        (Ray >= 2.48 no longer hides them), so nothing lands on a device another worker reserved."""
+        gpus = self.bundle.get("GPU", 0.0)
+        options: dict[str, Any] = {"num_cpus": self.bundle["CPU"], "num_gpus": gpus}
+        env = dict(runtime_env or {})
+        if not gpus:
+            env["env_vars"] = {**env.get("env_vars", {}), "CUDA_VISIBLE_DEVICES": ""}
+        options["runtime_env"] = env
+        return options
+
     def release(self) -> None:
         remove_placement_group(self.group)
+
+
+def placement() -> dict[str, Any]:
+    """Where the calling actor runs: its node and the GPUs Ray gave it (what ``CUDA_VISIBLE_DEVICES`` holds);
+    empty outside Ray."""
+    if not ray.is_initialized():
+        return {}
+    return {
+        "node": ray.get_runtime_context().get_node_id(),
+        "gpu_ids": [str(i) for i in ray.get_gpu_ids()],
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+    }
+
+
+def log_placement(role: str, infos: Sequence[dict[str, Any]]) -> None:
+    """One line per worker of a group that started: which node, which GPUs (the workers' ``placement()``)."""
+    for index, info in enumerate(infos):
+        gpus = info.get("cuda_visible_devices") or "none"
+        log.info("%s worker %d on node %s, CUDA_VISIBLE_DEVICES=%s", role, index, str(info.get("node"))[:12], gpus)
 
 
 class WorkerGroup:
@@ -111,9 +182,7 @@ class WorkerGroup:
         runtime_env: dict[str, Any] | None = None,
     ):
         remote_cls = ray.remote(worker_cls)
-        options: dict[str, Any] = {"num_cpus": cluster.bundle["CPU"], "num_gpus": cluster.bundle.get("GPU", 0)}
-        if runtime_env:
-            options["runtime_env"] = runtime_env
+        options = cluster.actor_options(runtime_env)
         self.world_size = world_size
         self.actors = [
             remote_cls.options(scheduling_strategy=cluster.strategy(rank), **options).remote(

@@ -218,6 +218,9 @@ class PolicyConfig(Section):
     precision: Literal["fp32", "bf16"] = "fp32"
     activation_checkpointing: bool = False
     threads_per_worker: int = Field(1, gt=0)
+    gpus_per_worker: float = Field(
+        0.0, ge=0.0, description="GPUs each trainer rank reserves in its Ray bundle; 0 trains on CPU (GPUs hidden)"
+    )
     megatron: MegatronConfig = MegatronConfig()
 
     @model_validator(mode="after")
@@ -241,12 +244,29 @@ class GenerationConfig(Section):
     max_model_len: int = Field(512, gt=0)
     kv_cache_bytes: int = Field(1 << 30, gt=0)
     threads_per_worker: int = Field(1, gt=0)
+    gpus_per_worker: float = Field(
+        0.0, ge=0.0, description="GPUs each generation worker reserves in its Ray bundle; 0 generates on CPU"
+    )
+    tensor_parallel_size: int = Field(
+        1, gt=0, description="vllm backend: GPUs each engine splits the model over (all in its worker's bundle)"
+    )
     refit_bucket_bytes: int = Field(64 << 20, gt=0, description="size of the weight buckets streamed on refit")
     lora_refit: Literal["merged", "adapter"] = Field(
         "merged",
         description="with grpo.lora: merged pushes base + adapters as full weights; adapter pushes the adapters "
         "alone, which vLLM applies to the base it loaded (vllm backend)",
     )
+
+    @model_validator(mode="after")
+    def _tensor_parallel_has_its_gpus(self) -> "GenerationConfig":
+        if self.tensor_parallel_size > 1 and self.gpus_per_worker != self.tensor_parallel_size:
+            raise ValueError(
+                f"generation.tensor_parallel_size={self.tensor_parallel_size} splits each engine over that many GPUs: "
+                f"set generation.gpus_per_worker to {self.tensor_parallel_size}"
+            )
+        if self.tensor_parallel_size > 1 and self.backend != "vllm":
+            raise ValueError("generation.tensor_parallel_size > 1 needs generation.backend: vllm")
+        return self
 
 
 class LoraConfig(Section):

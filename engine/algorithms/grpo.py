@@ -33,7 +33,7 @@ from typing import Any, Callable, TypeVar
 
 import torch
 
-from engine import checkpointing
+from engine import checkpointing, cluster, resources
 from engine.algorithms.advantages import estimate_advantages, overlong_penalty
 from engine.algorithms.evaluate import greedy_scores
 from engine.algorithms.losses import PolicyLossConfig, clipped_pg_loss
@@ -351,6 +351,8 @@ def start_roles(
     try:  # the user's code is loaded first: a bad name fails before any worker starts
         started.append(RewardFunctions(g.reward_functions, g.reward_timeout_s) if g.reward_functions else None)
         started.append(EnvironmentRouter(g.environment_classes(), g.environment_timeout_s))
+        cluster.connect(cfg.ray)  # the whole stage fits, or it fails before a model loads
+        cluster.check_fits(resources.rl_groups(cfg, g, teacher=teacher_dir is not None))
         started.append(start_policy_group(cfg, init_model_dir, g.optimizer, g.max_steps, pad_id, lora=g.lora))
         started.append(_start_reference(cfg, g, init_model_dir, pad_id, started[-1]) if g.loss.kl_beta else None)
         adapters = g.lora if cfg.generation.lora_refit == "adapter" and g.lora.enabled else None

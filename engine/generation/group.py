@@ -37,16 +37,14 @@ class GenerationGroup:
 
     def __init__(self, cfg: GenerationConfig, model_dir: str, seed: int = 0, adapters: LoraConfig | None = None):
         self.cfg, self.model_dir, self.seed, self.adapters = cfg, model_dir, seed, adapters
-        self.virtual = cluster.VirtualCluster(cfg.num_workers, cpus_per_bundle=1.0)
+        self.virtual = cluster.VirtualCluster("generation", cfg.num_workers, gpus_per_bundle=cfg.gpus_per_worker)
         self.workers = self._start_workers()
 
     def _start_workers(self) -> list[Any]:
         cfg = self.cfg
         runtime_env = worker_envs.runtime_env(cfg.worker_env) if cfg.backend == "vllm" else None
         remote_cls = ray.remote(_worker_class(cfg.backend))
-        options: dict[str, Any] = {"num_cpus": 1}
-        if runtime_env:
-            options["runtime_env"] = runtime_env
+        options = self.virtual.actor_options(runtime_env)
         workers = [
             remote_cls.options(scheduling_strategy=self.virtual.strategy(i), **options).remote(
                 model_path=self.model_dir,
@@ -55,11 +53,12 @@ class GenerationGroup:
                 max_model_len=cfg.max_model_len,
                 kv_cache_bytes=cfg.kv_cache_bytes,
                 seed=self.seed,
+                tensor_parallel_size=cfg.tensor_parallel_size,
                 **({"lora_rank": self.adapters.rank, "lora_alpha": self.adapters.alpha} if self.adapters else {}),
             )
             for i in range(cfg.num_workers)
         ]
-        ray.get([worker.info.remote() for worker in workers])  # surface start-up errors here
+        cluster.log_placement("generation", ray.get([worker.info.remote() for worker in workers]))  # start-up errors
         return workers
 
     def restart(self) -> None:

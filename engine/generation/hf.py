@@ -25,7 +25,10 @@ class HFGenerationWorker(Profiled):
         hf_logging.disable_progress_bar()
         torch.set_num_threads(threads)
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype)).eval()
+        # CUDA only where this worker reserved a GPU: an actor without one has the node's GPUs hidden
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype))
+        self.model = model.to(self.device).eval()
         parameters = dict(self.model.named_parameters())
         self.expected = {spec.name: spec for spec in manifest_of(parameters)}
         self.aliases = set(self.model.state_dict()) - set(parameters)  # tied weights
@@ -52,8 +55,8 @@ class HFGenerationWorker(Profiled):
         rows = [prompt for prompt in prompts for _ in range(params.n)]
         width = max(len(row) for row in rows)
         pad = self.tokenizer.pad_token_id
-        input_ids = torch.tensor([[pad] * (width - len(row)) + row for row in rows])
-        attention = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows])
+        input_ids = torch.tensor([[pad] * (width - len(row)) + row for row in rows], device=self.device)
+        attention = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows], device=self.device)
         sampling = params.temperature > 0
         options: dict[str, Any] = dict(
             max_new_tokens=params.max_tokens,
@@ -67,7 +70,7 @@ class HFGenerationWorker(Profiled):
             options.update(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k or None)
         if params.stop:
             options.update(stop_strings=params.stop, tokenizer=self.tokenizer)
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             torch.manual_seed(sample_seed(params.seed, first_index, 0))
             out = self.model.generate(input_ids=input_ids, attention_mask=attention, **options)
         new_tokens = out.sequences[:, width:]
@@ -106,4 +109,12 @@ class HFGenerationWorker(Profiled):
 
         import transformers
 
-        return {"backend": "hf", "python": sys.executable, "pid": os.getpid(), "transformers": transformers.__version__}
+        from engine.cluster import placement
+
+        return {
+            "backend": "hf",
+            "python": sys.executable,
+            "pid": os.getpid(),
+            "transformers": transformers.__version__,
+            **placement(),
+        }

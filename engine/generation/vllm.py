@@ -73,10 +73,14 @@ class VLLMGenerationWorker(Profiled):
         seed: int = 0,
         lora_rank: int = 0,
         lora_alpha: float = 0.0,
+        tensor_parallel_size: int = 1,
         **_: Any,
     ):
         from vllm import LLM
 
+        parallel = {}
+        if tensor_parallel_size > 1:  # its shards run as processes inside this actor, on the GPUs of its bundle
+            parallel = {"tensor_parallel_size": tensor_parallel_size, "distributed_executor_backend": "mp"}
         adapters = {}
         if lora_rank:  # one adapter slot, the policy's, replaced in place by every refit
             adapters = {"enable_lora": True, "max_lora_rank": _engine_lora_rank(lora_rank), "max_loras": 1}
@@ -89,6 +93,7 @@ class VLLMGenerationWorker(Profiled):
             enable_chunked_prefill=False,
             enable_prefix_caching=True,
             seed=seed,
+            **parallel,
             **adapters,
         )
         self.model_path, self.lora_alpha = model_path, lora_alpha
@@ -184,4 +189,12 @@ class VLLMGenerationWorker(Profiled):
 
         import vllm
 
-        return {"backend": "vllm", "python": sys.executable, "pid": os.getpid(), "vllm": vllm.__version__}
+        from engine.cluster import placement
+
+        return {
+            "backend": "vllm",
+            "python": sys.executable,
+            "pid": os.getpid(),
+            "vllm": vllm.__version__,
+            **placement(),
+        }

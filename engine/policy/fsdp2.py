@@ -259,11 +259,14 @@ class FSDP2PolicyWorker(Profiled):
         dist.barrier()
 
     def info(self) -> dict[str, Any]:
+        from engine import cluster
+
         return {
             "rank": self.rank,
             "world_size": self.world_size,
             "device": str(self.device),
             "backend": dist.get_backend(),
+            **cluster.placement(),
             "parameters": sum(p.numel() for p in self.model.parameters()),
             "trainable_parameters": sum(p.numel() for p in self.model.parameters() if p.requires_grad),
         }

@@ -166,8 +166,7 @@ def start_policy_group(
         megatron_convert.check_parallel_sizes(shape, layout.tensor_parallel, layout.pipeline_parallel)
     cluster.connect(cfg.ray)
     world_size = cfg.policy.world_size
-    gpus = 1.0 if torch.cuda.is_available() else 0.0
-    virtual = cluster.VirtualCluster(world_size, cpus_per_bundle=1.0, gpus_per_bundle=gpus)
+    virtual = cluster.VirtualCluster("policy", world_size, gpus_per_bundle=cfg.policy.gpus_per_worker)
     workers = cluster.WorkerGroup(
         _worker_class(cfg.policy.backend),
         virtual,
@@ -182,6 +181,7 @@ def start_policy_group(
             **({"lora": lora.model_dump(mode="json")} if lora is not None and lora.enabled else {}),
         },
     )
+    cluster.log_placement("policy", workers.call("info"))
     layouts = workers.call("parallel_layout")
     replica_of_rank = [layout["dp_rank"] for layout in layouts]
     reporting_ranks = sorted(

@@ -463,11 +463,14 @@ class MegatronPolicyWorker(Profiled):
         dist.barrier()
 
     def info(self) -> dict[str, Any]:
+        from engine import cluster
+
         return {
             "rank": self.rank,
             "world_size": self.world_size,
             "device": str(self.device),
             "backend": dist.get_backend(),
+            **cluster.placement(),
             "tensor_parallel_rank": self.tp_rank,
             "pipeline_parallel_rank": self.pp_rank,
             "data_parallel_rank": self.dp_rank,

@@ -52,6 +52,8 @@ def tiny(workdir: Path, model_dir: Path, data_dir: Path, **extra) -> list[str]:
         "model.name": str(model_dir),
         "data.source": str(data_dir),
         "policy.world_size": 1,
+        "policy.gpus_per_worker": 0,  # the recipes reserve a GPU per worker; this machine declares none
+        "generation.gpus_per_worker": 0,
         "policy.micro_batch_tokens": 4096,
         "generation.worker_env": "vllm",
         "generation.num_workers": 1,

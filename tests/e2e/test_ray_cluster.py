@@ -1,9 +1,13 @@
-"""Job-submission mode against a real Ray head on 127.0.0.1 (`ray start --head`, stopped by PID): each stage's
-controller runs in the cluster as a Ray job while the Prefect task follows its logs and returns its result."""
+"""A real Ray head on 127.0.0.1 (`ray start --head`, stopped by PID) that declares two GPUs on this CPU machine.
+
+Job-submission mode: each stage's controller runs in the cluster as a Ray job while the Prefect task follows its
+logs and returns its result; its trainers reserve GPUs the cluster declares.
+"""
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -38,6 +42,7 @@ def ray_head(tmp_path_factory):
             f"--dashboard-port={dashboard}",
             f"--ray-client-server-port={client}",
             "--num-cpus=4",
+            "--num-gpus=2",  # declared only: the actors that reserve one get its id, and train on CPU here
             f"--temp-dir={temp_dir}",
         ],
         env=env,
@@ -76,10 +81,12 @@ def as_job(ray_head: dict, **overrides) -> list[str]:
 
 
 @pytest.mark.timeout(1400)  # ray head 120, 2 x 600
-def test_sft_stage_runs_as_a_ray_job(ray_head, tmp_path):
+def test_sft_stage_runs_as_a_ray_job_on_the_declared_gpus(ray_head, tmp_path):
+    """Each stage runs as a Ray job; its two trainer ranks reserve one declared GPU each (Ray hands each its own
+    ``CUDA_VISIBLE_DEVICES``); asking for more GPUs than the cluster has fails in one line before any worker starts."""
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    tiny = {"policy.world_size": 1, "sft.max_steps": 4, "sft.val_every": 2}
+    tiny = {"policy.world_size": 2, "policy.gpus_per_worker": 1, "sft.max_steps": 4, "sft.val_every": 2}
     out = run_cli(["run", "sft", "--json", *as_job(ray_head, **tiny)], cwd=tmp_path)
     summary = summary_of(out)
     assert summary["stages"]["sft"]["metrics"]["steps"] == 4
@@ -92,6 +99,12 @@ def test_sft_stage_runs_as_a_ray_job(ray_head, tmp_path):
     logs = out.stdout + out.stderr
     assert f"submitted train_sft as Ray job {stages['train_sft'].submission_id}" in logs
     assert "sft:" in logs  # the job's own progress lines, followed by the task
+    placed = dict(re.findall(r"policy worker (\d) on node \w+, CUDA_VISIBLE_DEVICES=(\S+)", logs))
+    assert sorted(placed.values()) == ["0", "1"], logs[-3000:]  # one declared GPU each, none shared
+
+    too_many = run_cli(["run", "sft", *as_job(ray_head, **{**tiny, "policy.gpus_per_worker": 2})], cwd=tmp_path)
+    message = "policy 2 x {CPU 1, GPU 2} do not fit the Ray cluster (CPU 4, GPU 2 on 1 node(s)"
+    assert too_many.returncode == 2 and message in too_many.stderr, too_many.stderr[-3000:]
 
     user_error = run_cli(["run", "sft", *as_job(ray_head, **{"model.name": "/nonexistent/model"})], cwd=tmp_path)
     assert user_error.returncode == 2 and "model folder not found: /nonexistent/model" in user_error.stderr
