@@ -3,15 +3,36 @@ run's output goes. Prefect also sends them to the task's log in its UI (PREFECT_
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import time
-from typing import Iterator, TextIO
+from typing import Callable, Iterator, TextIO
 
 from tqdm import tqdm
 
 LOGGER = "posttrain"
-_progress_log = logging.getLogger(f"{LOGGER}.progress")
+PROGRESS_LOGGER = f"{LOGGER}.progress"
+_progress_log = logging.getLogger(PROGRESS_LOGGER)
+
+ProgressListener = Callable[[str, int, int], None]  # (stage, steps done, total steps)
+_listeners: list[ProgressListener] = []
+
+
+@contextlib.contextmanager
+def progress_reported_to(listener: ProgressListener) -> Iterator[None]:
+    """While open, every stage loop's position (at its start, then after each step) also goes to ``listener``:
+    how the orchestrator shows a running stage's progress without the engine knowing about it."""
+    _listeners.append(listener)
+    try:
+        yield
+    finally:
+        _listeners.remove(listener)
+
+
+def _report(stage: str, done: int, total: int) -> None:
+    for listener in list(_listeners):
+        listener(stage, done, total)
 
 
 class _UnlessTheRootPrints(logging.StreamHandler):
@@ -52,12 +73,16 @@ class StepProgress:
             self._bar.set_postfix(values)
 
     def __iter__(self) -> Iterator[int]:
+        _report(self.stage, self.start, self.total)
         if self._bar is not None:
-            yield from self._bar
+            for step in self._bar:
+                yield step
+                _report(self.stage, step + 1, self.total)
             return
         started = last = time.monotonic()
         for step in range(self.start, self.total):
             yield step
+            _report(self.stage, step + 1, self.total)
             now = time.monotonic()
             if now - last >= self.every_s or step + 1 == self.total:
                 rate = (step + 1 - self.start) / max(now - started, 1e-9)

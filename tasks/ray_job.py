@@ -19,7 +19,9 @@ from typing import Any, Callable
 from engine import stages
 from engine.config import PipelineConfig
 from engine.errors import PosttrainError
+from engine.logs import PROGRESS_LOGGER
 from engine.storage import ArtifactRef
+from tasks.progress import ProgressArtifact
 
 RESULT_MARK = "POSTTRAIN_STAGE_RESULT "
 USER_ERROR_MARK = "POSTTRAIN_USER_ERROR "
@@ -95,7 +97,7 @@ def submit_stage(
         metadata={"posttrain.stage": name, "posttrain.pipeline": cfg.name},
     )
     log.info("submitted %s as Ray job %s at %s", name, job_id, url)
-    marked = asyncio.run(_follow(client, job_id, log))  # returns when the job has ended
+    marked = asyncio.run(_follow(client, job_id, log, ProgressArtifact()))  # returns when the job has ended
     status = client.get_job_status(job_id)
     for line in reversed(marked):
         if line.startswith(USER_ERROR_MARK):
@@ -106,23 +108,26 @@ def submit_stage(
     raise RayJobFailed(f"Ray job {job_id} ({name}) ended {status}: {info.message or 'no result line'}")
 
 
-async def _follow(client, job_id: str, log) -> list[str]:
-    """Stream the job's log into the task's log until the job ends; return its result/error lines."""
+async def _follow(client, job_id: str, log, progress: ProgressArtifact) -> list[str]:
+    """Stream the job's log into the task's log until the job ends, its progress lines into the stage's progress
+    artifact; return its result/error lines."""
     marked: list[str] = []
 
-    def handle(line: str) -> None:
+    async def handle(line: str) -> None:
         line = line.rsplit("\r", 1)[-1]  # a progress bar's latest state
         if line.startswith((RESULT_MARK, USER_ERROR_MARK)):
             marked.append(line)
         elif line.strip():
             log.info("[%s] %s", job_id, line)
+            if PROGRESS_LOGGER in line:  # off the event loop: Prefect's artifact calls are synchronous only outside one
+                await asyncio.to_thread(progress.follow_line, line)
 
     pending = ""  # chunks may end mid-line
     async for chunk in client.tail_job_logs(job_id):
         *lines, pending = (pending + chunk).split("\n")
         for line in lines:
-            handle(line)
-    handle(pending)
+            await handle(line)
+    await handle(pending)
     return marked
 
 

@@ -15,8 +15,10 @@ from prefect.states import Completed, State
 from engine import stages
 from engine.config import PipelineConfig
 from engine.errors import PosttrainError
+from engine.logs import progress_reported_to
 from engine.storage import ArtifactRef
 from tasks.prefect_api import reporting_api_url
+from tasks.progress import ProgressArtifact
 from tasks.stage_lock import open_runtime
 
 
@@ -36,7 +38,8 @@ def run_stage(stage: Callable[..., stages.StageResult], cfg: PipelineConfig, *in
         from tasks.ray_job import submit_stage
 
         return task_outcome(submit_stage(stage, cfg, list(inputs)))
-    return task_outcome(stage(open_runtime(cfg, reporting_api_url()), *inputs))
+    with progress_reported_to(ProgressArtifact()):
+        return task_outcome(stage(open_runtime(cfg, reporting_api_url()), *inputs))
 
 
 def task_outcome(result: stages.StageResult) -> TaskOutcome:

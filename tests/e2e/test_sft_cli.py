@@ -82,6 +82,8 @@ def test_tiny_sft_default_config_local_store(tmp_path, services):
     assert wandb_history(sft_run)["train/loss"] == losses
     assert stage.data.params["sft.max_steps"] == "120"
     assert "posttrain.progress - sft: step 120/120, loss=" in result.stderr and "\r" not in result.stderr  # not a tty
+    # the running stage's position, on the flow run's page in the Prefect UI
+    assert progress_artifacts(services.api, summary["run_id"]) == {"sft-progress": (100.0, "sft: step 120/120")}
 
     again = summary_of(run_cli(["run", "sft", "--json"], cwd=tmp_path, env=services.prefect_env))
     assert again["stages"]["sft"]["cached"] is True
@@ -90,6 +92,7 @@ def test_tiny_sft_default_config_local_store(tmp_path, services):
     assert task_states(services.api, summary["run_id"])["train_sft"] == "Completed"
     assert task_states(services.api, again["run_id"]) == {"prepare_model": "Cached", "prepare_data": "Cached",
                                                           "train_sft": "Cached"}  # fmt: skip
+    assert progress_artifacts(services.api, again["run_id"]) == {}  # nothing ran
 
 
 def task_states(api: str, flow_run_id: str) -> dict[str, str]:
@@ -102,6 +105,19 @@ def task_states(api: str, flow_run_id: str) -> dict[str, str]:
         runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
     assert all(run.state.is_completed() for run in runs)
     return {run.name.rsplit("-", 1)[0]: run.state.name for run in runs}  # names are "train_sft-31c"
+
+
+def progress_artifacts(api: str, flow_run_id: str) -> dict[str, tuple[float, str]]:
+    """The progress artifacts of a flow run: key -> (percent, description) as last updated."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterType
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    only = ArtifactFilter(
+        flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]), type=ArtifactFilterType(any_=["progress"])
+    )
+    with temporary_settings({PREFECT_API_URL: api}), get_client(sync_client=True) as client:
+        return {a.key: (a.data, a.description) for a in client.read_artifacts(artifact_filter=only)}
 
 
 @pytest.mark.timeout(900)  # services 300, 600
