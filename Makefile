@@ -1,5 +1,6 @@
-# Set-up and the two commands of the README. torch goes in first and alone (STACK.md): a combined
-# install that fails resolution can otherwise fall back to a multi-GB CUDA wheel.
+# Set-up and the two commands of the README, on the tested set of packages (deployments/constraints.txt).
+# torch goes in first and alone (STACK.md): a combined install that fails resolution can otherwise fall back to a
+# multi-GB CUDA wheel.
 PY ?= python3.11
 VENV := .venv
 TORCH_SPEC ?= torch==2.13.0
@@ -7,11 +8,11 @@ STAMP := $(VENV)/.installed
 
 .PHONY: setup browser run test test-fast clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml deployments/constraints.txt
 	$(PY) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q "$(TORCH_SPEC)"
-	$(VENV)/bin/pip install -q -e '.[test]'
+	$(VENV)/bin/pip install -q -e '.[test]' -c deployments/constraints.txt
 	$(VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 	$(VENV)/bin/posttrain env build vllm
 	touch $(STAMP)

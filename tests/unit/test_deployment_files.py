@@ -13,12 +13,18 @@ import pytest
 import yaml
 
 from engine.config import RunParameters, load_config
+from engine.resources import peak_gpus
 from flows.cli import PIPELINES, build_parser
 from flows.pipelines import FLOWS
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOYMENTS = REPO / "deployments"
 CLOUD_POOLS = {"kubernetes", "ecs", "cloud-run", "aci"}
+PIPELINE_STAGES = {
+    "grpo-pipeline": ["sft", "reward_model", "grpo", "evaluate"],
+    "dpo-pipeline": ["sft", "dpo", "evaluate"],
+}
+POD_GPUS = {"kubernetes": "gpu_limit", "aci": "gpu_count"}  # the ecs and cloud-run pools' templates name no GPUs
 IMAGE = re.compile(r"^(?:[\w.\-]+(?::\d+)?/)*posttrain:(cpu|cuda)$")
 
 
@@ -57,9 +63,28 @@ def test_deployments_point_at_flows_pools_and_validated_parameters(prefect_yaml)
         assert IMAGE.match(pool["job_variables"]["image"]), pool["job_variables"]["image"]
         step = deployment["pull"][0]["prefect.deployments.steps.set_working_directory"]
         assert step["directory"] == "/opt/posttrain"  # where the Dockerfiles put the code
-        params = RunParameters.model_validate(deployment["parameters"]["params"])
+        params = RunParameters.model_validate(deployment["parameters"])
         assert params.resolve().model.name != "tiny"  # the GPU recipe exists, validates and names a real model
     assert {key.split("/")[1] for key in seen} == {"local"} | CLOUD_POOLS
+
+
+def test_cloud_pods_hold_the_gpus_their_ray_reserves_or_drive_a_named_cluster(prefect_yaml):
+    """No `ray.address: auto` in a pod without a Ray cluster; no 8 trainers on a 1-GPU pod."""
+    for deployment in prefect_yaml["deployments"]:
+        pool = deployment["work_pool"]
+        if pool["name"] == "local":
+            continue
+        cfg = RunParameters.model_validate(deployment["parameters"]).resolve()
+        variables = pool["job_variables"]
+        pod_gpus = variables.get(POD_GPUS.get(pool["name"], ""), 0)
+        where = f"{flow_of(deployment['entrypoint']).name}/{deployment['name']}"
+        if cfg.ray.address == "local":  # Ray starts in the pod: the pod has what the busiest stage reserves
+            stages = PIPELINE_STAGES[flow_of(deployment["entrypoint"]).name]
+            assert pod_gpus == peak_gpus(cfg, stages) > 0, where
+            assert cfg.ray.num_cpus <= variables["cpu"], where
+        else:  # the stages run as Ray jobs on the named cluster; the pod only follows them
+            assert cfg.ray.address.startswith("ray://") and cfg.ray.submission == "job", where
+            assert pod_gpus == 0, where
 
 
 def test_dockerfiles_copy_what_exists_and_install_torch_first():
@@ -71,6 +96,7 @@ def test_dockerfiles_copy_what_exists_and_install_torch_first():
                     assert (REPO / source).exists(), f"Dockerfile.{kind} copies missing {source}"
         runs = [line for line in text.splitlines() if line.startswith("RUN pip install")]
         assert runs[0].startswith("RUN pip install torch=="), f"Dockerfile.{kind}: torch must be installed first"
+        assert runs[1].startswith("RUN pip install -e . -c constraints.txt"), f"Dockerfile.{kind}: the tested set"
         assert f"posttrain:{kind} ." in text  # the build command in its header names the image tag
 
 
