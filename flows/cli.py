@@ -103,7 +103,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     open_store(cfg.tracking)  # ...and MLflow opens its store
     _quiet_user_error_tracebacks()  # after the import: Prefect installs its log handlers then
     with use_api():
-        summary = flow(params)
+        summary = flow(**params.model_dump())
     if args.json:
         print(json.dumps(summary), flush=True)
     else:

@@ -20,8 +20,7 @@ from tasks.runner import stage_task_options
 
 def flow_run_name() -> str:
     """'<pipeline> · <config> · <UTC time>', e.g. 'grpo-pipeline · grpo_tiny · 2026-11-27 13:45'."""
-    params = flow_run.parameters.get("params") or {}
-    config = params.get("config") if isinstance(params, dict) else getattr(params, "config", None)
+    config = flow_run.parameters.get("config")
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
     return f"{flow_run.flow_name} · {Path(str(config or 'default')).stem} · {when}"
 

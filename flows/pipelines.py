@@ -10,7 +10,7 @@ distill-pipeline: prepare -> [sft] -> distill (from distill.teacher) -> evaluate
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 from prefect import flow
 
@@ -21,11 +21,29 @@ from tasks.evaluate import evaluate
 from tasks.prepare import prepare_data, prepare_model
 from tasks.train import train_distill, train_dpo, train_grpo, train_reward_model, train_sft
 
+F = TypeVar("F", bound=Callable[..., Any])
 
-def _run(pipeline: str, params: RunParameters, stages: Callable[[PipelineRun, PipelineConfig], Any]) -> dict:
-    cfg = params.resolve()
+
+def _parameters_documented(fn: F) -> F:
+    """Every flow takes the same flat parameters (``prefect deployment run grpo-pipeline/local -p config=grpo_tiny
+    -p overrides='{"grpo.max_steps": 20}'``); Prefect reads their descriptions for the run form from the docstring."""
+    described = "\n".join(
+        f"        {name}: {RunParameters.model_fields[name].description}" for name in ("config", "overrides", "resume")
+    )
+    fn.__doc__ = f"{fn.__doc__}\n\n    Args:\n{described}\n"
+    return fn
+
+
+def _run(
+    pipeline: str,
+    stages: Callable[[PipelineRun, PipelineConfig], Any],
+    config: str,
+    overrides: dict[str, Any] | None,
+    resume: str | None,
+) -> dict:
+    cfg = RunParameters(config=config, overrides=overrides or {}, resume=resume).resolve()
     preflight(cfg)  # a bad parameter fails here, before any stage starts
-    run = PipelineRun(pipeline, params.config, cfg)
+    run = PipelineRun(pipeline, config, cfg)
     try:
         stages(run, cfg)
     except BaseException:
@@ -77,43 +95,63 @@ def _evaluated(stages: Callable, preference: bool) -> Callable[[PipelineRun, Pip
 
 
 @flow(name="grpo-pipeline", flow_run_name=flow_run_name)
-def grpo_pipeline(params: RunParameters = RunParameters(config="grpo_tiny")) -> dict[str, Any]:
-    return _run("grpo-pipeline", params, _evaluated(_grpo_stages, preference=False))
+@_parameters_documented
+def grpo_pipeline(
+    config: str = "grpo_tiny", overrides: dict[str, Any] | None = None, resume: str | None = None
+) -> dict:
+    """prepare -> [SFT] -> [reward model] -> GRPO -> evaluate."""
+    return _run("grpo-pipeline", _evaluated(_grpo_stages, preference=False), config, overrides, resume)
 
 
 @flow(name="dpo-pipeline", flow_run_name=flow_run_name)
-def dpo_pipeline(params: RunParameters = RunParameters(config="dpo_tiny")) -> dict[str, Any]:
-    return _run("dpo-pipeline", params, _evaluated(_dpo_stages, preference=True))
+@_parameters_documented
+def dpo_pipeline(config: str = "dpo_tiny", overrides: dict[str, Any] | None = None, resume: str | None = None) -> dict:
+    """prepare -> [SFT] -> DPO -> evaluate."""
+    return _run("dpo-pipeline", _evaluated(_dpo_stages, preference=True), config, overrides, resume)
 
 
 @flow(name="distill-pipeline", flow_run_name=flow_run_name)
-def distill_pipeline(params: RunParameters = RunParameters(config="distill_tiny")) -> dict[str, Any]:
-    return _run("distill-pipeline", params, _evaluated(_distill_stages, preference=False))
+@_parameters_documented
+def distill_pipeline(
+    config: str = "distill_tiny", overrides: dict[str, Any] | None = None, resume: str | None = None
+) -> dict:
+    """prepare -> [SFT of the student] -> distill from distill.teacher -> evaluate."""
+    return _run("distill-pipeline", _evaluated(_distill_stages, preference=False), config, overrides, resume)
 
 
 @flow(name="sft", flow_run_name=flow_run_name)
-def sft(params: RunParameters = RunParameters(config="sft_tiny")) -> dict[str, Any]:
-    return _run("sft", params, _start)
+@_parameters_documented
+def sft(config: str = "sft_tiny", overrides: dict[str, Any] | None = None, resume: str | None = None) -> dict:
+    """prepare -> SFT."""
+    return _run("sft", _start, config, overrides, resume)
 
 
 @flow(name="reward-model", flow_run_name=flow_run_name)
-def reward_model(params: RunParameters = RunParameters(config="grpo_tiny")) -> dict[str, Any]:
-    return _run("reward-model", params, _through_reward_model)
+@_parameters_documented
+def reward_model(config: str = "grpo_tiny", overrides: dict[str, Any] | None = None, resume: str | None = None) -> dict:
+    """prepare -> [SFT] -> reward model."""
+    return _run("reward-model", _through_reward_model, config, overrides, resume)
 
 
 @flow(name="grpo", flow_run_name=flow_run_name)
-def grpo(params: RunParameters = RunParameters(config="grpo_tiny")) -> dict[str, Any]:
-    return _run("grpo", params, _grpo_stages)
+@_parameters_documented
+def grpo(config: str = "grpo_tiny", overrides: dict[str, Any] | None = None, resume: str | None = None) -> dict:
+    """prepare -> [SFT] -> [reward model] -> GRPO, no evaluation."""
+    return _run("grpo", _grpo_stages, config, overrides, resume)
 
 
 @flow(name="dpo", flow_run_name=flow_run_name)
-def dpo(params: RunParameters = RunParameters(config="dpo_tiny")) -> dict[str, Any]:
-    return _run("dpo", params, _dpo_stages)
+@_parameters_documented
+def dpo(config: str = "dpo_tiny", overrides: dict[str, Any] | None = None, resume: str | None = None) -> dict:
+    """prepare -> [SFT] -> DPO, no evaluation."""
+    return _run("dpo", _dpo_stages, config, overrides, resume)
 
 
 @flow(name="distill", flow_run_name=flow_run_name)
-def distill(params: RunParameters = RunParameters(config="distill_tiny")) -> dict[str, Any]:
-    return _run("distill", params, _distill_stages)
+@_parameters_documented
+def distill(config: str = "distill_tiny", overrides: dict[str, Any] | None = None, resume: str | None = None) -> dict:
+    """prepare -> [SFT of the student] -> distill, no evaluation."""
+    return _run("distill", _distill_stages, config, overrides, resume)
 
 
 FLOWS = {f.name: f for f in (grpo_pipeline, dpo_pipeline, distill_pipeline, sft, reward_model, grpo, dpo, distill)}

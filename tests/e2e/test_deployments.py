@@ -75,9 +75,11 @@ def deployed(services):
 
 
 def run_on_worker(services, deployment: str, params: dict, worker_env: dict, while_running=None) -> str:
-    """`prefect deployment run`, then one `prefect worker start --run-once` that executes it; the flow run id.
+    """`prefect deployment run` with the flat parameters as the README gives them (`-p config=grpo_tiny
+    -p overrides='{...}'`), then one `prefect worker start --run-once` that executes it; the flow run id.
     ``while_running(run_id)`` is called once a stage of the run is under way."""
-    started = prefect(["deployment", "run", deployment, "--params", json.dumps({"params": params})], services.env)
+    flat = [arg for key, value in params.items() for arg in ("-p", f"{key}={as_param(value)}")]
+    started = prefect(["deployment", "run", deployment, *flat], services.env)
     assert started.returncode == 0, started.stdout + started.stderr
     run_id = flow_run_id(started.stdout)
     worker = subprocess.Popen(
@@ -94,6 +96,10 @@ def run_on_worker(services, deployment: str, params: dict, worker_env: dict, whi
     stdout, stderr = worker.communicate(timeout=1500)
     assert worker.returncode == 0, stdout[-3000:] + stderr[-3000:]
     return run_id
+
+
+def as_param(value) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
 
 
 def wait_for_a_running_stage(api: str, run_id: str, worker: subprocess.Popen, timeout_s: float = 600) -> None:
@@ -152,7 +158,8 @@ def test_the_readme_deploy_commands_register_every_deployment(deployed):
         got = {(client.read_flow(d.flow_id).name, d.name) for d in client.read_deployments()}
         schema = client.read_deployments()[0].parameter_openapi_schema
     assert got == expected
-    assert "params" in schema["properties"]  # the UI renders the RunParameters form from this
+    assert set(schema["properties"]) == {"config", "overrides", "resume"}  # flat: the UI's run form
+    assert "dotted keys" in schema["properties"]["overrides"]["description"]
 
 
 @pytest.mark.timeout(3900)  # services 300, deploy 1800, run 1800
@@ -201,10 +208,10 @@ def test_grpo_pipeline_deployment_runs_on_a_worker(completed_run, deployed):
 @pytest.mark.timeout(4200)  # services 300, deploy 1800, run 1800, 300
 def test_a_bad_parameter_fails_before_any_stage_starts(deployed):
     rejected = prefect(
-        ["deployment", "run", "grpo-pipeline/local", "--params", json.dumps({"params": {"overrides": [1]}})],
+        ["deployment", "run", "grpo-pipeline/local", "--params", json.dumps({"overrides": [1]})],
         deployed.env,
     )
-    assert rejected.returncode != 0 and "params.overrides" in rejected.stdout + rejected.stderr  # schema check
+    assert rejected.returncode != 0 and "overrides" in rejected.stdout + rejected.stderr  # schema check
 
     bad = {"config": "grpo_tiny", "overrides": {"grpo.max_stepz": 3}}
     run_id = run_on_worker(deployed, "grpo-pipeline/local", bad, {})

@@ -38,4 +38,4 @@ def test_a_planted_secret_is_on_no_surface(tmp_path, services):
         with get_client(sync_client=True) as client:
             run = client.read_flow_run(summary["run_id"])
     assert run.state.is_completed() and SECRET not in str(run.parameters)
-    assert run.parameters["params"]["overrides"]["sft.max_steps"] == 4  # the other overrides are recorded
+    assert run.parameters["overrides"]["sft.max_steps"] == 4  # the other overrides are recorded
