@@ -53,13 +53,21 @@ def _bin(name: str) -> str:
 
 
 def _alive(pid: int) -> bool:
+    """Running, not just present: a service stopped after its parent exited stays a zombie until init reaps it, and
+    in a container whose PID 1 does not reap, that is forever."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    if not Path("/proc").is_dir():  # no procfs (macOS): the signal is all there is to go by
+        return True
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:  # gone meanwhile
+        return False
+    return state != "Z"
 
 
 def _pid(directory: Path, name: str) -> int | None:
