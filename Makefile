@@ -6,7 +6,10 @@ VENV := .venv
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: setup browser run test test-fast clean
+AZURITE_VERSION ?= 3.35.0
+AZURITE := $(VENV)/azurite/node_modules/.bin/azurite-blob
+
+.PHONY: setup browser azurite run test test-fast clean
 
 $(STAMP): pyproject.toml deployments/constraints.txt
 	$(PY) -m venv $(VENV)
@@ -23,15 +26,22 @@ setup: $(STAMP)
 browser:
 	@command -v chromium >/dev/null || (apt-get update -q && apt-get install -y -q --no-install-recommends chromium)
 
+# The az:// store tests run against Azurite, Microsoft's storage emulator, from npm (kept inside .venv).
+$(AZURITE):
+	@command -v npm >/dev/null || (apt-get update -q && apt-get install -y -q --no-install-recommends nodejs npm)
+	npm install -q --prefix $(VENV)/azurite --no-audit --no-fund azurite@$(AZURITE_VERSION)
+
+azurite: $(AZURITE)
+
 run: setup
 	$(VENV)/bin/posttrain run grpo-pipeline
 
 # --durations: the slowest tests in every run, so the suite's budget stays visible
-test: setup browser
+test: setup browser azurite
 	$(VENV)/bin/python -m pytest --durations=25
 
 # the inner loop: unit and integration tiers, no end-to-end runs
-test-fast: setup
+test-fast: setup azurite
 	$(VENV)/bin/python -m pytest --durations=10 tests/unit tests/integration
 
 clean:

@@ -128,11 +128,18 @@ class DataConfig(Section):
 
 
 class StorageConfig(Section):
-    root: str | None = Field(None, description="file:// path or s3://bucket/prefix; default <workdir>/store")
+    root: str | None = Field(
+        None, description="file:// path, s3://, gs:// or az://bucket/prefix (gcsfs, adlfs); default <workdir>/store"
+    )
     endpoint_url: str | None = Field(None, description="S3-compatible endpoint; credentials come from the AWS chain")
     region: str | None = None
     read_timeout_s: float = Field(60.0, gt=0.0, description="an S3 request waits this long for an answer")
     attempts: int = Field(3, gt=0, description="tries per S3 request before the stage fails (and is retried)")
+    options: dict[str, Any] = Field(
+        {},
+        description="fsspec options of the root's filesystem (gcsfs: endpoint_url, token; adlfs: account_name, "
+        "connection_string), over posttrain's own for S3; values under secret-looking keys are masked everywhere",
+    )
 
 
 class TrackingConfig(Section):

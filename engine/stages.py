@@ -137,7 +137,7 @@ def model_digest(rt: Runtime, local: Path, name: str | None = None) -> str:
 def prepare_data(rt: Runtime) -> StageResult:
     """Normalized train/val splits committed to the store as jsonl, keyed by the data's content."""
     cfg = rt.cfg
-    resolved = resolve_sources(cfg.data, rt.cache_dir / "data", rt.store.fs.storage_options)
+    resolved = resolve_sources(cfg.data, rt.cache_dir / "data", rt.store.options_for)
     fingerprints = resolved.fingerprints()
     settings = {"data": cfg.data.model_dump(mode="json"), "seed": cfg.seed}
     key = f"datasets/{stage_key('data', settings, fingerprints)}"

@@ -30,6 +30,7 @@ class StorageUnavailable(InfrastructureError):
 
 
 MANIFEST = "MANIFEST.json"
+BUCKET_SCHEMES = {"s3", "gs", "gcs", "az", "abfs", "abfss"}  # object stores: the root's first segment is a bucket
 
 
 class ArtifactRef(BaseModel):
@@ -77,6 +78,15 @@ def _s3_options(cfg: StorageConfig) -> dict[str, Any]:
     return {"client_kwargs": client_kwargs, "config_kwargs": config_kwargs}
 
 
+def _merged(ours: dict[str, Any], theirs: dict[str, Any]) -> dict[str, Any]:
+    """``theirs`` over ``ours``, nested mappings (s3fs's client_kwargs, config_kwargs) merged key by key."""
+    merged = dict(ours)
+    for key, value in theirs.items():
+        both_maps = isinstance(value, dict) and isinstance(merged.get(key), dict)
+        merged[key] = _merged(merged[key], value) if both_maps else value
+    return merged
+
+
 class ArtifactStore:
     def __init__(
         self,
@@ -100,9 +110,10 @@ class ArtifactStore:
     @classmethod
     def from_config(cls, cfg: StorageConfig, workdir: str | Path) -> "ArtifactStore":
         assert cfg.root is not None, "PipelineConfig fills storage.root"
+        cache = Path(workdir) / "cache" / "artifacts"
         if cfg.root.startswith("s3://"):
-            return cls(cfg.root, Path(workdir) / "cache" / "artifacts", _s3_options(cfg), attempts=cfg.attempts)
-        return cls(cfg.root, Path(workdir) / "cache" / "artifacts")
+            return cls(cfg.root, cache, _merged(_s3_options(cfg), cfg.options), attempts=cfg.attempts)
+        return cls(cfg.root, cache, cfg.options)
 
     # ----------------------------------------------------------------------------- addressing
 
@@ -116,6 +127,11 @@ class ArtifactStore:
             raise StorageError(f"{uri_or_key} is not inside the store {self.root}")
         return uri_or_key.strip("/")
 
+    def options_for(self, uri: str) -> dict[str, Any]:
+        """The store's filesystem options for another URI of the same scheme (a dataset or model in the store's
+        bucket service), none for any other."""
+        return dict(self.fs.storage_options) if uri.split("://", 1)[0] == self.root.split("://", 1)[0] else {}
+
     def _path(self, key: str) -> str:
         return f"{self._root_path.rstrip('/')}/{key}" if key else self._root_path
 
@@ -124,13 +140,14 @@ class ArtifactStore:
     def check(self) -> None:
         """Fail with one line naming the root if it cannot be reached or written."""
         try:
-            if self.root.startswith("s3://"):
+            if self.root.split("://", 1)[0] in BUCKET_SCHEMES:  # a bucket is made by its owner, never by a run
                 bucket = self._root_path.split("/", 1)[0]
                 try:
                     self.fs.ls(bucket)  # unlike exists(), raises on a transport error instead of saying False
                 except (FileNotFoundError, PermissionError):
+                    scheme = self.root.split("://", 1)[0]
                     raise StorageError(
-                        f"bucket not found or not accessible: s3://{bucket} (storage.root={self.root})"
+                        f"bucket not found or not accessible: {scheme}://{bucket} (storage.root={self.root})"
                     ) from None
             else:
                 self.fs.makedirs(self._root_path, exist_ok=True)

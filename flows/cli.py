@@ -78,7 +78,7 @@ def _quiet_user_error_tracebacks() -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from engine.config import RunParameters
-    from engine.secrets import OVERRIDES_ENV, is_secret_path
+    from engine.secrets import OVERRIDES_ENV, holds_secret
     from engine.stages import preflight
     from tasks.prefect_api import prepare_prefect_api
 
@@ -86,7 +86,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise PosttrainError(f"unknown pipeline {args.pipeline!r}; choose from {', '.join(PIPELINES)}")
     overrides = dict(_split_override(o) for o in args.set)
     # secret overrides reach the flow through this process's environment, not as Prefect parameters
-    secret = {key: value for key, value in overrides.items() if is_secret_path(key)}
+    secret = {key: value for key, value in overrides.items() if holds_secret(key, value)}
     os.environ[OVERRIDES_ENV] = json.dumps(secret)
     params = RunParameters(
         config=args.config or DEFAULT_CONFIGS[args.pipeline],

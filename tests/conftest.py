@@ -10,6 +10,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -25,6 +26,8 @@ HERMETIC_ENV = {
     "HF_HUB_OFFLINE": "1",
     "HF_DATASETS_OFFLINE": "1",
     "TOKENIZERS_PARALLELISM": "false",
+    # gcsfs asks GCS's gRPC control plane for each bucket's layout; an emulator has none and each ask waits 60 s
+    "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
     "AWS_ACCESS_KEY_ID": "testing",
     "AWS_SECRET_ACCESS_KEY": "testing",
     "AWS_DEFAULT_REGION": "us-east-1",
@@ -72,6 +75,21 @@ def pytest_runtest_setup(item):
         pytest.fail(item.stash[_BROKEN_CUDA], pytrace=False)
 
 
+def serving(command: list[str], port: int, timeout_s: float = 30.0) -> subprocess.Popen:
+    """``command`` started, once it accepts connections on 127.0.0.1:``port``."""
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return proc
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError(f"{Path(command[0]).name} did not start on port {port}") from None
+            time.sleep(0.2)
+
+
 def require_tool(path: str | None, what: str, install: str) -> str:
     """The path of a tool a test needs, or a failure naming the install step (a missing tool is not a skip)."""
     if not path:
@@ -88,23 +106,63 @@ def s3_server():
         "moto_server",
         "run `make setup` (pip install -e '.[test]')",
     )
-    proc = subprocess.Popen(
-        [moto, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
+    proc = serving([moto, "-H", "127.0.0.1", "-p", str(port)], port)
     endpoint = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            break
-        except OSError:
-            time.sleep(0.2)
-    else:
-        proc.kill()
-        raise RuntimeError("moto_server did not start")
     yield endpoint, proc.pid
     proc.terminate()
     proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def gcs_endpoint():
+    """A GCS emulator (gcp-storage-emulator, in memory) on 127.0.0.1: gs:// stores reach it through gcsfs."""
+    emulator = require_tool(
+        shutil.which("gcp-storage-emulator", path=str(Path(sys.executable).parent)),
+        "gcp-storage-emulator",
+        "run `make setup` (pip install -e '.[test]')",
+    )
+    port = free_port()
+    proc = serving([emulator, "start", "--host=127.0.0.1", f"--port={port}", "--in-memory"], port)
+    yield f"http://127.0.0.1:{port}"
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+# Azurite's documented development account (public, the same in every Azurite)
+AZURITE_ACCOUNT = "devstoreaccount1"
+AZURITE_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+
+
+@pytest.fixture(scope="session")
+def azurite_connection_string():
+    """Azurite's blob service (npm, in memory) on 127.0.0.1: az:// stores reach it through adlfs."""
+    azurite = Path(sys.executable).parent.parent / "azurite" / "node_modules" / ".bin" / "azurite-blob"
+    azurite = require_tool(str(azurite) if azurite.exists() else None, "azurite-blob", "run `make azurite` (npm)")
+    port = free_port()
+    flags = ["--blobHost", "127.0.0.1", "--blobPort", str(port), "--inMemoryPersistence", "--skipApiVersionCheck"]
+    proc = serving([azurite, *flags, "--loose", "--silent"], port)
+    yield (
+        f"DefaultEndpointsProtocol=http;AccountName={AZURITE_ACCOUNT};AccountKey={AZURITE_KEY};"
+        f"BlobEndpoint=http://127.0.0.1:{port}/{AZURITE_ACCOUNT};"
+    )
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+@pytest.fixture(params=["gs", "az"])
+def object_store(request) -> SimpleNamespace:
+    """A GCS or Azure Blob emulator: its URI scheme, the ``storage.options`` that reach it, a fresh bucket in it."""
+    import uuid
+
+    import fsspec
+
+    if request.param == "gs":
+        options = {"endpoint_url": request.getfixturevalue("gcs_endpoint"), "token": "anon"}
+    else:
+        options = {"connection_string": request.getfixturevalue("azurite_connection_string")}
+    bucket = f"posttrain-{uuid.uuid4().hex[:10]}"
+    fsspec.filesystem(request.param, **options).mkdir(bucket)
+    return SimpleNamespace(scheme=request.param, options=options, bucket=bucket)
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from engine.config import DataConfig
 from engine.data import sources
@@ -33,11 +33,14 @@ class DataSources:
         return {name: src.fingerprint for name, src in (("train", self.train), ("val", self.val)) if src is not None}
 
 
-def resolve_sources(cfg: DataConfig, cache_dir: Path, storage_options: dict[str, Any]) -> DataSources:
+def resolve_sources(
+    cfg: DataConfig, cache_dir: Path, options_for: Callable[[str], dict[str, Any]] = lambda uri: {}
+) -> DataSources:
+    """The train and val sources made local; ``options_for(uri)``: the fsspec options of a remote one."""
     if cfg.source == "synthetic":
         return DataSources(None, None, cache_dir)
-    train = sources.resolve(cfg.source, cfg, cache_dir, storage_options)
-    val = sources.resolve(cfg.val_source, cfg, cache_dir, storage_options) if cfg.val_source else None
+    train = sources.resolve(cfg.source, cfg, cache_dir, options_for(cfg.source))
+    val = sources.resolve(cfg.val_source, cfg, cache_dir, options_for(cfg.val_source)) if cfg.val_source else None
     return DataSources(train, val, cache_dir)
 
 

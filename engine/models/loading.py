@@ -73,7 +73,7 @@ def resolve_model(name: str, store: ArtifactStore, cache_dir: Path) -> Path:
     """A local folder holding the model named by ``name``.
 
     Order: a committed artifact of the store (by URI); an existing local path; any other URI through
-    fsspec (with the store's S3 settings); otherwise a hub repo id.
+    fsspec (with the store's settings where the scheme is the store's); otherwise a hub repo id.
     """
     if name.startswith(store.root + "/") and store.is_committed(name):
         return _check_folder(store.download(name), name)
@@ -81,8 +81,7 @@ def resolve_model(name: str, store: ArtifactStore, cache_dir: Path) -> Path:
     if local.is_dir():
         return _check_folder(local, name)
     if "://" in name:
-        options = store.fs.storage_options if name.startswith("s3://") and store.root.startswith("s3://") else {}
-        return _download_uri(name, cache_dir / "models", options)
+        return _download_uri(name, cache_dir / "models", store.options_for(name))
     if name.startswith(("/", ".", "~")):
         raise ModelLoadError(f"model folder not found: {name}")
     return _download_hub(name, cache_dir)

@@ -147,6 +147,27 @@ def test_tiny_sft_on_s3_store(tmp_path, s3_endpoint, s3_bucket, services):
     assert not (tmp_path / ".posttrain/store").exists()
 
 
+@pytest.mark.timeout(900)  # services 300, 2 x 300
+def test_tiny_sft_on_gs_and_az_stores_with_storage_options(tmp_path, object_store, services):
+    """gs:// (gcsfs) and az:// (adlfs), reached with storage.options, whose credential is masked on every surface."""
+    root, options = f"{object_store.scheme}://{object_store.bucket}/posttrain", object_store.options
+    args = ["run", "sft", "--json", "--set", f"storage.root={root}", "--set", f"storage.options={json.dumps(options)}"]
+    args += ["--set", "sft.max_steps=20", "--set", "sft.checkpoint_every=10", "--set", "policy.world_size=1"]
+    summary = summary_of(run_cli(args, cwd=tmp_path, env=services.prefect_env))
+    assert summary["stages"]["sft"]["artifact"].startswith(root)
+    store = ArtifactStore.from_config(StorageConfig(root=root, options=options), tmp_path)
+    check_committed_run(summary, store, steps=20, checkpoint_every=10)
+    assert not (tmp_path / ".posttrain/store").exists()
+    params = stage_runs(tmp_path)[0].get_run(summary["mlflow_run_id"]).data.params  # the pipeline run's config
+    logged = {key.removeprefix("storage.options."): value for key, value in params.items() if "options." in key}
+    assert logged == {key: "***" if key in ("token", "connection_string") else value for key, value in options.items()}
+
+    again = summary_of(run_cli(args, cwd=tmp_path, env=services.prefect_env))  # found in the store by its key
+    assert (
+        again["stages"]["sft"]["cached"] and again["stages"]["sft"]["artifact"] == summary["stages"]["sft"]["artifact"]
+    )
+
+
 RESUME_ARGS = ["--set", "sft.max_steps=30", "--set", "sft.checkpoint_every=10", "--set", "sft.val_every=10"]
 
 

@@ -83,21 +83,20 @@ def test_datasets_on_s3_load_through_the_store_settings_keyed_by_content(s3_endp
     from tests.fixtures.hub_datasets import make_gsm8k
 
     store = s3_store(s3_endpoint, s3_bucket, tmp_path)
-    options = store.fs.storage_options
     rows = "".join(json.dumps({"prompt": f"What is {i}+1?", "completion": i + 1}) + "\n" for i in range(10))
     store.fs.pipe_file(f"{s3_bucket}/data/train.jsonl", rows.encode())
     store.fs.pipe_file(f"{s3_bucket}/data/more.jsonl", rows.encode())
 
     single = DataConfig(source=f"s3://{s3_bucket}/data/train.jsonl", val_fraction=0.2)
-    resolved = resolve_sources(single, tmp_path / "cache", options)
+    resolved = resolve_sources(single, tmp_path / "cache", store.options_for)
     train, val = build_splits(single, resolved, seed=0)
     assert len(train) == 8 and len(val) == 2 and train[0]["completion"] == str(int(train[0]["answer"]))
     both = DataConfig(source=f"s3://{s3_bucket}/data/*.jsonl", val_fraction=0.2)
-    train, val = build_splits(both, resolve_sources(both, tmp_path / "cache", options), seed=0)
+    train, val = build_splits(both, resolve_sources(both, tmp_path / "cache", store.options_for), seed=0)
     assert len(train) + len(val) == 20
 
     store.fs.pipe_file(f"{s3_bucket}/data/train.jsonl", rows.replace("What is 3+1?", "What is 3+2?").encode())
-    assert resolve_sources(single, tmp_path / "cache", options).fingerprints() != resolved.fingerprints()
+    assert resolve_sources(single, tmp_path / "cache", store.options_for).fingerprints() != resolved.fingerprints()
 
     folder = make_gsm8k(tmp_path / "gsm8k", train=6, test=3)
     store.fs.put(str(folder) + "/", f"{s3_bucket}/hub/gsm8k/", recursive=True)
@@ -109,7 +108,7 @@ def test_datasets_on_s3_load_through_the_store_settings_keyed_by_content(s3_endp
         response_field="answer",
         answer_pattern="#### (.+)$",
     )
-    train, val = build_splits(gsm8k, resolve_sources(gsm8k, tmp_path / "cache", options), seed=0)
+    train, val = build_splits(gsm8k, resolve_sources(gsm8k, tmp_path / "cache", store.options_for), seed=0)
     assert (len(train), len(val)) == (6, 3) and train[0]["answer"].isdigit()
 
 

@@ -20,7 +20,7 @@ REPLY = {"role": "assistant", "content": "4"}
 
 def splits(tmp_path: Path, **data):
     cfg = DataConfig(**data)
-    return build_splits(cfg, resolve_sources(cfg, tmp_path / "cache", {}), seed=0)
+    return build_splits(cfg, resolve_sources(cfg, tmp_path / "cache"), seed=0)
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -123,12 +123,12 @@ def test_gsm8k_shape_as_a_local_folder_and_through_the_hub_cache(tmp_path, monke
     monkeypatch.setenv("HF_HUB_CACHE", str(hub))
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(hub))
     cfg = DataConfig(source="openai/gsm8k", **gsm8k)
-    resolved = resolve_sources(cfg, tmp_path / "cache", {})
+    resolved = resolve_sources(cfg, tmp_path / "cache")
     assert resolved.train.fingerprint == "openai/gsm8k@0123456789abcdef0123456789abcdef01234567"
     hub_train, hub_val = build_splits(cfg, resolved, seed=0)
     assert hub_train == train and hub_val == val  # the hub and a local folder read the same rows
     with pytest.raises(DataError, match="cannot load dataset 'someone/missing' from the Hugging Face hub"):
-        resolve_sources(DataConfig(source="someone/missing"), tmp_path / "cache", {})
+        resolve_sources(DataConfig(source="someone/missing"), tmp_path / "cache")
 
 
 def test_save_to_disk_folders_globs_and_csv(tmp_path):
@@ -154,10 +154,10 @@ def test_save_to_disk_folders_globs_and_csv(tmp_path):
 
 def test_the_fingerprint_follows_the_bytes(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "q", "completion": "a"}] * 3)
-    first = resolve_sources(DataConfig(source=str(path)), tmp_path, {}).fingerprints()
-    assert resolve_sources(DataConfig(source=str(path)), tmp_path, {}).fingerprints() == first
+    first = resolve_sources(DataConfig(source=str(path)), tmp_path).fingerprints()
+    assert resolve_sources(DataConfig(source=str(path)), tmp_path).fingerprints() == first
     write_jsonl(path, [{"prompt": "q", "completion": "a"}] * 2 + [{"prompt": "q", "completion": "b"}])
-    assert resolve_sources(DataConfig(source=str(path)), tmp_path, {}).fingerprints() != first
+    assert resolve_sources(DataConfig(source=str(path)), tmp_path).fingerprints() != first
 
 
 @pytest.mark.parametrize(

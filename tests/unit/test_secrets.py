@@ -9,7 +9,7 @@ import json
 import pytest
 
 from engine.config import RunParameters, load_config
-from engine.secrets import MASK, OVERRIDES_ENV, is_secret_key, is_secret_path, redact
+from engine.secrets import MASK, OVERRIDES_ENV, holds_secret, is_secret_key, is_secret_path, redact
 from tasks.ray_job import decode_payload, encode_payload
 
 SECRET = "hf_s3cr3tVALUE"
@@ -23,6 +23,7 @@ SECRET = "hf_s3cr3tVALUE"
         ("AWS_SECRET_ACCESS_KEY", True),
         ("db-password", True),
         ("credentials", True),
+        ("AZURE_STORAGE_CONNECTION_STRING", True),
         ("max_new_tokens", False),
         ("tokenizer", False),
         ("micro_batch_tokens", False),
@@ -59,3 +60,11 @@ def test_every_written_form_of_the_config_is_masked_and_the_run_still_has_the_va
     params = RunParameters(config="sft_tiny", overrides={"ray.address": "auto", "ray.submission": "job"})
     assert SECRET not in params.model_dump_json()  # what Prefect stores as the run's parameters
     assert params.resolve().ray.job_runtime_env["env_vars"]["HF_TOKEN"] == SECRET
+
+
+def test_an_override_whose_value_holds_a_secret_is_kept_off_the_parameters():
+    assert holds_secret("storage.options", {"endpoint_url": "http://127.0.0.1:1", "token": SECRET})
+    assert holds_secret("ray.job_runtime_env.env_vars", {"PLAIN": "x"})  # every env var is masked, so kept back
+    assert holds_secret("ray.job_runtime_env.env_vars.HF_TOKEN", SECRET)
+    assert not holds_secret("storage.options", {"endpoint_url": "http://127.0.0.1:1", "project": "p"})
+    assert not holds_secret("grpo.max_new_tokens", 8)

@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from engine.config import StorageConfig
 from engine.errors import StorageError
 from engine.storage import MANIFEST, ArtifactStore
 
@@ -103,3 +104,14 @@ def test_open_and_read_json(store, tmp_path):
 def test_foreign_uri_is_rejected(store):
     with pytest.raises(StorageError, match="not inside the store"):
         store.key_of("s3://elsewhere/x")
+
+
+def test_storage_options_go_over_posttrains_own_s3_settings_key_by_key(tmp_path):
+    cfg = StorageConfig(
+        root="s3://bucket/runs",
+        endpoint_url="http://127.0.0.1:9",
+        options={"client_kwargs": {"region_name": "eu-west-1"}, "anon": True},
+    )
+    options = ArtifactStore.from_config(cfg, tmp_path).fs.storage_options
+    assert options["client_kwargs"] == {"endpoint_url": "http://127.0.0.1:9", "region_name": "eu-west-1"}
+    assert options["anon"] is True and options["config_kwargs"]["read_timeout"] == cfg.read_timeout_s
