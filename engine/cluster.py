@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 from typing import Any, Sequence
 
@@ -28,10 +29,12 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy  # noqa: E402
 
 log = logging.getLogger("posttrain.cluster")
+worker_log = logging.getLogger("posttrain.workers")
 
 
 def connect(cfg: RayConfig) -> None:
-    """Start the embedded Ray (address 'local') or join a running cluster; a no-op when already up."""
+    """Start the embedded Ray (address 'local') or join a running cluster; a no-op when already up. The workers'
+    warnings and errors reach the driver as ``posttrain.workers`` records (``WorkerWarnings``)."""
     if ray.is_initialized():
         return
     if cfg.address == "local":
@@ -42,11 +45,50 @@ def connect(cfg: RayConfig) -> None:
             num_cpus=cfg.num_cpus,
             include_dashboard=False,
             _node_ip_address="127.0.0.1",
-            log_to_driver=False,
+            log_to_driver=True,
             configure_logging=False,
         )
     else:
-        ray.init(address=cfg.address, log_to_driver=False, configure_logging=False)
+        ray.init(address=cfg.address, log_to_driver=True, configure_logging=False)
+    _forward_worker_warnings()
+
+
+# What a worker's stderr line must say to reach the driver: a Python warning or a log record at WARNING and above.
+# The rest stays in Ray's worker log files: INFO lines, progress bars, and tracebacks, whose exception reaches the
+# caller through ray.get anyway (a bad input keeps its one-line error).
+_WORTH_A_LINE = re.compile(r"Warning\b|\bWARN(ING)?\b|\bERROR\b|\bCRITICAL\b|\bFATAL\b")
+
+
+class WorkerWarnings:
+    """Ray's stream of worker output, as the driver receives it: stderr lines that warn or fail become
+    ``posttrain.workers`` WARNING records (the CLI's stderr, the Prefect task log), each distinct line once."""
+
+    def __init__(self, remembered: int = 10_000):
+        self.remembered = remembered
+        self._seen: set[str] = set()
+
+    def __call__(self, data: dict[str, Any]) -> None:
+        if not data.get("is_err"):
+            return
+        source = f"{data.get('actor_name') or data.get('task_name') or 'worker'} pid={data.get('pid')}"
+        for raw in data.get("lines", []):
+            line = raw.rsplit("\r", 1)[-1].strip()  # a progress bar's latest state
+            if not line or line in self._seen or not _WORTH_A_LINE.search(line):
+                continue
+            if len(self._seen) < self.remembered:
+                self._seen.add(line)
+            worker_log.warning("[%s] %s", source, line)
+
+
+def _forward_worker_warnings() -> None:
+    """In place of the handler ``log_to_driver`` installs, which prints every line of every worker. Ray (pinned)
+    offers no public hook for this: its stream dispatcher is private, so a Ray upgrade must keep the integration
+    test of this path green."""
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+    dispatcher.remove_handler("ray_print_logs")
+    dispatcher.remove_handler("posttrain_worker_warnings")
+    dispatcher.add_handler("posttrain_worker_warnings", WorkerWarnings())
 
 
 def rendezvous_point() -> tuple[str, int]:
