@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 AZURITE_VERSION ?= 3.35.0
 AZURITE := $(VENV)/azurite/node_modules/.bin/azurite-blob
 
-.PHONY: setup browser azurite run test test-fast clean
+.PHONY: setup browser azurite run test test-fast docs clean
 
 $(STAMP): pyproject.toml deployments/constraints.txt
 	$(PY) -m venv $(VENV)
@@ -44,5 +44,10 @@ test: setup browser azurite
 test-fast: setup azurite
 	$(VENV)/bin/python -m pytest --durations=10 tests/unit tests/integration
 
+# the API reference, rendered from the docstrings into build/docs (tests/unit/test_api_docs.py checks the same render
+# and every reference the docstrings make to our code)
+docs: setup
+	$(VENV)/bin/pdoc engine tasks flows -o build/docs
+
 clean:
-	rm -rf $(VENV) .posttrain
+	rm -rf $(VENV) .posttrain build

@@ -9,6 +9,7 @@ local folder and on S3, which has no atomic rename.
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import json
 import os
@@ -217,7 +218,7 @@ class ArtifactStore:
             return None
         return ArtifactRef(uri=self.uri(self.key_of(uri_or_key)), digest=manifest.digest())
 
-    def list(self, prefix: str) -> list[str]:
+    def list(self, prefix: str) -> builtins.list[str]:  # builtins: this method's name shadows list here
         """Keys of the committed artifacts directly below ``prefix``, sorted by name."""
         self.fs.invalidate_cache()
         pattern = self._path(f"{prefix.strip('/')}/*/{MANIFEST}")
@@ -225,7 +226,7 @@ class ArtifactStore:
         keys = [found.lstrip("/")[len(root) :].rsplit("/", 1)[0] for found in self.fs.glob(pattern)]
         return sorted(keys)
 
-    def list_children(self, prefix: str) -> list[str]:
+    def list_children(self, prefix: str) -> builtins.list[str]:
         """Names of the folders directly below ``prefix`` (committed or not), sorted."""
         try:
             found = self.fs.ls(self._path(prefix.strip("/")), detail=True)
