@@ -37,3 +37,45 @@ def test_actors_import_the_engine_of_the_checkout_that_starts_them(tmp_path, mon
     assert [p.name for p in Path(root).iterdir() if not p.name.startswith(".")] == ["engine"]
     assert (Path(root) / "engine").resolve() == worker_envs.ENGINE_DIR
     assert worker_envs.runtime_env("vllm")["env_vars"]["PYTHONPATH"] == root  # stable, and created once
+
+
+def test_pips_index_settings_reach_a_uv_build():
+    """uv reads no pip configuration: a build hands it pip's, the environment's PIP_* winning over the files."""
+    listed = "\n".join(
+        [
+            "global.cert='/etc/ssl/certs/ca-certificates.crt'",
+            "global.constraint='/etc/xdg/pip/constraints.txt'",
+            "global.extra-index-url='file:///opt/pypi/simple file:///opt/pypi-more/simple'",
+            "global.find-links='/opt/wheels'",
+            ":env:.find-links='/srv/wheels'",
+            ":env:.default-timeout='180'",
+        ]
+    )
+    assert worker_envs.pip_settings_as_uv_flags(listed) == [
+        "--constraint",
+        "/etc/xdg/pip/constraints.txt",
+        "--extra-index-url",
+        "file:///opt/pypi/simple",
+        "--extra-index-url",
+        "file:///opt/pypi-more/simple",
+        "--find-links",
+        "/srv/wheels",
+    ]
+
+
+def test_the_builder_is_uv_where_installed_unless_told(tmp_path, monkeypatch):
+    fake_uv = tmp_path / "uv"
+    fake_uv.write_text("#!/bin/sh\n")
+    fake_uv.chmod(0o755)
+    monkeypatch.setattr(worker_envs.sys, "executable", str(tmp_path / "python"))  # nothing beside it but our fake
+    monkeypatch.setenv("PATH", "/nonexistent")
+    monkeypatch.delenv("POSTTRAIN_INSTALLER", raising=False)
+    assert worker_envs.uv_executable() == str(fake_uv)
+    monkeypatch.setenv("POSTTRAIN_INSTALLER", "pip")
+    assert worker_envs.uv_executable() is None
+    fake_uv.unlink()
+    monkeypatch.setenv("POSTTRAIN_INSTALLER", "auto")
+    assert worker_envs.uv_executable() is None  # not installed: pip builds
+    monkeypatch.setenv("POSTTRAIN_INSTALLER", "uv")
+    with pytest.raises(PosttrainError, match="POSTTRAIN_INSTALLER=uv but uv is not installed"):
+        worker_envs.uv_executable()
