@@ -44,6 +44,8 @@ def _validation(sums: dict[str, float]) -> dict[str, float]:
 def _summary(val_history: list[dict[str, float]], last_loss: float) -> dict[str, float]:
     return {
         "train_loss_last": last_loss,
+        "val_loss_first": val_history[0]["val/loss"],
+        "val_loss_last": val_history[-1]["val/loss"],
         "val_pairwise_accuracy_first": val_history[0]["val/pairwise_accuracy"],
         "val_pairwise_accuracy": val_history[-1]["val/pairwise_accuracy"],
     }

@@ -270,7 +270,9 @@ def test_the_reward_model_learns_and_serves_as_a_reward(seeded_workdir, services
         "evaluate": False,
     }
     rm = summary["stages"]["reward_model"]["metrics"]
-    assert rm["val_pairwise_accuracy"] >= 0.9 and rm["val_pairwise_accuracy"] > rm["val_pairwise_accuracy_first"], rm
+    # the likelihood head starts from the SFT model, which already ranks about 98 % of the val pairs right (measured
+    # 0.984 -> 0.977, one pair of 128): learning shows in the Bradley-Terry val loss (measured 0.0433 -> 0.0324)
+    assert rm["val_pairwise_accuracy"] >= 0.9 and rm["val_loss_last"] <= 0.9 * rm["val_loss_first"], rm
     assert summary["stages"]["grpo"]["metrics"]["token_mult_prob_error_median"] <= 1.001
     client, runs = stage_runs(seeded_workdir, "grpo")
     rewards = metric_curve(client, runs[-1].info.run_id, "reward/reward_model")
