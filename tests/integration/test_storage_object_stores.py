@@ -12,6 +12,7 @@ from engine.config import DataConfig, PipelineConfig, StorageConfig
 from engine.errors import StorageError
 from engine.models.loading import resolve_model
 from engine.storage import ArtifactStore
+from tests.integration.test_storage_s3 import commit_two_checkpoints_and_a_partial_upload
 
 
 @pytest.fixture
@@ -23,17 +24,11 @@ def store(object_store, tmp_path) -> ArtifactStore:
 
 
 def test_commit_list_latest_download_verify(store, object_store: SimpleNamespace, tmp_path):
-    src = tmp_path / "src"
-    (src / "dcp").mkdir(parents=True)
-    (src / "dcp/shard0").write_bytes(b"\x01" * 1000)
-    (src / "state.json").write_text("{}")
-    for step in (10, 20):
-        store.commit_dir(src, f"ckpt/step_{step:06d}", metadata={"step": step})
-    store.fs.pipe_file(f"{object_store.bucket}/runs/ckpt/step_000030/upload-x/dcp/shard0", b"partial")  # no manifest
+    commit_two_checkpoints_and_a_partial_upload(store, object_store.bucket, tmp_path)
     assert store.list("ckpt") == ["ckpt/step_000010", "ckpt/step_000020"]
     assert store.latest("ckpt") == "ckpt/step_000020"
     local = store.download(store.uri("ckpt/step_000020"))
-    assert (local / "dcp/shard0").read_bytes() == b"\x01" * 1000
+    assert (local / "dcp/shard0").read_bytes() == b"\x00" * 1000
     assert store.verify("ckpt/step_000020")
     assert store.uri("x") == f"{object_store.scheme}://{object_store.bucket}/runs/x"
 

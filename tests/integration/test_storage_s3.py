@@ -4,6 +4,7 @@ import os
 import signal
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -20,16 +21,20 @@ def s3_store(endpoint, bucket, tmp_path, prefix="runs"):
     return store
 
 
-def test_commit_list_latest_download_on_s3(s3_endpoint, s3_bucket, tmp_path):
-    store = s3_store(s3_endpoint, s3_bucket, tmp_path)
+def commit_two_checkpoints_and_a_partial_upload(store: ArtifactStore, bucket: str, tmp_path: Path) -> None:
+    """Steps 10 and 20 committed under ``ckpt/``, and step 30 interrupted: its data uploaded, no manifest."""
     src = tmp_path / "src"
     (src / "dcp").mkdir(parents=True)
     (src / "dcp/shard0").write_bytes(b"\x00" * 1000)
     (src / "state.json").write_text("{}")
     for step in (10, 20):
         store.commit_dir(src, f"ckpt/step_{step:06d}", metadata={"step": step})
-    # an interrupted upload: data but no manifest
-    store.fs.pipe_file(f"{s3_bucket}/runs/ckpt/step_000030/upload-x/dcp/shard0", b"partial")
+    store.fs.pipe_file(f"{bucket}/runs/ckpt/step_000030/upload-x/dcp/shard0", b"partial")
+
+
+def test_commit_list_latest_download_on_s3(s3_endpoint, s3_bucket, tmp_path):
+    store = s3_store(s3_endpoint, s3_bucket, tmp_path)
+    commit_two_checkpoints_and_a_partial_upload(store, s3_bucket, tmp_path)
     assert store.list("ckpt") == ["ckpt/step_000010", "ckpt/step_000020"]
     assert store.latest("ckpt") == "ckpt/step_000020"
     local = store.download(store.uri("ckpt/step_000020"))
