@@ -79,6 +79,11 @@ def _s3_options(cfg: StorageConfig) -> dict[str, Any]:
     return {"client_kwargs": client_kwargs, "config_kwargs": config_kwargs}
 
 
+def _scheme(uri: str) -> str:
+    """``s3`` of ``s3://bucket/key``; a plain path is its own (it matches no URI's)."""
+    return uri.split("://", 1)[0]
+
+
 def _merged(ours: dict[str, Any], theirs: dict[str, Any]) -> dict[str, Any]:
     """``theirs`` over ``ours``, nested mappings (s3fs's client_kwargs, config_kwargs) merged key by key."""
     merged = dict(ours)
@@ -97,6 +102,7 @@ class ArtifactStore:
         attempts: int | None = None,
     ):
         self.root = root.rstrip("/")
+        self.scheme = _scheme(self.root)
         self.cache_dir = Path(cache_dir)
         options = dict(storage_options or {})
         if attempts is not None:  # s3fs counts tries per instance: this store gets an instance of its own
@@ -131,7 +137,7 @@ class ArtifactStore:
     def options_for(self, uri: str) -> dict[str, Any]:
         """The store's filesystem options for another URI of the same scheme (a dataset or model in the store's
         bucket service), none for any other."""
-        return dict(self.fs.storage_options) if uri.split("://", 1)[0] == self.root.split("://", 1)[0] else {}
+        return dict(self.fs.storage_options) if _scheme(uri) == self.scheme else {}
 
     def _path(self, key: str) -> str:
         return f"{self._root_path.rstrip('/')}/{key}" if key else self._root_path
@@ -141,14 +147,13 @@ class ArtifactStore:
     def check(self) -> None:
         """Fail with one line naming the root if it cannot be reached or written."""
         try:
-            if self.root.split("://", 1)[0] in BUCKET_SCHEMES:  # a bucket is made by its owner, never by a run
+            if self.scheme in BUCKET_SCHEMES:  # a bucket is made by its owner, never by a run
                 bucket = self._root_path.split("/", 1)[0]
                 try:
                     self.fs.ls(bucket)  # unlike exists(), raises on a transport error instead of saying False
                 except (FileNotFoundError, PermissionError):
-                    scheme = self.root.split("://", 1)[0]
                     raise StorageError(
-                        f"bucket not found or not accessible: {scheme}://{bucket} (storage.root={self.root})"
+                        f"bucket not found or not accessible: {self.scheme}://{bucket} (storage.root={self.root})"
                     ) from None
             else:
                 self.fs.makedirs(self._root_path, exist_ok=True)
