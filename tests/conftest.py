@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -11,6 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Iterator
 
 import pytest
 
@@ -75,19 +77,29 @@ def pytest_runtest_setup(item):
         pytest.fail(item.stash[_BROKEN_CUDA], pytrace=False)
 
 
-def serving(command: list[str], port: int, timeout_s: float = 30.0) -> subprocess.Popen:
-    """``command`` started, once it accepts connections on 127.0.0.1:``port``."""
+@contextlib.contextmanager
+def serving(command: list[str], port: int, timeout_s: float = 30.0) -> Iterator[subprocess.Popen]:
+    """``command`` running while open, from when it accepts connections on 127.0.0.1:``port``; stopped by PID."""
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + timeout_s
     while True:
         try:
             socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return proc
+            break
         except OSError:
             if proc.poll() is not None or time.monotonic() > deadline:
                 proc.kill()
                 raise RuntimeError(f"{Path(command[0]).name} did not start on port {port}") from None
             time.sleep(0.2)
+    try:
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:  # Azurite (node) can take longer to stop on SIGTERM than a test run waits
+            proc.kill()
+            proc.wait(timeout=10)
 
 
 def require_tool(path: str | None, what: str, install: str) -> str:
@@ -106,11 +118,8 @@ def s3_server():
         "moto_server",
         "run `make setup` (pip install -e '.[test]')",
     )
-    proc = serving([moto, "-H", "127.0.0.1", "-p", str(port)], port)
-    endpoint = f"http://127.0.0.1:{port}"
-    yield endpoint, proc.pid
-    proc.terminate()
-    proc.wait(timeout=10)
+    with serving([moto, "-H", "127.0.0.1", "-p", str(port)], port) as proc:
+        yield f"http://127.0.0.1:{port}", proc.pid
 
 
 @pytest.fixture(scope="session")
@@ -122,10 +131,8 @@ def gcs_endpoint():
         "run `make setup` (pip install -e '.[test]')",
     )
     port = free_port()
-    proc = serving([emulator, "start", "--host=127.0.0.1", f"--port={port}", "--in-memory"], port)
-    yield f"http://127.0.0.1:{port}"
-    proc.terminate()
-    proc.wait(timeout=10)
+    with serving([emulator, "start", "--host=127.0.0.1", f"--port={port}", "--in-memory"], port):
+        yield f"http://127.0.0.1:{port}"
 
 
 # Azurite's documented development account (public, the same in every Azurite)
@@ -140,13 +147,11 @@ def azurite_connection_string():
     azurite = require_tool(str(azurite) if azurite.exists() else None, "azurite-blob", "run `make azurite` (npm)")
     port = free_port()
     flags = ["--blobHost", "127.0.0.1", "--blobPort", str(port), "--inMemoryPersistence", "--skipApiVersionCheck"]
-    proc = serving([azurite, *flags, "--loose", "--silent"], port)
-    yield (
-        f"DefaultEndpointsProtocol=http;AccountName={AZURITE_ACCOUNT};AccountKey={AZURITE_KEY};"
-        f"BlobEndpoint=http://127.0.0.1:{port}/{AZURITE_ACCOUNT};"
-    )
-    proc.terminate()
-    proc.wait(timeout=10)
+    with serving([azurite, *flags, "--loose", "--silent"], port):
+        yield (
+            f"DefaultEndpointsProtocol=http;AccountName={AZURITE_ACCOUNT};AccountKey={AZURITE_KEY};"
+            f"BlobEndpoint=http://127.0.0.1:{port}/{AZURITE_ACCOUNT};"
+        )
 
 
 @pytest.fixture(params=["gs", "az"])
