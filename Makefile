@@ -11,12 +11,16 @@ AZURITE := $(VENV)/azurite/node_modules/.bin/azurite-blob
 
 .PHONY: setup browser azurite run test test-fast docs clean
 
+# uv installs (pip takes about 5x as long here); it gets pip's configured indexes, wheel folders and constraints as
+# flags (engine/worker_envs.py), since it reads no pip configuration.
+UV_INSTALL = $(VENV)/bin/uv pip install -q --python $(VENV)/bin/python $$($(VENV)/bin/python -m engine.worker_envs uv-flags)
+
 $(STAMP): pyproject.toml deployments/constraints.txt
 	$(PY) -m venv $(VENV)
-	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q "$(TORCH_SPEC)"
-	$(VENV)/bin/pip install -q -e '.[test]' -c deployments/constraints.txt
-	$(VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+	$(VENV)/bin/pip install -q uv -c deployments/constraints.txt
+	$(UV_INSTALL) "$(TORCH_SPEC)"
+	$(UV_INSTALL) -e '.[test]' -c deployments/constraints.txt
+	$(VENV)/bin/uv pip uninstall -q --python $(VENV)/bin/python torchvision torchaudio torchcodec 2>/dev/null || true
 	$(VENV)/bin/posttrain env build vllm
 	touch $(STAMP)
 

@@ -143,18 +143,22 @@ def pip_settings_as_uv_flags(pip_config_list: str) -> list[str]:
     return [arg for option, items in values.items() for item in items for arg in (_PIP_SETTINGS_FOR_UV[option], item)]
 
 
+def uv_install_flags() -> list[str]:
+    """The flags that make ``uv pip install`` see what ``pip install`` would on this machine (``make setup`` installs
+    the project's own venv with them too)."""
+    listed = subprocess.run(
+        [sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True, check=False
+    ).stdout
+    # pip weighs every index alike; uv's default takes the first index that has a package
+    return [*pip_settings_as_uv_flags(listed), "--index-strategy", "unsafe-best-match"]
+
+
 class _Installer:
     """Creates a venv and installs into it, with uv where installed (much faster) or with pip."""
 
     def __init__(self) -> None:
         self.uv = uv_executable()
-        self.uv_flags: list[str] = []
-        if self.uv:
-            listed = subprocess.run(
-                [sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True, check=False
-            ).stdout
-            # pip weighs every index alike; uv's default takes the first index that has a package
-            self.uv_flags = [*pip_settings_as_uv_flags(listed), "--index-strategy", "unsafe-best-match"]
+        self.uv_flags = uv_install_flags() if self.uv else []
 
     def venv(self, path: Path) -> None:
         if self.uv:
@@ -202,3 +206,11 @@ def build_spec(spec: WorkerEnvSpec, force: bool = False) -> Path:
         subprocess.run([str(python), "-c", f"import {spec.check_import}, engine"], check=True, env=env)
     (path / ".complete").write_text(json.dumps(asdict(spec), default=list))
     return path
+
+
+if __name__ == "__main__":  # `python -m engine.worker_envs uv-flags`: for shells and Makefiles
+    import shlex
+
+    if sys.argv[1:] != ["uv-flags"]:
+        sys.exit("usage: python -m engine.worker_envs uv-flags")
+    print(shlex.join(uv_install_flags()))

@@ -1,11 +1,17 @@
 """Worker environments: a missing one fails with the command that builds it."""
 
+import os
+import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from engine import worker_envs
 from engine.errors import PosttrainError
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_missing_environment_names_the_build_command(tmp_path, monkeypatch):
@@ -79,3 +85,19 @@ def test_the_builder_is_uv_where_installed_unless_told(tmp_path, monkeypatch):
     monkeypatch.setenv("POSTTRAIN_INSTALLER", "uv")
     with pytest.raises(PosttrainError, match="POSTTRAIN_INSTALLER=uv but uv is not installed"):
         worker_envs.uv_executable()
+
+
+def test_make_setup_gets_the_same_uv_flags_from_the_command_line(tmp_path):
+    """`python -m engine.worker_envs uv-flags` (what `make setup` hands `uv pip install`) prints the flags a worker
+    venv build uses, shell-quoted."""
+    env = {**os.environ, "PIP_FIND_LINKS": str(tmp_path / "wheels"), "PIP_CONFIG_FILE": os.devnull}
+    out = subprocess.run(
+        [sys.executable, "-m", "engine.worker_envs", "uv-flags"], cwd=REPO, env=env, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    assert shlex.split(out.stdout) == [
+        "--find-links",
+        str(tmp_path / "wheels"),
+        "--index-strategy",
+        "unsafe-best-match",
+    ]
