@@ -11,7 +11,7 @@ AZURITE := $(VENV)/azurite/node_modules/.bin/azurite-blob
 
 .PHONY: setup browser azurite run test test-fast docs clean
 
-# uv installs (pip takes about 5x as long here); it gets pip's configured indexes, wheel folders and constraints as
+# uv installs (make setup: 22 s with uv, about 150 s with pip here); it gets pip's configured indexes, wheel folders and constraints as
 # flags (engine/worker_envs.py), since it reads no pip configuration.
 UV_INSTALL = $(VENV)/bin/uv pip install -q --python $(VENV)/bin/python $$($(VENV)/bin/python -m engine.worker_envs uv-flags)
 
