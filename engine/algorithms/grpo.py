@@ -353,17 +353,19 @@ def start_roles(
         started.append(EnvironmentRouter(g.environment_classes(), g.environment_timeout_s))
         cluster.connect(cfg.ray)  # the whole stage fits, or it fails before a model loads
         cluster.check_fits(resources.rl_groups(cfg, g, teacher=teacher_dir is not None))
+        adapters = g.lora if cfg.generation.lora_refit == "adapter" and g.lora.enabled else None
+        generation = GenerationGroup(cfg.generation, str(init_model_dir), seed=cfg.seed, adapters=adapters, wait=False)
+        started.append(generation)  # its engine loads while the trainers start
         started.append(start_policy_group(cfg, init_model_dir, g.optimizer, g.max_steps, pad_id, lora=g.lora))
         started.append(_start_reference(cfg, g, init_model_dir, pad_id, started[-1]) if g.loss.kl_beta else None)
-        adapters = g.lora if cfg.generation.lora_refit == "adapter" and g.lora.enabled else None
-        started.append(GenerationGroup(cfg.generation, str(init_model_dir), seed=cfg.seed, adapters=adapters))
         started.append(RewardModelScorer.start(cfg, reward_model_dir) if g.reward_model_weight > 0 else None)
         started.append(start_policy_group(cfg, teacher_dir, None, g.max_steps, pad_id) if teacher_dir else None)
+        generation.wait_started()
     except BaseException:
         for role in filter(None, started):
             role.shutdown()
         raise
-    functions, environments, policy, reference, generation, reward_model, teacher = started
+    functions, environments, generation, policy, reference, reward_model, teacher = started
     return GRPORoles(policy, generation, environments, reference, reward_model, functions, teacher)
 
 

@@ -33,19 +33,37 @@ class WorkerLost(InfrastructureError):
 
 class GenerationGroup:
     """``adapters``: the trainer's LoRA adapters, applied by the engine on top of the base it loaded (refits then
-    push the adapters alone, ``generation.lora_refit: adapter``)."""
+    push the adapters alone, ``generation.lora_refit: adapter``). ``wait=False`` returns as soon as the workers are
+    launched, so that their engines load while the caller starts other workers (a vLLM worker spends about 20 s
+    importing vLLM); ``wait_started`` then blocks until they are up."""
 
-    def __init__(self, cfg: GenerationConfig, model_dir: str, seed: int = 0, adapters: LoraConfig | None = None):
+    def __init__(
+        self,
+        cfg: GenerationConfig,
+        model_dir: str,
+        seed: int = 0,
+        adapters: LoraConfig | None = None,
+        wait: bool = True,
+    ):
         self.cfg, self.model_dir, self.seed, self.adapters = cfg, model_dir, seed, adapters
         self.virtual = cluster.VirtualCluster("generation", cfg.num_workers, gpus_per_bundle=cfg.gpus_per_worker)
-        self.workers = self._start_workers()
+        self._launch()
+        if wait:
+            self.wait_started()
 
-    def _start_workers(self) -> list[Any]:
+    def wait_started(self) -> None:
+        """Block until every worker has loaded its engine; a worker's start-up error raises here."""
+        if self._starting:
+            cluster.log_placement("generation", ray.get(self._starting))
+            self._starting = []
+
+    def _launch(self) -> None:
+        """Create the workers; ``self._starting`` holds their ``info`` calls, which answer once each has started."""
         cfg = self.cfg
         runtime_env = worker_envs.runtime_env(cfg.worker_env) if cfg.backend == "vllm" else None
         remote_cls = ray.remote(_worker_class(cfg.backend))
         options = self.virtual.actor_options(runtime_env)
-        workers = [
+        self.workers = [
             remote_cls.options(scheduling_strategy=self.virtual.strategy(i), **options).remote(
                 model_path=self.model_dir,
                 dtype=cfg.dtype,
@@ -58,14 +76,14 @@ class GenerationGroup:
             )
             for i in range(cfg.num_workers)
         ]
-        cluster.log_placement("generation", ray.get([worker.info.remote() for worker in workers]))  # start-up errors
-        return workers
+        self._starting = [worker.info.remote() for worker in self.workers]
 
     def restart(self) -> None:
         """Fresh workers on the initial model, in the same bundles; the caller pushes the current weights."""
         for worker in self.workers:
             ray.kill(worker)
-        self.workers = self._start_workers()
+        self._launch()
+        self.wait_started()
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
         size = -(-len(prompts) // len(self.workers))

@@ -25,6 +25,7 @@ pytestmark = pytest.mark.slow
 PREFECT = str(Path(sys.executable).parent / "prefect")
 SCREENSHOTS = REPO / "test-artifacts"
 TINY = {
+    "generation.backend": "hf",  # the deployment is the subject; vLLM's start-up (twice a run) is the default run's
     "sft.max_steps": 30,
     "reward_model.max_steps": 6,
     "grpo.max_steps": 4,

@@ -22,7 +22,13 @@ from tests.e2e.test_sft_cli import stage_runs, summary_of
 
 pytestmark = pytest.mark.slow
 
+# Tests about caching, resume, retries and rewards generate with transformers: it starts in seconds where a vLLM
+# worker takes about 20 s a stage to import vLLM (twice a pipeline run: GRPO and evaluate). vLLM is the generator of
+# the default run, the LoRA run, the recipes' vLLM checks and the integration tier.
+HF_GENERATION = {"generation.backend": "hf"}
+
 GRPO_SMALL = {
+    **HF_GENERATION,
     "grpo.max_steps": 8,
     "grpo.val_every": 4,
     "grpo.checkpoint_every": 4,
@@ -219,7 +225,7 @@ def test_lora_grpo_learns_and_resumes_exactly_from_its_adapter_checkpoint(defaul
     assert resumed["stages"]["evaluate"]["metrics"] == first["stages"]["evaluate"]["metrics"]
 
 
-DISTILL_SMALL = {"distill.val_size": 32, "evaluate.size": 64}
+DISTILL_SMALL = {**HF_GENERATION, "distill.val_size": 32, "evaluate.size": 64}
 
 
 @pytest.mark.timeout(2400)  # services 300, default run 1200, 600 + 2 x 120
@@ -290,7 +296,8 @@ def test_dpo_pipeline_tiny_defaults_and_its_cached_reference(seeded_workdir, ser
     margin rises from 0 and preference accuracy still reaches 0.8; and it reuses the reference logprobs the first
     run kept in the store."""
     env = services.prefect_env
-    summary = summary_of(run_cli(["run", "dpo-pipeline", "--json"], seeded_workdir, timeout=1200, env=env))
+    args = ["run", "dpo-pipeline", "--json", *settings(HF_GENERATION)]  # evaluate's greedy answers
+    summary = summary_of(run_cli(args, seeded_workdir, timeout=1200, env=env))
     assert cached(summary) == {"model": True, "data": True, "sft": True, "dpo": False, "evaluate": False}
     assert summary["stages"]["dpo"]["metrics"]["val_preference_accuracy"] >= 0.8  # measured 0.906
     evaluation = summary["stages"]["evaluate"]["metrics"]
@@ -301,7 +308,7 @@ def test_dpo_pipeline_tiny_defaults_and_its_cached_reference(seeded_workdir, ser
     stamps = {p: p.stat().st_mtime for p in reference.glob("*/MANIFEST.json")}
     assert len(stamps) == 2  # train and val splits
     alone = settings({"dpo.sft_weight": 0, "evaluate.size": 32})
-    second = summary_of(run_cli(["run", "dpo-pipeline", "--json", *alone], seeded_workdir, env=env))
+    second = summary_of(run_cli([*args, *alone], seeded_workdir, env=env))
     assert second["stages"]["sft"]["cached"] and not second["stages"]["dpo"]["cached"]
     assert {p: p.stat().st_mtime for p in reference.glob("*/MANIFEST.json")} == stamps
     dpo = second["stages"]["dpo"]["metrics"]

@@ -153,7 +153,8 @@ def test_gsm8k_recipe_without_sft_caches_by_content_exports_and_registers(
     shutil.copytree(datasets_like_the_hub["gsm8k"], data)
     workdir = tmp_path / "work"
     workdir.mkdir()
-    args = tiny(workdir, tiny_models["qwen2"], data, **{"evaluate.samples": 2})
+    # caching, export and the registry are the subject: transformers generates (the other Qwen recipes check vLLM)
+    args = tiny(workdir, tiny_models["qwen2"], data, **{"evaluate.samples": 2, "generation.backend": "hf"})
     first = run_recipe("grpo-pipeline", "qwen2.5-0.5b-gsm8k-grpo.yaml", workdir, args, services.prefect_env)
     assert_all_ran(first, {"model", "data", "grpo", "evaluate"})
     assert "pass_at_2_final" in first["stages"]["evaluate"]["metrics"]
