@@ -68,10 +68,16 @@ def write_rows(path: Path, rows: list[dict | str]) -> Path:
     "case,expected",
     [
         ("malformed row", "train.jsonl[train] row 1: 'prompt' is missing or empty"),
-        ("not json", "train.jsonl could not be parsed"),
-        ("empty file", "train.jsonl has no rows (its file is empty)"),
         ("missing answer column", "row 0: no 'solution' column for the reference answer (data.answer_field)"),
-        ("unknown subset", "has no subset 'nope' (data.subset); available: main, socratic"),
+        # the same path with other messages (each also checked by the unit tier's data tests)
+        *(
+            pytest.param(case, expected, marks=pytest.mark.extended)
+            for case, expected in [
+                ("not json", "train.jsonl could not be parsed"),
+                ("empty file", "train.jsonl has no rows (its file is empty)"),
+                ("unknown subset", "has no subset 'nope' (data.subset); available: main, socratic"),
+            ]
+        ),
     ],
 )
 @pytest.mark.timeout(600)  # services 300, 300

@@ -92,6 +92,7 @@ def stage_run(workdir, stage: str, summary: dict):
     return client, run
 
 
+@pytest.mark.extended
 @pytest.mark.timeout(2700)  # services 300, default run 1200, 2 x 600
 def test_changing_the_grpo_learning_rate_reruns_grpo_and_evaluate_only(small_grpo, services):
     first = small_grpo.summary
@@ -102,6 +103,7 @@ def test_changing_the_grpo_learning_rate_reruns_grpo_and_evaluate_only(small_grp
     assert changed["stages"]["grpo"]["artifact"] != first["stages"]["grpo"]["artifact"]
 
 
+@pytest.mark.extended
 @pytest.mark.timeout(3000)  # services 300, default run 1200, 600 + 600 + 600
 def test_kill_in_the_middle_of_grpo_then_resume_matches(small_grpo, default_run, tmp_path, services):
     """SIGKILL after GRPO's first checkpoint, then the same command: it resumes at step 4 and the curve from there
@@ -140,6 +142,7 @@ def test_kill_in_the_middle_of_grpo_then_resume_matches(small_grpo, default_run,
     assert resumed["stages"]["evaluate"]["metrics"] == reference["stages"]["evaluate"]["metrics"]
 
 
+@pytest.mark.extended
 @pytest.mark.timeout(3000)  # services 300, default run 1200, 600 + 600
 def test_a_trainer_rank_killed_mid_grpo_is_retried_from_its_checkpoint(small_grpo, default_run, tmp_path, services):
     """The trainer's process dies after GRPO's first checkpoint (SIGKILL, as an out-of-memory kill does): the stage
@@ -188,6 +191,7 @@ GRPO_LORA = {
 }
 
 
+@pytest.mark.extended
 @pytest.mark.timeout(2700)  # services 300, default run 1200, 2 x 600
 def test_lora_grpo_learns_and_resumes_exactly_from_its_adapter_checkpoint(default_run, services, tmp_path):
     """GRPO with LoRA adapters on the SFT model: held-out accuracy rises by >= 0.3 (measured 0.17 -> 0.92 in 12
@@ -228,6 +232,7 @@ def test_lora_grpo_learns_and_resumes_exactly_from_its_adapter_checkpoint(defaul
 DISTILL_SMALL = {**HF_GENERATION, "distill.val_size": 32, "evaluate.size": 64}
 
 
+@pytest.mark.extended
 @pytest.mark.timeout(2400)  # services 300, default run 1200, 600 + 2 x 120
 def test_distill_pipeline_teaches_the_sft_model_the_grpo_models_answers(default_run, services, tmp_path):
     """distill-pipeline with the default run's GRPO model as the teacher: the student (the default SFT model, cached)
@@ -261,6 +266,7 @@ def test_distill_pipeline_teaches_the_sft_model_the_grpo_models_answers(default_
     assert_one_line_error(run_cli(args, workdir, env=env), f"distill.teacher {other} has another tokenizer")
 
 
+@pytest.mark.extended
 @pytest.mark.timeout(2100)  # services 300, default run 1200, 600
 def test_the_reward_model_learns_and_serves_as_a_reward(seeded_workdir, services):
     """grpo.reward_model_weight > 0 trains the reward model (stages.reward_model: auto) on the SFT model and adds
@@ -289,6 +295,7 @@ def test_the_reward_model_learns_and_serves_as_a_reward(seeded_workdir, services
         assert mean[step] == pytest.approx(verifier[step] + 0.5 * rewards[step], abs=1e-5)
 
 
+@pytest.mark.extended
 @pytest.mark.timeout(3300)  # services 300, default run 1200, 1200 + 600
 def test_dpo_pipeline_tiny_defaults_and_its_cached_reference(seeded_workdir, services):
     """DPO on its defaults from the shared SFT model: held-out preference accuracy >= 0.8, greedy accuracy no worse
@@ -318,6 +325,7 @@ def test_dpo_pipeline_tiny_defaults_and_its_cached_reference(seeded_workdir, ser
     assert margins[0] == pytest.approx(0.0, abs=1e-6) and margins[max(margins)] > 0.1, margins  # measured 0.247
 
 
+@pytest.mark.extended
 @pytest.mark.timeout(1500)  # services 300, 1200
 def test_tool_use_pipeline_makes_correct_calls(tmp_path, services):
     """The calculator config on small step counts: the SFT model, half of whose demonstrations call the tool,

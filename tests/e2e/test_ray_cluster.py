@@ -80,6 +80,7 @@ def as_job(ray_head: dict, **overrides) -> list[str]:
     return [arg for key, value in settings.items() for arg in ("--set", f"{key}={value}")]
 
 
+@pytest.mark.extended
 @pytest.mark.timeout(1400)  # ray head 120, 2 x 600
 def test_sft_stage_runs_as_a_ray_job_on_the_declared_gpus(ray_head, tmp_path):
     """Each stage runs as a Ray job; its two trainer ranks reserve one declared GPU each (Ray hands each its own

@@ -108,6 +108,7 @@ def test_qwen_math_recipe_sft_then_grpo_with_a_reward_function(tmp_path, tiny_mo
     assert all(0 <= m.value * 4 <= 4 and (m.value * 4).is_integer() for m in curve)  # a 0/1 score over 4 samples
 
 
+@pytest.mark.extended
 @pytest.mark.timeout(1000)  # services 300, 600
 def test_qwen_megatron_recipe(tmp_path, tiny_models, datasets_like_the_hub, services):
     """The 7B Megatron recipe's layout scaled to two CPU ranks (tensor parallel 2), in fp32 on both sides so that
@@ -137,6 +138,7 @@ def test_llama_dpo_recipe_on_ultrafeedback_shaped_pairs(tmp_path, tiny_models, d
     assert evaluation["unscored_rows"] == 4.0
 
 
+@pytest.mark.extended
 @pytest.mark.timeout(2500)  # services 300, 3 x 600, export 300
 def test_gsm8k_recipe_without_sft_caches_by_content_exports_and_registers(
     tmp_path, tiny_models, datasets_like_the_hub, services

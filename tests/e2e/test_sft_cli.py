@@ -120,6 +120,7 @@ def progress_artifacts(api: str, flow_run_id: str) -> dict[str, tuple[float, str
         return {a.key: (a.data, a.description) for a in client.read_artifacts(artifact_filter=only)}
 
 
+@pytest.mark.extended
 @pytest.mark.timeout(900)  # services 300, 600
 def test_tiny_sft_on_s3_store(tmp_path, s3_endpoint, s3_bucket, services):
     root = f"s3://{s3_bucket}/posttrain"
@@ -147,6 +148,7 @@ def test_tiny_sft_on_s3_store(tmp_path, s3_endpoint, s3_bucket, services):
     assert not (tmp_path / ".posttrain/store").exists()
 
 
+@pytest.mark.extended
 @pytest.mark.timeout(900)  # services 300, 2 x 300
 def test_tiny_sft_on_gs_and_az_stores_with_storage_options(tmp_path, object_store, services):
     """gs:// (gcsfs) and az:// (adlfs), reached with storage.options, whose credential is masked on every surface."""
@@ -171,6 +173,7 @@ def test_tiny_sft_on_gs_and_az_stores_with_storage_options(tmp_path, object_stor
 RESUME_ARGS = ["--set", "sft.max_steps=30", "--set", "sft.checkpoint_every=10", "--set", "sft.val_every=10"]
 
 
+@pytest.mark.extended
 @pytest.mark.timeout(1500)  # 600 + 300 + 600
 def test_sigkill_then_resume_continues_the_same_curve(tmp_path):
     reference_dir, killed_dir = tmp_path / "reference", tmp_path / "killed"
