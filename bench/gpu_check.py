@@ -24,7 +24,7 @@ import torch
 STEPS, BATCH = 4, 24
 
 
-def _free_loopback_port() -> int:
+def free_loopback_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -46,7 +46,7 @@ def _examples(model_dir: Path):
     return [tokenize_conversation(tokenizer, c, 256) for c in conversations], tokenizer.pad_token_id
 
 
-def _sft_loss(logprobs, batch, normalizers):
+def sft_step_loss(logprobs, batch, normalizers):
     from engine.algorithms.losses import nll_loss
 
     return nll_loss(logprobs, batch["loss_mask"], normalizers["tokens"]), {}
@@ -64,12 +64,12 @@ def run_mode(mode: str, model_dir: Path, work: Path) -> dict:
         policy = policy.model_copy(update={"precision": "bf16", "activation_checkpointing": True})
     optimizer = OptimizerConfig(lr=1e-2, warmup_steps=0)
     worker = FSDP2PolicyWorker(0, 1, str(model_dir), policy.model_dump(), optimizer.model_dump(), 10, seed=0)
-    worker.init_distributed("127.0.0.1", _free_loopback_port())
+    worker.init_distributed("127.0.0.1", free_loopback_port())
     examples, pad = _examples(model_dir)
 
     def step(s: int) -> dict:
         plans, tokens = plan_step(examples[s * BATCH : (s + 1) * BATCH], 1, 100_000, pad)
-        out = worker.train_step(plans[0], _sft_loss, {"tokens": float(tokens)})
+        out = worker.train_step(plans[0], sft_step_loss, {"tokens": float(tokens)})
         return {"loss": out["loss_share"], "grad_norm": out["grad_norm"]}
 
     result: dict = {"mode": mode, "device": str(worker.device), "backend": torch.distributed.get_backend()}

@@ -97,14 +97,16 @@ def check_adapter_manifest(incoming: WeightManifest, expected: dict[str, TensorS
 
 def gather_checked(manifest: WeightManifest, buckets: list[Any], keep: list[str]) -> list[tuple[str, torch.Tensor]]:
     """Fetch every bucket (Ray object refs or plain lists of (name, tensor)) and check each tensor
-    against the manifest, all before the engine is touched."""
-    import ray
-
+    against the manifest, all before the engine is touched. Plain lists need no Ray."""
     specs = {spec.name: spec for spec in manifest}
     wanted = set(keep)
     named: list[tuple[str, torch.Tensor]] = []
     for bucket in buckets:
-        for name, tensor in ray.get(bucket) if isinstance(bucket, ray.ObjectRef) else bucket:
+        if not isinstance(bucket, list):
+            import ray
+
+            bucket = ray.get(bucket)
+        for name, tensor in bucket:
             spec = specs.get(name)
             if spec is None or tuple(tensor.shape) != spec.shape:
                 raise WeightMismatch(f"weight bucket tensor {name} does not match the announced manifest")

@@ -36,12 +36,11 @@ import torch
 from engine import checkpointing, cluster, resources
 from engine.algorithms.advantages import estimate_advantages, overlong_penalty
 from engine.algorithms.evaluate import greedy_scores
-from engine.algorithms.losses import PolicyLossConfig, clipped_pg_loss
+from engine.algorithms.losses import GRPOLoss
 from engine.algorithms.rewards import EpisodeRewards, RewardModelScorer
 from engine.algorithms.rollouts import Episode, new_episodes, run_rollouts
 from engine.algorithms.supervised import StepSampler
 from engine.config import GRPOConfig, PipelineConfig
-from engine.data.batching import MicroBatch
 from engine.data.chat import TokenizedExample
 from engine.data.datasets import read_jsonl
 from engine.environments.reward_functions import RewardFunctions
@@ -58,38 +57,6 @@ from engine.weight_sync import refit
 HISTORY_FILE = "history.jsonl"
 log = logging.getLogger("posttrain.grpo")
 T = TypeVar("T")
-
-
-class GRPOLoss:
-    """The per-micro-batch loss; metrics are returned as sums so ranks and micro-batches add up."""
-
-    def __init__(self, cfg: PolicyLossConfig):
-        self.cfg = cfg
-
-    def __call__(self, logprobs: torch.Tensor, batch: MicroBatch, normalizers: dict[str, float]):
-        mask = batch["loss_mask"]
-        loss, metrics = clipped_pg_loss(
-            logprobs,
-            logprobs.detach(),
-            batch["advantage"],
-            mask,
-            self.cfg,
-            reference_logprobs=batch.get("reference_logprobs"),
-            generation_logprobs=batch["generation_logprobs"],
-            global_valid_tokens=normalizers["tokens"],
-            global_valid_seqs=normalizers["sequences"],
-        )
-        valid = float(mask.sum())
-        drift = torch.exp((logprobs.detach() - batch["generation_logprobs"]).abs())
-        sums = {
-            "clip_tokens": metrics["clip_fraction"] * valid,
-            "entropy_sum": metrics["approx_entropy"] * valid,
-            "token_mult_prob_error_sum": float(torch.where(mask.bool(), drift, 0.0).sum()),
-            "valid_tokens": valid,
-        }
-        if "kl" in metrics:
-            sums["kl_sum"] = metrics["kl"] * valid
-        return loss, sums
 
 
 @dataclass

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.config import PolicyLossConfig
+from engine.data.batching import MicroBatch
 
 Metrics = dict[str, float]
 
@@ -238,3 +239,35 @@ def bradley_terry_loss(
         "rejected_reward": float(rejected_rewards.detach().mean()) if gap.numel() else 0.0,
     }
     return _pair_mean(per_pair, global_valid_seqs), metrics
+
+
+class GRPOLoss:
+    """The per-micro-batch loss; metrics are returned as sums so ranks and micro-batches add up."""
+
+    def __init__(self, cfg: PolicyLossConfig):
+        self.cfg = cfg
+
+    def __call__(self, logprobs: torch.Tensor, batch: MicroBatch, normalizers: dict[str, float]):
+        mask = batch["loss_mask"]
+        loss, metrics = clipped_pg_loss(
+            logprobs,
+            logprobs.detach(),
+            batch["advantage"],
+            mask,
+            self.cfg,
+            reference_logprobs=batch.get("reference_logprobs"),
+            generation_logprobs=batch["generation_logprobs"],
+            global_valid_tokens=normalizers["tokens"],
+            global_valid_seqs=normalizers["sequences"],
+        )
+        valid = float(mask.sum())
+        drift = torch.exp((logprobs.detach() - batch["generation_logprobs"]).abs())
+        sums = {
+            "clip_tokens": metrics["clip_fraction"] * valid,
+            "entropy_sum": metrics["approx_entropy"] * valid,
+            "token_mult_prob_error_sum": float(torch.where(mask.bool(), drift, 0.0).sum()),
+            "valid_tokens": valid,
+        }
+        if "kl" in metrics:
+            sums["kl_sum"] = metrics["kl"] * valid
+        return loss, sums

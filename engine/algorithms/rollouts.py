@@ -8,14 +8,16 @@ generator's logprobs; prompt and observation tokens carry a mask of 0.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from engine.data.chat import Prompt, TokenizedExample, tokenize_observation, tokenize_prompt
 from engine.environments.interfaces import Message
-from engine.environments.router import EnvironmentRouter
 from engine.errors import DataError
-from engine.generation.group import GenerationGroup
 from engine.generation.interfaces import SamplingParams
+
+if TYPE_CHECKING:  # types only: rollouts also run on a worker and an environment driven in-process, without Ray
+    from engine.environments.router import EnvironmentRouter
+    from engine.generation.group import GenerationGroup
 
 
 @dataclass

@@ -235,15 +235,20 @@ class FSDP2PolicyWorker(Profiled):
         """The gathered weights as the plain model's: LoRA adapters merged in."""
         return lora.merge_adapters(state, lora.adapter_scaling(self.model)) if self.lora_cfg.enabled else state
 
-    def weight_buckets(self, bucket_bytes: int, adapters_only: bool = False) -> WeightBuckets | None:
-        """Full weights (LoRA merged in), or a LoRA model's adapters alone, as Ray object-store buckets for a
-        refit. Every rank takes part in the gather; rank 0 returns (manifest, bucket refs, total bytes)."""
+    def refit_weights(self, adapters_only: bool = False) -> dict[str, torch.Tensor] | None:
+        """What a refit pushes, on CPU: the full weights (LoRA merged in) or a LoRA model's adapters alone. Every
+        rank takes part in the gather; rank 0 returns them, the others None."""
         if adapters_only and not self.lora_cfg.enabled:
             raise ValueError("adapters_only needs a LoRA model (lora.rank > 0)")
         state = self._gathered_state()
         if self.rank != 0:
             return None
-        return put_weight_buckets(lora.adapter_weights(state) if adapters_only else self._plain(state), bucket_bytes)
+        return lora.adapter_weights(state) if adapters_only else self._plain(state)
+
+    def weight_buckets(self, bucket_bytes: int, adapters_only: bool = False) -> WeightBuckets | None:
+        """``refit_weights`` as Ray object-store buckets; rank 0 returns (manifest, bucket refs, total bytes)."""
+        weights = self.refit_weights(adapters_only)
+        return None if weights is None else put_weight_buckets(weights, bucket_bytes)
 
     def export_hf(self, directory: str, dtype: str = "float32") -> None:
         """Full Hugging Face weights (config, safetensors) in ``dtype``, written by rank 0; a LoRA model's

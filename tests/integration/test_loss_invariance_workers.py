@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from engine.algorithms.dpo import DPOLoss
-from engine.algorithms.grpo import GRPOLoss
+from engine.algorithms.losses import GRPOLoss
 from engine.algorithms.rm import pairwise_loss
 from engine.config import DPOConfig, PolicyLossConfig
 from engine.data.chat import TokenizedExample
