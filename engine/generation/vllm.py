@@ -5,7 +5,8 @@ logprobs agree with the trainer's. Each (prompt, sample) pair is one request wit
 ``sampling.sample_seed``), with chunked prefill off: seeded sampling with chunked prefill crashes the CPU
 engine. Weights are replaced with vLLM's in-place reload path (``model.load_weights`` fails on CPU, where
 weights are repacked after loading); a push is checked in full first, since a failed reload leaves the
-engine broken.
+engine broken. Requests skip vLLM's per-token detokenization unless stop strings need it (the texts are decoded
+once, in a batch) and return flat logprobs of the sampled tokens alone.
 """
 
 from __future__ import annotations
@@ -63,6 +64,14 @@ def _refresh_tied_output_layer(worker: Any) -> None:
     head.quant_method.process_weights_after_loading(head)
 
 
+def sampled_logprobs(flat: Any, tokens: list[int]) -> list[float]:
+    """The sampled tokens' logprobs from vLLM's ``FlatLogprobs`` of a ``logprobs=0`` request, which holds the sampled
+    token alone at each position (checked: a mismatch would train on another token's probability)."""
+    if list(flat.token_ids) != tokens or list(flat.end_indices) != list(range(1, len(tokens) + 1)):
+        raise RuntimeError("vLLM's logprobs do not line up with the sampled tokens (one sampled token per position)")
+    return list(flat.logprobs)
+
+
 class VLLMGenerationWorker(Profiled):
     def __init__(
         self,
@@ -111,6 +120,7 @@ class VLLMGenerationWorker(Profiled):
         from vllm import SamplingParams as VLLMSamplingParams
         from vllm.inputs import TokensPrompt
 
+        detokenize = bool(params.stop)  # stop strings are matched on text; otherwise the texts are decoded once, below
         requests, sampling = [], []
         for i, prompt in enumerate(prompts):
             for j in range(params.n):
@@ -127,16 +137,21 @@ class VLLMGenerationWorker(Profiled):
                         include_stop_str_in_output=True,
                         seed=sample_seed(params.seed, first_index + i, j),
                         logprobs=0,
+                        flat_logprobs=True,
+                        detokenize=detokenize,
                     )
                 )
         outputs = self.llm.generate(requests, sampling, use_tqdm=False, lora_request=self.adapter)
+        samples = [output.outputs[0] for output in outputs]
+        tokens = [list(sample.token_ids) for sample in samples]
+        if detokenize:
+            texts = [sample.text for sample in samples]
+        else:
+            texts = self.tokenizer.batch_decode(tokens, skip_special_tokens=True)
         completions = []
-        for output in outputs:
-            sample = output.outputs[0]
-            tokens = list(sample.token_ids)
-            logprobs = [step[token].logprob for step, token in zip(sample.logprobs, tokens)]
+        for sample, sampled, text in zip(samples, tokens, texts):
             finish = "length" if sample.finish_reason == "length" else "stop"
-            completions.append(Completion(tokens, logprobs, finish, sample.text))
+            completions.append(Completion(sampled, sampled_logprobs(sample.logprobs, sampled), finish, text))
         return [completions[i * params.n : (i + 1) * params.n] for i in range(len(prompts))]
 
     def update_weights(self, manifest: WeightManifest, buckets: list[Any], version: int) -> dict[str, float]:
