@@ -222,6 +222,11 @@ class PolicyConfig(Section):
     backend: Literal["fsdp2", "megatron"] = "fsdp2"
     world_size: int = Field(2, gt=0, description="trainer ranks: FSDP2 data-parallel ranks, or Megatron TP x PP x DP")
     micro_batch_tokens: int = Field(2048, gt=0, description="padded-token budget of one micro-batch")
+    sequence_packing: bool = Field(
+        False,
+        description="fsdp2: several sequences per row (position ids restart, attention within each) instead of "
+        "one padded row each; causal-LM roles only (a reward model's rows stay padded)",
+    )
     precision: Literal["fp32", "bf16"] = "fp32"
     activation_checkpointing: bool = False
     threads_per_worker: int = Field(1, gt=0)
@@ -231,13 +236,15 @@ class PolicyConfig(Section):
     megatron: MegatronConfig = MegatronConfig()
 
     @model_validator(mode="after")
-    def _megatron_layout_fits(self) -> "PolicyConfig":
+    def _megatron_fits(self) -> "PolicyConfig":
         model_parallel = self.megatron.tensor_parallel * self.megatron.pipeline_parallel
         if self.backend == "megatron" and self.world_size % model_parallel:
             raise ValueError(
                 f"policy.world_size={self.world_size} is not a multiple of policy.megatron.tensor_parallel x "
                 f"pipeline_parallel = {model_parallel}"
             )
+        if self.backend == "megatron" and self.sequence_packing:
+            raise ValueError("policy.sequence_packing needs policy.backend=fsdp2 (the megatron backend pads every row)")
         return self
 
 

@@ -4,6 +4,11 @@ Every micro-batch is right-padded to its longest sequence and holds at most ``to
 tokens. Ranks get balanced token counts and the same number of micro-batches (an FSDP collective needs
 every rank), so a rank short of data runs an all-masked filler micro-batch that adds nothing.
 
+With sequence packing, a micro-batch's sequences are laid end to end in rows as long as its longest sequence
+(first fit, longest first): the model runs on those rows, with position ids restarting at each sequence so that
+attention stays within it, and its outputs are put back in the padded layout above, which is what the losses read.
+The padding the model computes on shrinks; the losses and their normalizers do not change.
+
 Sequences can be planned in units (``group_size`` consecutive examples, e.g. a chosen/rejected pair)
 that always land in the same micro-batch. Each micro-batch records the ``index`` of its examples, so
 per-example outputs can be put back in order.
@@ -31,6 +36,9 @@ class MicroBatch(TypedDict, total=False):
     reference_logprobs: torch.Tensor  # [B, L-1] GRPO with a KL term: the frozen reference's
     advantage: torch.Tensor  # [B] GRPO
     reference_logprob_sum: torch.Tensor  # [B] DPO: the reference's summed logprob of the response
+    packed_input_ids: torch.Tensor  # [R, C] sequence packing: the examples end to end, rows right-padded
+    packed_position_ids: torch.Tensor  # [R, C]: restart at 0 with each example (and at the padding)
+    unpack_index: torch.Tensor  # [B, L-1]: where each next-token value sits in the flattened [R, C-1] outputs
 
 
 def collate(examples: list[TokenizedExample], pad_id: int, indices: list[int] | None = None) -> MicroBatch:
@@ -58,6 +66,37 @@ def collate(examples: list[TokenizedExample], pad_id: int, indices: list[int] | 
     batch.update({key: values[:, 1:] for key, values in per_token.items()})
     batch["index"] = torch.tensor(indices if indices is not None else [-1] * rows)
     return batch
+
+
+def collate_packed(examples: list[TokenizedExample], rows: list[list[int]], pad_id: int) -> MicroBatch:
+    """``collate`` of the examples that ``rows`` name (indices into ``examples``, the step's), in row order, plus
+    their packed layout: each row holds its examples end to end, right-padded to the longest row."""
+    order = [i for row in rows for i in row]
+    batch = collate([examples[i] for i in order], pad_id, order)
+    position = {index: k for k, index in enumerate(order)}
+    width = max(sum(len(examples[i]) for i in row) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    unpack_index = torch.zeros(batch["loss_mask"].shape, dtype=torch.long)
+    for r, row in enumerate(rows):
+        offset = 0
+        for i in row:
+            n = len(examples[i])
+            input_ids[r, offset : offset + n] = torch.tensor(examples[i].input_ids)
+            position_ids[r, offset : offset + n] = torch.arange(n)
+            # position t of the row predicts token t+1: example i's t-th next-token value is at offset + t
+            unpack_index[position[i], : n - 1] = r * (width - 1) + offset + torch.arange(n - 1)
+            offset += n
+        position_ids[r, offset:] = torch.arange(width - offset)
+    batch.update(packed_input_ids=input_ids, packed_position_ids=position_ids, unpack_index=unpack_index)
+    return batch
+
+
+def unpack_token_values(packed: torch.Tensor, batch: MicroBatch) -> torch.Tensor:
+    """Next-token values of the packed rows [R, C-1] in the padded layout [B, L-1]; 0 past each example's end."""
+    values = packed.reshape(-1)[batch["unpack_index"].to(packed.device)]
+    inside = batch["attention_mask"][:, 1:].bool().to(packed.device)
+    return torch.where(inside, values, torch.zeros_like(values))
 
 
 def filler_micro_batch(template: TokenizedExample, pad_id: int) -> MicroBatch:
@@ -115,6 +154,35 @@ def split_by_token_budget(units: list[Unit], lengths: list[int], token_budget: i
     return groups
 
 
+def pack_by_token_budget(units: list[Unit], lengths: list[int], token_budget: int) -> list[list[list[int]]]:
+    """Micro-batches of packed rows (each a list of example indices): units in order of their longest sequence,
+    each sequence into the first row of the current micro-batch with room for it (rows as long as the micro-batch's
+    longest sequence), a new micro-batch when rows x that length would pass token_budget. A unit never splits
+    across micro-batches."""
+    ordered = sorted(units, key=lambda unit: max(lengths[i] for i in unit), reverse=True)
+    batches: list[list[list[int]]] = []
+    free: list[int] = []  # room left in each row of the current micro-batch
+    width = 0
+    for unit in ordered:
+        for start_new in (False, True):
+            if start_new or not batches:
+                batches.append([])
+                free, width = [], max(lengths[i] for i in unit)
+            rows, room = [list(row) for row in batches[-1]], list(free)
+            for i in sorted(unit, key=lambda i: lengths[i], reverse=True):
+                slot = next((r for r, left in enumerate(room) if left >= lengths[i]), None)
+                if slot is None:
+                    rows.append([])
+                    room.append(width)
+                    slot = len(rows) - 1
+                rows[slot].append(i)
+                room[slot] -= lengths[i]
+            if len(rows) * width <= token_budget or not batches[-1]:
+                batches[-1], free = rows, room
+                break
+    return batches
+
+
 def shard_for_ranks(units: list[Unit], lengths: list[int], world_size: int) -> list[list[Unit]]:
     """Longest-first assignment to the rank with the fewest tokens so far (balanced work per rank)."""
     shards: list[list[Unit]] = [[] for _ in range(world_size)]
@@ -126,22 +194,38 @@ def shard_for_ranks(units: list[Unit], lengths: list[int], world_size: int) -> l
     return shards
 
 
+def _rank_micro_batches(
+    examples: list[TokenizedExample], shard: list[Unit], token_budget: int, pad_id: int, packing: bool
+) -> list[MicroBatch]:
+    lengths = [len(e) for e in examples]
+    if packing:
+        return [collate_packed(examples, rows, pad_id) for rows in pack_by_token_budget(shard, lengths, token_budget)]
+    batches = []
+    for group in split_by_token_budget(shard, lengths, token_budget):
+        indices = [i for unit in group for i in unit]
+        batches.append(collate([examples[i] for i in indices], pad_id, indices))
+    return batches
+
+
 def plan_step(
-    examples: list[TokenizedExample], world_size: int, token_budget: int, pad_id: int, group_size: int = 1
+    examples: list[TokenizedExample],
+    world_size: int,
+    token_budget: int,
+    pad_id: int,
+    group_size: int = 1,
+    packing: bool = False,
 ) -> tuple[list[list[MicroBatch]], int]:
-    """Per-rank micro-batches (equal counts) and the step's global number of target tokens."""
+    """Per-rank micro-batches (equal counts) and the step's global number of target tokens; ``packing``: packed
+    rows (see ``collate_packed``) instead of one padded row per sequence."""
     lengths = [len(e) for e in examples]
     units = _units(len(examples), group_size)
     per_rank = [
-        split_by_token_budget(shard, lengths, token_budget) for shard in shard_for_ranks(units, lengths, world_size)
+        _rank_micro_batches(examples, shard, token_budget, pad_id, packing)
+        for shard in shard_for_ranks(units, lengths, world_size)
     ]
-    count = max(1, max(len(groups) for groups in per_rank))
+    count = max(1, max(len(batches) for batches in per_rank))
     plans = []
-    for groups in per_rank:
-        batches = []
-        for group in groups:
-            indices = [i for unit in group for i in unit]
-            batches.append(collate([examples[i] for i in indices], pad_id, indices))
+    for batches in per_rank:
         batches += [filler_micro_batch(examples[0], pad_id) for _ in range(count - len(batches))]
         plans.append(batches)
     global_targets = sum(int(sum(e.loss_mask[1:])) for e in examples)

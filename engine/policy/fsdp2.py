@@ -24,7 +24,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from engine.config import LoraConfig, OptimizerConfig, PolicyConfig
-from engine.data.batching import MicroBatch
+from engine.data.batching import MicroBatch, unpack_token_values
 from engine.models import lora
 from engine.models.loading import set_config_dtype
 from engine.models.logprobs import token_logprobs_from_logits
@@ -116,6 +116,11 @@ class FSDP2PolicyWorker(Profiled):
 
     def _forward(self, batch: MicroBatch) -> torch.Tensor:
         """Token logprobs [B, L-1] of a causal LM, or one fp32 score [B] per sequence of a reward model."""
+        if "packed_input_ids" in batch:  # one row per several sequences; transformers keeps attention within each
+            packed_ids = batch["packed_input_ids"].to(self.device)
+            positions = batch["packed_position_ids"].to(self.device)
+            logits = self.model(input_ids=packed_ids, position_ids=positions).logits
+            return unpack_token_values(token_logprobs_from_logits(logits, packed_ids), batch)
         input_ids = batch["input_ids"].to(self.device)
         attention = batch["attention_mask"].to(self.device)
         logits = self.model(input_ids=input_ids, attention_mask=attention).logits

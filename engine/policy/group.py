@@ -39,10 +39,13 @@ class PolicyGroup:
     token_budget: int
     pad_id: int
     trainable: bool = True
+    sequence_packing: bool = False
 
     def _plans(self, examples: list[TokenizedExample], group_size: int) -> tuple[list[list[MicroBatch]], dict]:
         replicas = len(self.reporting_ranks)
-        plans, tokens = plan_step(examples, replicas, self.token_budget, self.pad_id, group_size)
+        plans, tokens = plan_step(
+            examples, replicas, self.token_budget, self.pad_id, group_size, packing=self.sequence_packing
+        )
         sequences = sum(1 for e in examples if any(e.loss_mask[1:]))
         leading = sum(sum(e.loss_mask[1:]) for e in examples[::group_size])
         per_rank = [plans[replica] for replica in self.replica_of_rank]
@@ -195,6 +198,7 @@ def start_policy_group(
         cfg.policy.micro_batch_tokens,
         pad_id,
         trainable=optimizer is not None,
+        sequence_packing=cfg.policy.sequence_packing and model_kind == "causal_lm",
     )
 
 

@@ -63,6 +63,30 @@ def test_more_micro_batches_do_not_change_the_step(ray_local, tiny_model_dir, ex
         policy.shutdown()
 
 
+def test_sequence_packing_gives_the_padded_losses_gradients_and_logprobs(
+    ray_local, tiny_model_dir, examples, reference_curve
+):
+    from engine.data.batching import plan_step
+
+    data, pad = examples
+    plans, _ = plan_step(data[:BATCH], 2, 64, pad, packing=True)
+    assert any((mb["packed_position_ids"][:, 1:] == 0).any() for plan in plans for mb in plan)  # rows are shared
+    padded = make_policy(tiny_model_dir, pad, world_size=2, token_budget=64)
+    try:
+        padded_logprobs = padded.forward(data[:BATCH])
+    finally:
+        padded.shutdown()
+    packed = make_policy(tiny_model_dir, pad, world_size=2, token_budget=64, **{"policy.sequence_packing": True})
+    try:
+        packed_logprobs = packed.forward(data[:BATCH])
+        curve = train_curve(packed, data)
+    finally:
+        packed.shutdown()
+    for got, want in zip(packed_logprobs, padded_logprobs):
+        assert got.shape == want.shape and torch.allclose(got, want, atol=1e-5)
+    assert_same_curve(curve, reference_curve)
+
+
 def test_checkpoint_round_trip_continues_the_same_curve(ray_local, tiny_model_dir, examples, reference_curve, tmp_path):
     data, pad = examples
     policy = make_policy(tiny_model_dir, pad, world_size=2, token_budget=100_000)

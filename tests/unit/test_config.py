@@ -82,3 +82,5 @@ def test_megatron_layout_must_fit_the_world_size():
         load_config("sft_tiny", ["policy.backend=megatron", "policy.megatron.pipeline_parallel=4"])
     with pytest.raises(ConfigError, match="policy.backend"):
         load_config("sft_tiny", ["policy.backend=deepspeed"])
+    with pytest.raises(ConfigError, match="policy.sequence_packing needs policy.backend=fsdp2"):
+        load_config("sft_tiny", ["policy.backend=megatron", "policy.sequence_packing=true"])

@@ -3,7 +3,14 @@
 import torch
 
 from engine.config import SyntheticDataConfig
-from engine.data.batching import collate, plan_step, split_by_token_budget
+from engine.data.batching import (
+    collate,
+    collate_packed,
+    pack_by_token_budget,
+    plan_step,
+    split_by_token_budget,
+    unpack_token_values,
+)
 from engine.data.chat import TokenizedExample, tokenize_conversation, tokenize_prompt
 from engine.data.synthetic import make_arithmetic
 
@@ -97,6 +104,49 @@ def test_plan_step_gives_every_rank_the_same_micro_batch_count():
 def test_long_sequence_alone_exceeds_budget_but_still_runs():
     groups = split_by_token_budget([[0], [1]], [50, 3], token_budget=16)
     assert [len(g) for g in groups] == [1, 1]
+
+
+def test_packed_rows_fit_the_budget_keep_units_together_and_cover_every_example():
+    lengths = [9, 3, 4, 8, 2, 2, 7, 7, 1, 5]
+    units = [[i, i + 1] for i in range(0, 10, 2)]
+    batches = pack_by_token_budget(units, lengths, token_budget=36)
+    seen = []
+    for rows in batches:
+        width = max(lengths[i] for row in rows for i in row)
+        assert all(sum(lengths[i] for i in row) <= width for row in rows)
+        assert len(rows) * width <= 36
+        members = {i for row in rows for i in row}
+        assert all((i ^ 1) in members for i in members)  # a pair never splits across micro-batches
+        seen += members
+    assert sorted(seen) == list(range(10))
+    padded = split_by_token_budget(units, lengths, token_budget=36)
+    assert len(batches) < len(padded)  # packing needs fewer micro-batches for the same budget
+
+
+def test_packed_layout_restarts_positions_and_unpacks_to_the_padded_layout():
+    examples = [ex(n, 2) for n in (5, 2, 3)]
+    batch = collate_packed(examples, rows=[[0], [2, 1]], pad_id=99)
+    assert batch["packed_input_ids"].tolist() == [[0, 1, 2, 3, 4], [0, 1, 2, 0, 1]]
+    assert batch["packed_position_ids"].tolist() == [[0, 1, 2, 3, 4], [0, 1, 2, 0, 1]]
+    assert batch["index"].tolist() == [0, 2, 1]
+    padded = collate([examples[i] for i in (0, 2, 1)], pad_id=99, indices=[0, 2, 1])
+    for key in ("input_ids", "attention_mask", "loss_mask"):
+        assert torch.equal(batch[key], padded[key])
+    # a stand-in model that "predicts" each next token exactly: the unpacked values are the padded targets
+    packed_next = batch["packed_input_ids"][:, 1:].float()
+    unpacked = unpack_token_values(packed_next, batch)
+    assert torch.equal(
+        unpacked, torch.where(padded["attention_mask"][:, 1:].bool(), padded["input_ids"][:, 1:], 0).float()
+    )
+
+
+def test_packed_plan_has_the_same_targets_and_equal_micro_batch_counts():
+    examples = [ex(n, 2) for n in (30, 5, 5, 5, 4, 12, 3)]
+    plans, tokens = plan_step(examples, world_size=2, token_budget=32, pad_id=0, packing=True)
+    assert len(plans[0]) == len(plans[1]) and tokens == 14
+    assert sum(float(mb["loss_mask"].sum()) for plan in plans for mb in plan) == 14
+    indices = sorted(i for plan in plans for mb in plan for i in mb["index"].tolist() if i >= 0)
+    assert indices == list(range(7))
 
 
 def test_observation_tokens_continue_a_generated_turn(tiny_model_dir):
