@@ -246,7 +246,11 @@ class WorkerGroup:
 
     def call_on(self, ranks: Sequence[int], method: str, *args: Any) -> list[Any]:
         """``method`` on the listed ranks only; their results in that order."""
-        return ray.get([getattr(self.actors[rank], method).remote(*args) for rank in ranks])
+        return ray.get(self.submit_on(ranks, method, *args))
+
+    def submit_on(self, ranks: Sequence[int], method: str, *args: Any) -> list[ray.ObjectRef]:
+        """``call_on`` without waiting: the calls' object refs, for calls that must run alongside another group's."""
+        return [getattr(self.actors[rank], method).remote(*args) for rank in ranks]
 
     def shutdown(self) -> None:
         for actor in self.actors:

@@ -265,6 +265,11 @@ class GenerationConfig(Section):
         1, gt=0, description="vllm backend: GPUs each engine splits the model over (all in its worker's bundle)"
     )
     refit_bucket_bytes: int = Field(64 << 20, gt=0, description="size of the weight buckets streamed on refit")
+    refit: Literal["collective", "object_store"] = Field(
+        "collective",
+        description="how full weights reach the generators: a gloo broadcast from the trainer's rank 0, or Ray's "
+        "object store (LoRA adapter refits always take the object store)",
+    )
     lora_refit: Literal["merged", "adapter"] = Field(
         "merged",
         description="with grpo.lora: merged pushes base + adapters as full weights; adapter pushes the adapters "

@@ -139,6 +139,14 @@ class RefitSource(Protocol):
 
     def weight_buckets(self, bucket_bytes: int, adapters_only: bool = False) -> WeightBuckets: ...
 
+    def refit_sender_address(self) -> tuple[str, int]: ...
+
+    def join_refit_group(self, address: str, port: int, world_size: int) -> list[Any]: ...
+
+    def stage_refit(self) -> WeightManifest: ...
+
+    def send_refit(self, bucket_bytes: int) -> list[Any]: ...
+
 
 def refit(source: RefitSource, generation: "GenerationGroup", version: int) -> dict[str, float]:
     """Push the trainer's current weights into every generation worker (a generator that applies LoRA adapters
@@ -148,10 +156,39 @@ def refit(source: RefitSource, generation: "GenerationGroup", version: int) -> d
     if generation.applies_adapters:
         manifest, buckets, total_bytes = source.weight_buckets(bucket_bytes, adapters_only=True)
         generation.update_adapters(manifest, buckets, version)
+    elif generation.cfg.refit == "collective":
+        total_bytes, transfer_seconds = _broadcast_refit(source, generation, version)
+        return {
+            "refit/seconds": time.perf_counter() - started,
+            "refit/bytes": float(total_bytes),
+            "refit/transfer_seconds": transfer_seconds,
+        }
     else:
         manifest, buckets, total_bytes = source.weight_buckets(bucket_bytes)
         generation.update_weights(manifest, buckets, version)
     return {"refit/seconds": time.perf_counter() - started, "refit/bytes": float(total_bytes)}
+
+
+def _broadcast_refit(source: RefitSource, generation: "GenerationGroup", version: int) -> tuple[int, float]:
+    """``engine.weight_broadcast``'s three moves: stage and announce, check everywhere, broadcast. The refit group
+    is formed on first use and again after the generation workers were restarted. Returns the bytes sent and the
+    slowest receiver's transfer time (the broadcast alone, without the gather or the engine's reload)."""
+    import ray
+
+    if generation.refit_sender is not source:
+        address, port = source.refit_sender_address()
+        ray.get(
+            source.join_refit_group(address, port, len(generation.workers) + 1)
+            + generation.join_refit_group(address, port)
+        )
+        generation.refit_sender = source
+    manifest = source.stage_refit()
+    generation.check_refit(manifest)  # a WeightMismatch here: nothing sent, every engine on its previous weights
+    bucket_bytes = generation.cfg.refit_bucket_bytes
+    sent = source.send_refit(bucket_bytes)
+    received = generation.receive_refit(manifest, bucket_bytes, version)
+    sent_bytes, *loaded = ray.get(sent + received)
+    return sent_bytes, max(result["transfer_seconds"] for result in loaded)
 
 
 def load_saved_weights(generation: "GenerationGroup", model_dir: Path, version: int) -> None:

@@ -179,8 +179,8 @@ class GRPOLoop:
             "timing/generation": generated - started,
             "timing/logprobs": prepared - generated,
             "timing/training": trained - prepared,
-            "timing/refit": refit_metrics["refit/seconds"],
-            "refit/bytes": refit_metrics["refit/bytes"],
+            "timing/refit": refit_metrics.pop("refit/seconds"),
+            **refit_metrics,  # refit/bytes, and a broadcast's refit/transfer_seconds
         }
 
     def validate(self, step: int) -> dict[str, float]:

@@ -77,6 +77,7 @@ class GenerationGroup:
             for i in range(cfg.num_workers)
         ]
         self._starting = [worker.info.remote() for worker in self.workers]
+        self.refit_sender: object | None = None  # the trainer group these workers formed a refit group with
 
     def restart(self) -> None:
         """Fresh workers on the initial model, in the same bundles; the caller pushes the current weights."""
@@ -106,6 +107,20 @@ class GenerationGroup:
 
     def update_adapters(self, manifest: list, buckets: list, version: int) -> None:
         ray.get([worker.update_adapters.remote(manifest, buckets, version) for worker in self.workers])
+
+    def join_refit_group(self, address: str, port: int) -> list[ray.ObjectRef]:
+        """Every worker joins the refit group hosted at ``address:port`` (ranks 1..n; the sender is rank 0); returns
+        the pending calls, which finish once the sender has joined too."""
+        world_size = len(self.workers) + 1
+        return [w.join_refit_group.remote(address, port, 1 + i, world_size) for i, w in enumerate(self.workers)]
+
+    def check_refit(self, manifest: list) -> None:
+        """Every worker checks an announced weight push against its engine (``WeightMismatch`` if it does not fit)."""
+        self.call("check_refit", manifest)
+
+    def receive_refit(self, manifest: list, bucket_bytes: int, version: int) -> list[ray.ObjectRef]:
+        """Every worker receives the broadcast buckets and reloads its engine; returns the pending calls."""
+        return [worker.receive_refit.remote(manifest, bucket_bytes, version) for worker in self.workers]
 
     def start_profile(self) -> None:
         """Every worker starts a torch profiler trace."""

@@ -14,10 +14,11 @@ import torch
 from engine.generation.interfaces import Completion, SamplingParams
 from engine.generation.sampling import sample_seed
 from engine.profiling import Profiled
+from engine.weight_broadcast import RefitReceiver
 from engine.weight_sync import WeightManifest, check_manifest, gather_checked, manifest_of
 
 
-class HFGenerationWorker(Profiled):
+class HFGenerationWorker(Profiled, RefitReceiver):
     def __init__(self, model_path: str, dtype: str = "float32", threads: int = 1, **_: Any):
         from transformers import AutoModelForCausalLM, AutoTokenizer
         from transformers.utils import logging as hf_logging
@@ -92,7 +93,10 @@ class HFGenerationWorker(Profiled):
 
     def update_weights(self, manifest: WeightManifest, buckets: list[Any], version: int) -> dict[str, float]:
         keep = check_manifest(manifest, self.expected, self.aliases)
-        named = gather_checked(manifest, buckets, keep)
+        return self.load_weights(gather_checked(manifest, buckets, keep), version)
+
+    def load_weights(self, named: list[tuple[str, torch.Tensor]], version: int) -> dict[str, float]:
+        """Copy checked weights into the model's parameters."""
         with torch.no_grad():
             parameters = dict(self.model.named_parameters())
             for name, tensor in named:

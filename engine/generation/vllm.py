@@ -18,9 +18,12 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from engine.generation.interfaces import Completion, SamplingParams
 from engine.generation.sampling import sample_seed
 from engine.profiling import Profiled
+from engine.weight_broadcast import RefitReceiver
 from engine.weight_sync import TensorSpec, WeightManifest, check_adapter_manifest, check_manifest, gather_checked
 
 _SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
@@ -72,7 +75,7 @@ def sampled_logprobs(flat: Any, tokens: list[int]) -> list[float]:
     return list(flat.logprobs)
 
 
-class VLLMGenerationWorker(Profiled):
+class VLLMGenerationWorker(Profiled, RefitReceiver):
     def __init__(
         self,
         model_path: str,
@@ -156,7 +159,10 @@ class VLLMGenerationWorker(Profiled):
 
     def update_weights(self, manifest: WeightManifest, buckets: list[Any], version: int) -> dict[str, float]:
         keep = check_manifest(manifest, self.expected, self.aliases)
-        named = gather_checked(manifest, buckets, keep)
+        return self.load_weights(gather_checked(manifest, buckets, keep), version)
+
+    def load_weights(self, named: list[tuple[str, torch.Tensor]], version: int) -> dict[str, float]:
+        """Reload checked weights into the engine in place."""
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": named})
         if self.aliases:
             self.llm.collective_rpc(_refresh_tied_output_layer)

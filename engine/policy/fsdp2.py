@@ -32,10 +32,11 @@ from engine.policy import process_group
 from engine.policy.interfaces import LossFn
 from engine.policy.optim import build_optimizer
 from engine.profiling import Profiled
+from engine.weight_broadcast import RefitSender
 from engine.weight_sync import WeightBuckets, put_weight_buckets
 
 
-class FSDP2PolicyWorker(Profiled):
+class FSDP2PolicyWorker(Profiled, RefitSender):
     def __init__(
         self,
         rank: int,

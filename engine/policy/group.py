@@ -17,7 +17,7 @@ from engine import cluster
 from engine.config import LoraConfig, OptimizerConfig, PipelineConfig
 from engine.data.batching import MicroBatch, plan_step
 from engine.data.chat import TokenizedExample
-from engine.weight_sync import WeightBuckets
+from engine.weight_sync import WeightBuckets, WeightManifest
 
 PER_RANK_VALUES = ("grad_norm", "lr")  # the same on every rank: taken from the first reporter, not summed
 
@@ -104,6 +104,22 @@ class PolicyGroup:
         (gathered by every rank)."""
         results = self.workers.call("weight_buckets", bucket_bytes, adapters_only)
         return next(result for result in results if result is not None)
+
+    def refit_sender_address(self) -> tuple[str, int]:
+        """Where the rank that gathers the full weights hosts a refit group's rendezvous (its node, a free port)."""
+        return self.workers.call_on([0], "rendezvous_address")[0]
+
+    def join_refit_group(self, address: str, port: int, world_size: int) -> list[Any]:
+        """Rank 0 joins a refit group as its sender; returns the pending call (the receivers join alongside)."""
+        return self.workers.submit_on([0], "join_refit_group", address, port, world_size)
+
+    def stage_refit(self) -> WeightManifest:
+        """Gather the current full weights (LoRA merged in) onto rank 0, to send; returns their manifest."""
+        return next(m for m in self.workers.call("stage_refit") if m is not None)
+
+    def send_refit(self, bucket_bytes: int) -> list[Any]:
+        """Rank 0 broadcasts the staged weights; returns the pending call (its result: the bytes sent)."""
+        return self.workers.submit_on([0], "send_refit", bucket_bytes)
 
     def info(self) -> list[dict[str, Any]]:
         return self.workers.call("info")

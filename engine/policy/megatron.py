@@ -32,6 +32,7 @@ from engine.policy import process_group
 from engine.policy.interfaces import LossFn
 from engine.policy.optim import lr_multiplier
 from engine.profiling import Profiled
+from engine.weight_broadcast import RefitSender
 from engine.weight_sync import WeightBuckets, put_weight_buckets
 
 LAYOUT_FILE = "megatron_layout.json"
@@ -123,7 +124,7 @@ def vocab_parallel_token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor,
     return -tensor_parallel.vocab_parallel_cross_entropy(logits, input_ids[:, 1:].contiguous())
 
 
-class MegatronPolicyWorker(Profiled):
+class MegatronPolicyWorker(Profiled, RefitSender):
     def __init__(
         self,
         rank: int,
@@ -438,11 +439,15 @@ class MegatronPolicyWorker(Profiled):
             state.update(megatron_convert.megatron_to_hf(shards, self.shape, layers, stage == 0, last))
         return state
 
-    def weight_buckets(self, bucket_bytes: int, adapters_only: bool = False) -> WeightBuckets | None:
-        """Full Hugging Face weights as Ray object-store buckets on rank 0, for a refit."""
+    def refit_weights(self, adapters_only: bool = False) -> dict[str, torch.Tensor] | None:
+        """Full Hugging Face weights on rank 0 (every rank takes part in the gather), None on the others."""
         if adapters_only:
             raise ValueError("the Megatron worker trains no LoRA adapters to push")
-        state = self.full_state_dict()
+        return self.full_state_dict()
+
+    def weight_buckets(self, bucket_bytes: int, adapters_only: bool = False) -> WeightBuckets | None:
+        """``refit_weights`` as Ray object-store buckets on rank 0, for a refit."""
+        state = self.refit_weights(adapters_only)
         return put_weight_buckets(state, bucket_bytes) if state is not None else None
 
     def export_hf(self, directory: str, dtype: str = "float32") -> None:

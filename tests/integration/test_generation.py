@@ -11,7 +11,7 @@ from engine.config import GenerationConfig
 from engine.data.chat import TokenizedExample, tokenize_prompt
 from engine.generation.group import GenerationGroup
 from engine.generation.interfaces import SamplingParams
-from engine.weight_sync import refit
+from engine.weight_sync import load_saved_weights, refit
 from tests.integration.test_fsdp2 import make_policy
 
 SAMPLING = SamplingParams(n=2, temperature=1.0, max_tokens=12, seed=7)
@@ -89,11 +89,16 @@ def test_same_seed_same_completions(backend, request, prompts):
     assert greedy.finish_reason in ("stop", "length") and len(greedy.token_ids) == len(greedy.logprobs)
 
 
+@pytest.mark.parametrize("how", ["object_store", "collective"])
 @pytest.mark.parametrize("backend", ["vllm", "hf"])
-def test_refit_after_a_trainer_step_restores_logprob_agreement(backend, request, tiny_model_dir, prompts, tokenizer):
+def test_refit_after_a_trainer_step_restores_logprob_agreement(
+    backend, how, request, tiny_model_dir, prompts, tokenizer, monkeypatch
+):
     from tests.integration.test_fsdp2 import BATCH
 
     group = request.getfixturevalue(f"{backend}_group")
+    monkeypatch.setattr(group, "cfg", group.cfg.model_copy(update={"refit": how}))
+    load_saved_weights(group, tiny_model_dir, version=0)  # the initial weights, whatever an earlier test pushed
     pad = tokenizer.pad_token_id
     policy = make_policy(tiny_model_dir, pad, world_size=2, token_budget=100_000)
     try:
@@ -109,6 +114,7 @@ def test_refit_after_a_trainer_step_restores_logprob_agreement(backend, request,
         metrics = refit(policy, group, version=1)
         assert metrics["refit/bytes"] > 1e6 and metrics["refit/seconds"] > 0
         assert group.call("weight_version") == [1]
+        assert (group.refit_sender is policy) == (how == "collective")  # the broadcast group was formed
         fresh = group.generate(prompts, SAMPLING)
         trainer_lp, generator_lp = trainer_vs_generator(policy, prompts, fresh)
         after = logprob_agreement(trainer_lp, generator_lp, torch.ones_like(trainer_lp))
@@ -138,6 +144,11 @@ def test_bad_weight_push_is_refused_and_engine_keeps_serving(backend, request, t
     missing = {k: v for k, v in weights.items() if k != name}
     with pytest.raises(ray.exceptions.RayTaskError, match="weight update is missing tensors: " + name):
         group.update_weights(manifest_of(missing), [list(missing.items())], version + 1)
+    # a broadcast refit announces its manifest first: the same refusals, before any tensor is sent
+    with pytest.raises(ray.exceptions.RayTaskError, match=f"weight update for {name} has shape"):
+        group.check_refit(manifest_of(wrong_shape))
+    with pytest.raises(ray.exceptions.RayTaskError, match="weight update is missing tensors: " + name):
+        group.check_refit(manifest_of(missing))
 
     lying = dict(weights)
     bucket = [(k, torch.zeros(2) if k == name else v) for k, v in lying.items()]
@@ -155,7 +166,6 @@ def test_saved_weights_swapped_in_generate_like_a_fresh_engine(backend, request,
     completions a fresh engine on that checkpoint gives, and the first model's come back when it is reloaded."""
     from engine.config import TinyModelConfig
     from engine.models.tiny import make_tiny_model
-    from engine.weight_sync import load_saved_weights
 
     other_dir = make_tiny_model(tmp_path / "other", TinyModelConfig(seed=1))
     greedy = SamplingParams(n=1, temperature=0.0, max_tokens=12, seed=0)

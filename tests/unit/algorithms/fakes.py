@@ -26,7 +26,7 @@ class FakeGeneration:
 
     def __init__(self, tokenizer, script: Script):
         self.tokenizer, self.script = tokenizer, script
-        self.cfg = GenerationConfig(backend="hf")
+        self.cfg = GenerationConfig(backend="hf", refit="object_store")  # refits arrive through update_weights
         self.calls: list[tuple[list[list[int]], SamplingParams]] = []
         self.versions: list[int] = []
         self.die_at_call: int | None = None  # the call at which a worker "dies" (WorkerLost), once
