@@ -46,25 +46,23 @@ def collate(examples: list[TokenizedExample], pad_id: int, indices: list[int] | 
     ``token_values``) shifted to [B, L-1], aligned with the logprobs of tokens 1..L-1 (position t predicts
     token t+1); per-sequence ``scalars`` as [B]."""
     length = max(len(e) for e in examples)
-    rows = len(examples)
-    input_ids = torch.full((rows, length), pad_id, dtype=torch.long)
-    attention = torch.zeros((rows, length), dtype=torch.long)
-    per_token = {"loss_mask": torch.zeros((rows, length))}
+
+    def padded(rows: list[list], fill: float | int, dtype: torch.dtype) -> torch.Tensor:
+        # one tensor from padded Python lists: a tensor per row costs more than the rows' values at these sizes
+        return torch.tensor([[*row, *[fill] * (length - len(row))] for row in rows], dtype=dtype)
+
+    input_ids = padded([e.input_ids for e in examples], pad_id, torch.long)
+    attention = padded([[1] * len(e) for e in examples], 0, torch.long)
+    per_token = {"loss_mask": padded([e.loss_mask for e in examples], 0, torch.float32)}
     for key in examples[0].token_values:
-        per_token[key] = torch.zeros((rows, length))
-    scalars = {key: torch.zeros(rows) for key in examples[0].scalars}
-    for row, example in enumerate(examples):
-        n = len(example)
-        input_ids[row, :n] = torch.tensor(example.input_ids)
-        attention[row, :n] = 1
-        per_token["loss_mask"][row, :n] = torch.tensor(example.loss_mask, dtype=torch.float32)
-        for key, values in example.token_values.items():
-            per_token[key][row, :n] = torch.tensor(values, dtype=torch.float32)
-        for key, value in example.scalars.items():
-            scalars[key][row] = value
+        per_token[key] = padded([e.token_values.get(key, []) for e in examples], 0.0, torch.float32)
+    scalars = {
+        key: torch.tensor([e.scalars.get(key, 0.0) for e in examples], dtype=torch.float32)
+        for key in examples[0].scalars
+    }
     batch = {"input_ids": input_ids, "attention_mask": attention, **scalars}
     batch.update({key: values[:, 1:] for key, values in per_token.items()})
-    batch["index"] = torch.tensor(indices if indices is not None else [-1] * rows)
+    batch["index"] = torch.tensor(indices if indices is not None else [-1] * len(examples))
     return batch
 
 
