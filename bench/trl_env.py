@@ -10,7 +10,14 @@ from engine.worker_envs import WorkerEnvSpec, build_spec, spec_path
 TRL_ENV = WorkerEnvSpec(
     kind="bench-trl",
     first=("torch==2.13.0",),
-    requirements=("trl==1.16.0", "transformers==5.19.0", "accelerate>=1.10", "datasets>=3", "tqdm"),
+    requirements=(
+        "trl==1.16.0",
+        "transformers==5.19.0",
+        "accelerate>=1.10",
+        "datasets>=3",
+        "tqdm",
+        "math-verify==0.9.0",  # the reward: engine.environments.math_verifier, as ours scores
+    ),
     remove=("torchvision", "torchaudio", "torchcodec", "triton"),
     check_import="trl",
 )

@@ -31,7 +31,7 @@ def main(spec_path: str) -> None:
     model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=torch.float32)
     rows = [json.loads(line) for line in open(spec["train_jsonl"])]
     dataset = Dataset.from_list(
-        [{"prompt": [{"role": "user", "content": r["prompt"]}], "answer": r["answer"]} for r in rows]
+        [{"prompt": r["prompt"], "answer": r["answer"]} for r in rows]  # posttrain's normalized rows: messages
     )
 
     def exact_answer(completions, answer, **_):

@@ -27,15 +27,8 @@ def run_sft(spec: dict, model, tokenizer, steps: list[dict]):
     from bench.trl_common import step_timer, trainer_args
 
     rows = _rows(spec)[: spec["batch_size"] * spec["max_steps"]]
-    dataset = Dataset.from_list(
-        [
-            {
-                "prompt": [{"role": "user", "content": r["prompt"]}],
-                "completion": [{"role": "assistant", "content": r["answer"]}],
-            }
-            for r in rows
-        ]
-    )
+    # posttrain's normalized rows hold messages: the prompt and the demonstration our SFT trains on
+    dataset = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows])
     config = SFTConfig(
         per_device_train_batch_size=spec["batch_size"], max_length=spec["max_seq_len"], **trainer_args(spec)
     )
