@@ -12,6 +12,7 @@ No Ray here: workers mix in the sender or receiver side, and ``engine.weight_syn
 
 from __future__ import annotations
 
+import math
 import time
 from datetime import timedelta
 from typing import Any
@@ -36,20 +37,13 @@ def bucket_layout(manifest: WeightManifest, bucket_bytes: int) -> list[list[int]
     buckets: list[list[int]] = []
     size, dtype = 0, None
     for position, spec in enumerate(manifest):
-        nbytes = _numel(spec.shape) * getattr(torch, spec.dtype).itemsize
+        nbytes = math.prod(spec.shape) * getattr(torch, spec.dtype).itemsize
         if not buckets or spec.dtype != dtype or size >= bucket_bytes:
             buckets.append([])
             size, dtype = 0, spec.dtype
         buckets[-1].append(position)
         size += nbytes
     return buckets
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    count = 1
-    for dim in shape:
-        count *= dim
-    return count
 
 
 class RefitSender:
@@ -106,11 +100,11 @@ class RefitReceiver:
         named: list[tuple[str, torch.Tensor]] = []
         for bucket in bucket_layout(manifest, bucket_bytes):
             specs = [manifest[i] for i in bucket]
-            flat = torch.empty(sum(_numel(s.shape) for s in specs), dtype=getattr(torch, specs[0].dtype))
+            flat = torch.empty(sum(math.prod(s.shape) for s in specs), dtype=getattr(torch, specs[0].dtype))
             self._refit_group.broadcast(flat, 0).wait()
             offset = 0
             for spec in specs:
-                count = _numel(spec.shape)
+                count = math.prod(spec.shape)
                 if spec.name in keep:
                     named.append((spec.name, flat[offset : offset + count].view(spec.shape)))
                 offset += count

@@ -153,20 +153,16 @@ def refit(source: RefitSource, generation: "GenerationGroup", version: int) -> d
     itself gets the adapters alone); returns refit/* metrics."""
     started = time.perf_counter()
     bucket_bytes = generation.cfg.refit_bucket_bytes
+    extra: dict[str, float] = {}
     if generation.applies_adapters:
         manifest, buckets, total_bytes = source.weight_buckets(bucket_bytes, adapters_only=True)
         generation.update_adapters(manifest, buckets, version)
     elif generation.cfg.refit == "collective":
-        total_bytes, transfer_seconds = _broadcast_refit(source, generation, version)
-        return {
-            "refit/seconds": time.perf_counter() - started,
-            "refit/bytes": float(total_bytes),
-            "refit/transfer_seconds": transfer_seconds,
-        }
+        total_bytes, extra["refit/transfer_seconds"] = _broadcast_refit(source, generation, version)
     else:
         manifest, buckets, total_bytes = source.weight_buckets(bucket_bytes)
         generation.update_weights(manifest, buckets, version)
-    return {"refit/seconds": time.perf_counter() - started, "refit/bytes": float(total_bytes)}
+    return {"refit/seconds": time.perf_counter() - started, "refit/bytes": float(total_bytes), **extra}
 
 
 def _broadcast_refit(source: RefitSource, generation: "GenerationGroup", version: int) -> tuple[int, float]:

@@ -193,9 +193,13 @@ def shard_for_ranks(units: list[Unit], lengths: list[int], world_size: int) -> l
 
 
 def _rank_micro_batches(
-    examples: list[TokenizedExample], shard: list[Unit], token_budget: int, pad_id: int, packing: bool
+    examples: list[TokenizedExample],
+    lengths: list[int],
+    shard: list[Unit],
+    token_budget: int,
+    pad_id: int,
+    packing: bool,
 ) -> list[MicroBatch]:
-    lengths = [len(e) for e in examples]
     if packing:
         return [collate_packed(examples, rows, pad_id) for rows in pack_by_token_budget(shard, lengths, token_budget)]
     batches = []
@@ -218,7 +222,7 @@ def plan_step(
     lengths = [len(e) for e in examples]
     units = _units(len(examples), group_size)
     per_rank = [
-        _rank_micro_batches(examples, shard, token_budget, pad_id, packing)
+        _rank_micro_batches(examples, lengths, shard, token_budget, pad_id, packing)
         for shard in shard_for_ranks(units, lengths, world_size)
     ]
     count = max(1, max(len(batches) for batches in per_rank))
