@@ -146,6 +146,7 @@ class LoopState:
     step: int = 0
     history: list[dict[str, float]] = field(default_factory=list)  # per-step metrics
     val_history: list[Any] = field(default_factory=list)  # validation results, in the stage's own form
+    extra: dict[str, Any] = field(default_factory=dict)  # what else the stage's loop resumes from (JSON)
 
 
 def resume(
@@ -164,7 +165,7 @@ def resume(
     restore_rng(state["rng"])
     run.set_tags({"posttrain.resumed_from_step": str(state["step"])})
     log.info("%s resumes from step %d", stage_of_prefix(stage_prefix), state["step"])
-    return LoopState(state["step"], state.get("history", []), state["val_history"])
+    return LoopState(state["step"], state.get("history", []), state["val_history"], state.get("extra", {}))
 
 
 def checkpoint(
@@ -181,6 +182,7 @@ def checkpoint(
         "data_position": data_position,
         "history": state.history,
         "val_history": state.val_history,
+        "extra": state.extra,
         "rng": capture_rng(),
         "config": cfg.redacted(),
     }

@@ -230,6 +230,12 @@ class PolicyConfig(Section):
     precision: Literal["fp32", "bf16"] = "fp32"
     activation_checkpointing: bool = False
     threads_per_worker: int = Field(1, gt=0)
+    request_timeout_s: float | None = Field(
+        None,
+        gt=0.0,
+        description="a generation call taking longer counts as a lost worker: the workers are restarted and the "
+        "call redone once",
+    )
     gpus_per_worker: float = Field(
         0.0, ge=0.0, description="GPUs each trainer rank reserves in its Ray bundle; 0 trains on CPU (GPUs hidden)"
     )
@@ -258,6 +264,12 @@ class GenerationConfig(Section):
     max_model_len: int = Field(512, gt=0)
     kv_cache_bytes: int = Field(1 << 30, gt=0)
     threads_per_worker: int = Field(1, gt=0)
+    request_timeout_s: float | None = Field(
+        None,
+        gt=0.0,
+        description="a generation call taking longer counts as a lost worker: the workers are restarted and the "
+        "call redone once",
+    )
     gpus_per_worker: float = Field(
         0.0, ge=0.0, description="GPUs each generation worker reserves in its Ray bundle; 0 generates on CPU"
     )
@@ -388,7 +400,26 @@ class OverlongPenaltyConfig(Section):
     penalty: float = Field(1.0, gt=0.0, description="the penalty at the limit, reached linearly")
 
 
+class AsyncGRPOConfig(Section):
+    """Generation overlapped with training on a fixed schedule: while step s trains, the generator samples step
+    s + queue_size with the weights of step s, so every episode is exactly ``queue_size`` weight versions old and a
+    run is as reproducible (and resumable) as a synchronous one."""
+
+    enabled: bool = False
+    queue_size: int = Field(1, ge=0, description="steps the generator runs ahead of the trainer (0: synchronous)")
+    max_staleness: int = Field(
+        1,
+        ge=0,
+        description="episodes sampled by weights more than this many steps older than the step that trains them are "
+        "dropped (async/dropped) and the step's generation redone with the current weights",
+    )
+
+
 class GRPOConfig(Section):
+    model_config = ConfigDict(
+        extra="forbid", validate_assignment=True, validate_by_name=True, validate_by_alias=True, serialize_by_alias=True
+    )
+
     max_steps: int = Field(100, gt=0)
     prompts_per_step: int = Field(32, gt=0)
     generations_per_prompt: int = Field(8, gt=1)
@@ -436,6 +467,25 @@ class GRPOConfig(Section):
     loss: PolicyLossConfig = PolicyLossConfig()
     optimizer: OptimizerConfig = OptimizerConfig(lr=1e-4, warmup_steps=0, schedule="constant", grad_clip=1.0)
     lora: LoraConfig = LoraConfig()
+    async_: AsyncGRPOConfig = Field(
+        AsyncGRPOConfig(),
+        alias="async",
+        description="off-policy data: the loss corrects against the generator's logprobs (loss.importance_sampling "
+        "tis, is_max 2) unless the loss section says otherwise",
+    )
+
+    @model_validator(mode="after")
+    def _off_policy_data_is_corrected(self) -> "GRPOConfig":
+        """Episodes sampled by older weights need the importance-sampling correction to converge; it is on unless
+        the user chose the loss's correction themselves."""
+        if self.lags and self.async_.max_staleness > 0 and "importance_sampling" not in self.loss.model_fields_set:
+            self.loss = self.loss.model_copy(update={"importance_sampling": "tis", "is_max": 2.0})
+        return self
+
+    @property
+    def lags(self) -> bool:
+        """Whether the generator runs ahead of the trainer (asynchronous GRPO with a queue)."""
+        return self.async_.enabled and self.async_.queue_size > 0
 
     @model_validator(mode="after")
     def _environment_known(self) -> "GRPOConfig":
@@ -731,8 +781,9 @@ def _section_type(annotation: Any) -> type[BaseModel] | None:
 
 
 def check_known_keys(data: dict[str, Any], model: type[BaseModel], prefix: str = "") -> None:
-    """Reject unknown keys with the full dotted path and the closest known name."""
-    fields = model.model_fields
+    """Reject unknown keys with the full dotted path and the closest known name (a field's alias is its name in a
+    config: ``grpo.async``)."""
+    fields = {field.alias or name: field for name, field in model.model_fields.items()}
     for key, value in data.items():
         path = f"{prefix}{key}"
         if key not in fields:

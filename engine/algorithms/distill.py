@@ -18,7 +18,7 @@ import torch
 
 from engine.algorithms.grpo import GRPOLoop, ScoredStep, run_policy_stage
 from engine.algorithms.rollouts import Episode
-from engine.config import GRPOConfig, PipelineConfig
+from engine.config import AsyncGRPOConfig, GRPOConfig, PipelineConfig
 from engine.data.chat import TokenizedExample
 from engine.errors import ModelLoadError
 from engine.storage import ArtifactRef, ArtifactStore
@@ -45,6 +45,7 @@ def loop_settings(cfg: PipelineConfig) -> GRPOConfig:
             "reward_model_weight": 0.0,
             "dynamic_sampling": False,
             "overlong_penalty": None,
+            "async_": AsyncGRPOConfig(),  # synchronous: its cache key holds none of grpo.async
         }
     )
 

@@ -11,8 +11,16 @@
         refit()                         the generator gets the new weights (also after a step with nothing to train)
         every val_every: greedy pass@1 on held-out prompts; every checkpoint_every: checkpoint
 
-A generation worker lost mid-step is restarted, given the current weights, and the step's generation redone: a
-step's sampling is a pure function of seed and step, so the curve is the uninterrupted one and no step is lost.
+A generation worker lost mid-step (or a generation call past ``generation.request_timeout_s``) is restarted, given
+the current weights, and the step's generation redone: a step's sampling is a pure function of seed and step, so
+the curve is the uninterrupted one and no step is lost.
+
+Asynchronous GRPO (``grpo.async``) samples ``queue_size`` steps ahead while the trainer trains, on the fixed
+schedule of ``engine.algorithms.rollout_queue``: every episode is exactly ``queue_size`` weight versions old, the
+loss corrects against the generator's logprobs (truncated importance sampling by default), and checkpoints store the
+sampled but untrained steps. With one gradient step per batch the trainer's old policy is its current weights, so
+``logprobs.detach()`` is the forward pass an old-policy ratio needs; the staleness lives between the generator's
+logprobs and the trainer's, which the importance weights correct.
 
 What is kept from the paper and why: one gradient step per batch, so the old policy is the current one
 (ratio = exp(logprob - logprob.detach()), which carries the gradient of the ratio while its value is 1);
@@ -38,6 +46,7 @@ from engine.algorithms.advantages import estimate_advantages, overlong_penalty
 from engine.algorithms.evaluate import greedy_scores
 from engine.algorithms.losses import GRPOLoss
 from engine.algorithms.rewards import EpisodeRewards, RewardModelScorer
+from engine.algorithms.rollout_queue import GeneratedStep, RolloutQueue
 from engine.algorithms.rollouts import Episode, new_episodes, run_rollouts
 from engine.algorithms.supervised import StepSampler
 from engine.config import GRPOConfig, PipelineConfig
@@ -55,6 +64,7 @@ from engine.tracking import StageRun
 from engine.weight_sync import refit
 
 HISTORY_FILE = "history.jsonl"
+ROLLOUT_QUEUE = "rollout_queue"  # a checkpoint's steps sampled ahead (asynchronous GRPO)
 log = logging.getLogger("posttrain.grpo")
 T = TypeVar("T")
 
@@ -110,6 +120,8 @@ class GRPOLoop:
             cfg.reward_model_weight,
             cfg.max_failed_groups,
         )
+        ahead = cfg.async_.queue_size if cfg.lags else 0
+        self.rollouts = RolloutQueue(self.collect, ahead, cfg.async_.max_staleness, cfg.max_steps)
 
     def collect(self, step: int) -> list[Episode]:
         """The step's prompts, each answered ``generations_per_prompt`` times (seeded by step: exact resume)."""
@@ -162,26 +174,55 @@ class GRPOLoop:
             refit(self.roles.policy, self.roles.generation, version)
             return work()
 
+    def _take(self, step: int) -> tuple[GeneratedStep, int]:
+        """The step's episodes (sampled ahead, or now); a generator lost while sampling them, ahead or now, is
+        restarted with the current weights and the step sampled again."""
+        try:
+            return self.rollouts.take(step)
+        except WorkerLost as lost:
+            log.warning("%s; restarting the generation workers and redoing the step's generation", lost)
+            self.rollouts.forget()
+            self.roles.generation.restart()
+            refit(self.roles.policy, self.roles.generation, step)
+            return self.rollouts.take(step)
+
+    def _settle(self) -> None:
+        """Wait until the generator is idle; one lost while sampling ahead is restarted (the refit that follows gives
+        it the current weights) and the steps it lost are sampled again when taken."""
+        if self.rollouts.settle():
+            log.warning("a generation worker was lost while sampling ahead; restarting the generation workers")
+            self.roles.generation.restart()
+
     def step(self, step: int) -> dict[str, float]:
-        """collect -> score -> train -> refit; returns the step's metrics."""
+        """take -> (sample ahead) -> score -> train -> refit; returns the step's metrics."""
         started = time.perf_counter()
-        episodes = self._generating(step, lambda: self.collect(step))
-        generated = time.perf_counter()
+        generated, dropped = self._take(step)
+        self.rollouts.prefetch(step)  # the generator samples the next steps while this one trains
+        episodes = generated.episodes
+        taken = time.perf_counter()
         scored = self.score(episodes)
         examples = self.examples(episodes, scored)
         prepared = time.perf_counter()
         stats = self.roles.policy.train(examples, self.loss) if examples else {}
         trained = time.perf_counter()
+        self._settle()
+        settled = time.perf_counter()
         refit_metrics = refit(self.roles.policy, self.roles.generation, version=step + 1)
-        return {
+        self.rollouts.refitted(step + 1)
+        metrics = {
             **episode_metrics(episodes, scored),
             **training_metrics(stats),
-            "timing/generation": generated - started,
-            "timing/logprobs": prepared - generated,
+            "timing/generation": (taken - started) + (settled - trained),  # what the trainer waited for
+            "timing/logprobs": prepared - taken,
             "timing/training": trained - prepared,
             "timing/refit": refit_metrics.pop("refit/seconds"),
             **refit_metrics,  # refit/bytes, and a broadcast's refit/transfer_seconds
         }
+        if self.cfg.lags:
+            metrics["async/staleness"] = float(step - generated.version)
+            metrics["async/dropped"] = float(dropped)
+            metrics["async/generation_seconds"] = generated.seconds  # sampling this step's episodes took
+        return metrics
 
     def validate(self, step: int) -> dict[str, float]:
         """Greedy pass@1 and mean reward on the held-out prompts (the generator holds the weights of ``step``)."""
@@ -225,7 +266,7 @@ def episode_metrics(episodes: list[Episode], scored: ScoredStep) -> dict[str, fl
 def training_metrics(stats: dict[str, float]) -> dict[str, float]:
     """Per-token means of the trainer's summed metrics (a step that trained nothing reports neutral values)."""
     tokens = stats.get("valid_tokens", 0.0) or 1.0
-    return {
+    metrics = {
         "loss": stats.get("loss", 0.0),
         "grad_norm": stats.get("grad_norm", 0.0),
         "clip_fraction": stats.get("clip_tokens", 0.0) / tokens,
@@ -233,6 +274,10 @@ def training_metrics(stats: dict[str, float]) -> dict[str, float]:
         "token_mult_prob_error": stats.get("token_mult_prob_error_sum", tokens) / tokens,
         "kl": stats.get("kl_sum", 0.0) / tokens,
     }
+    if "is_weight_sum" in stats:  # the importance-sampling correction (loss.importance_sampling)
+        metrics["is_weight_mean"] = stats["is_weight_sum"] / tokens
+        metrics["is_oob_fraction"] = stats["is_oob_tokens"] / tokens
+    return metrics
 
 
 def _edge_mean(values: list[float], last: bool) -> float:
@@ -268,6 +313,7 @@ def train_loop(
     loop.rewards.failed_groups = int(sum(h.get("reward/failed_groups", 0.0) for h in state.history))
     if state.step:
         refit(policy, loop.roles.generation, version=state.step)
+    loop.rollouts.restore(state.extra.get(ROLLOUT_QUEUE, []), version=state.step)
     if not state.val_history:
         state.val_history.append(loop.validate(0))
         run.log_metrics({k: v for k, v in state.val_history[-1].items() if k != "step"}, step=0)
@@ -288,6 +334,7 @@ def train_loop(
         run.log_metrics(metrics, step=state.step)
         progress.set_postfix(reward=f"{metrics['reward/mean']:.3f}", acc=f"{state.val_history[-1]['val/accuracy']:.2f}")
         if state.step % g.checkpoint_every == 0 and state.step < g.max_steps:
+            state.extra[ROLLOUT_QUEUE] = loop.rollouts.state()  # sampled ahead, not yet trained: resumed as they are
             checkpointing.checkpoint(store, policy, stage_prefix, cfg, state, state.step * g.prompts_per_step)
     traces.close(state.step)
     run.flush()
@@ -370,6 +417,7 @@ def run_policy_stage(
     train_rows = read_jsonl(dataset_dir / "train.jsonl")
     val_rows = read_jsonl(dataset_dir / "val.jsonl")[: g.val_size]
     roles = start_roles(cfg, g, init_model_dir, tokenizer.pad_token_id, reward_model_dir, teacher_dir)
+    loop = None
     try:
         loop = loop_class(g, cfg.seed, tokenizer, train_rows, val_rows, roles)
         state = train_loop(loop, store, run, cfg, stage_prefix)
@@ -383,4 +431,6 @@ def run_policy_stage(
             extra_files={HISTORY_FILE: "".join(json.dumps(h) + "\n" for h in state.history)},
         )
     finally:
+        if loop is not None:
+            loop.rollouts.close()
         roles.shutdown()

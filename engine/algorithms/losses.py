@@ -270,4 +270,7 @@ class GRPOLoss:
         }
         if "kl" in metrics:
             sums["kl_sum"] = metrics["kl"] * valid
+        if "is_weight_mean" in metrics:
+            sums["is_weight_sum"] = metrics["is_weight_mean"] * valid
+            sums["is_oob_tokens"] = metrics["is_oob_fraction"] * valid
         return loss, sums

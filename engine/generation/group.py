@@ -93,9 +93,13 @@ class GenerationGroup:
             for worker, start in zip(self.workers, range(0, len(prompts), size))
         ]
         try:
-            shards = ray.get(refs)
+            shards = ray.get(refs, timeout=self.cfg.request_timeout_s)
         except ray.exceptions.RayActorError as exc:
             raise WorkerLost(f"a generation worker died: {str(exc).splitlines()[0]}") from exc
+        except ray.exceptions.GetTimeoutError:
+            raise WorkerLost(
+                f"a generation call took longer than generation.request_timeout_s={self.cfg.request_timeout_s:g}"
+            ) from None
         return [completions for shard in shards for completions in shard]
 
     @property

@@ -29,6 +29,7 @@ class FakeGeneration:
         self.cfg = GenerationConfig(backend="hf", refit="object_store")  # refits arrive through update_weights
         self.calls: list[tuple[list[list[int]], SamplingParams]] = []
         self.versions: list[int] = []
+        self.held: list[int] = []  # the weight version the generator held at each call
         self.die_at_call: int | None = None  # the call at which a worker "dies" (WorkerLost), once
         self.restarts = 0
         self.applies_adapters = False  # refits push full weights
@@ -44,6 +45,7 @@ class FakeGeneration:
             raise WorkerLost("a generation worker died: killed by the test")
         call = len(self.calls)
         self.calls.append(([list(p) for p in prompts], params))
+        self.held.append(self.versions[-1] if self.versions else 0)
         out, row = [], 0
         for prompt in prompts:
             samples = []
