@@ -29,6 +29,7 @@ from bench.trl_env import trl_python
 REPO = Path(__file__).resolve().parents[1]
 POSTTRAIN = str(Path(sys.executable).parent / "posttrain")
 WARMUP = 2
+TIMING_KEYS = ("timing/step", "timing/generation", "timing/logprobs", "timing/training", "timing/refit")
 GRPO = {"prompts_per_step": 32, "generations_per_prompt": 8, "max_new_tokens": 6, "temperature": 1.0, "lr": 1e-4}
 SIZES = {  # model.tiny overrides on top of configs/grpo_tiny.yaml, and how long its SFT warm-up runs
     "tiny (0.5 M)": ({}, 400),
@@ -60,9 +61,10 @@ def run_ours(
     grpo: dict = GRPO,
     backend: str = "vllm",
     extra: dict | None = None,
+    keys: tuple[str, ...] = TIMING_KEYS,
 ) -> dict:
     """One `posttrain run grpo` generating with ``backend``; ``salt`` varies a GRPO-only setting so GRPO reruns
-    while SFT stays cached; ``extra``: further overrides (dotted keys)."""
+    while SFT stays cached; ``extra``: further overrides (dotted keys); ``keys``: the per-step metrics returned."""
     overrides = {
         "workdir": str(workdir),
         "generation.backend": backend,
@@ -84,11 +86,12 @@ def run_ours(
     if out.returncode != 0:
         raise RuntimeError(out.stderr[-3000:])
     summary = json.loads(out.stdout.strip().splitlines()[-1])
-    return {"summary": summary, "wall": wall, "timings": grpo_timings(workdir)}
+    return {"summary": summary, "wall": wall, "timings": grpo_timings(workdir, keys)}
 
 
-def grpo_timings(workdir: Path) -> dict[str, list[float]]:
-    """Per-step timing metrics of the newest grpo stage run in this workdir's MLflow."""
+def grpo_timings(workdir: Path, keys: tuple[str, ...] = TIMING_KEYS) -> dict[str, list[float]]:
+    """Per-step metrics (``keys``, the step timings by default) of the newest grpo stage run in this workdir's
+    MLflow."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{workdir}/mlflow.db")
@@ -96,7 +99,6 @@ def grpo_timings(workdir: Path) -> dict[str, list[float]]:
     run = client.search_runs(
         [experiment.experiment_id], "tags.`posttrain.stage` = 'grpo'", order_by=["start_time DESC"], max_results=1
     )[0]
-    keys = ("timing/step", "timing/generation", "timing/logprobs", "timing/training", "timing/refit")
     return {
         key: [m.value for m in sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)]
         for key in keys

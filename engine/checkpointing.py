@@ -150,11 +150,17 @@ class LoopState:
 
 
 def resume(
-    store: ArtifactStore, policy: "PolicyGroup", stage_prefix: str, cfg: "PipelineConfig", run: "StageRun"
+    store: ArtifactStore,
+    policy: "PolicyGroup",
+    stage_prefix: str,
+    cfg: "PipelineConfig",
+    run: "StageRun",
+    companions: dict[str, "PolicyGroup"] | None = None,
 ) -> LoopState:
     """The state to continue from: a fresh one, or the chosen checkpoint's (its config checked against this one),
-    loaded into the trainer (model, optimizer, scheduler, RNG) with the controller's RNG restored, so the resumed
-    curve is the uninterrupted one."""
+    loaded into the trainer (model, optimizer, scheduler, RNG) and the ``companions`` that train with it (PPO's
+    critic, from the checkpoint's folder of that name), with the controller's RNG restored, so the resumed curve is
+    the uninterrupted one."""
     resume_dir = find_resume_checkpoint(store, stage_prefix, cfg.resume)
     if resume_dir is None:
         return LoopState()
@@ -162,6 +168,8 @@ def resume(
     source = explicit_checkpoint(store, stage_prefix, cfg.resume) or "the checkpoint"
     check_resumable(state["config"], cfg.redacted(), stage_of_prefix(stage_prefix), source)
     policy.load_checkpoint(resume_dir)
+    for name, group in (companions or {}).items():
+        group.load_checkpoint(resume_dir / name)
     restore_rng(state["rng"])
     run.set_tags({"posttrain.resumed_from_step": str(state["step"])})
     log.info("%s resumes from step %d", stage_of_prefix(stage_prefix), state["step"])
@@ -175,8 +183,10 @@ def checkpoint(
     cfg: "PipelineConfig",
     state: LoopState,
     data_position: int,
+    companions: dict[str, "PolicyGroup"] | None = None,
 ) -> str:
-    """Commit the trainer's shards with the loop's state; returns the checkpoint's URI."""
+    """Commit the trainer's shards (and each companion's, in a folder of its name) with the loop's state; returns
+    the checkpoint's URI."""
     trainer_state = {
         "step": state.step,
         "data_position": data_position,
@@ -186,16 +196,23 @@ def checkpoint(
         "rng": capture_rng(),
         "config": cfg.redacted(),
     }
-    return save_checkpoint(store, policy, stage_prefix, trainer_state)
+    return save_checkpoint(store, policy, stage_prefix, trainer_state, companions)
 
 
 def save_checkpoint(
-    store: ArtifactStore, policy: "PolicyGroup", stage_prefix: str, trainer_state: dict[str, Any]
+    store: ArtifactStore,
+    policy: "PolicyGroup",
+    stage_prefix: str,
+    trainer_state: dict[str, Any],
+    companions: dict[str, "PolicyGroup"] | None = None,
 ) -> str:
     """The workers' shards and the controller's state (which holds ``step``), committed; returns the URI."""
     staging = new_staging_dir("ckpt-")
     try:
         policy.save_checkpoint(staging)
+        for name, group in (companions or {}).items():
+            (staging / name).mkdir()
+            group.save_checkpoint(staging / name)
         (staging / TRAINER_STATE).write_text(json.dumps(trainer_state))
         step = trainer_state["step"]
         key = f"{checkpoint_prefix(stage_prefix)}/step_{step:06d}"

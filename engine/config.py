@@ -415,6 +415,17 @@ class AsyncGRPOConfig(Section):
     )
 
 
+class CriticConfig(Section):
+    """PPO's learned value model (``grpo.advantage_estimator: gae``): the policy's starting model with a per-token
+    value head, trained alongside the policy on the returns of generalized advantage estimation."""
+
+    gamma: float = Field(1.0, ge=0.0, le=1.0, description="discount per response token")
+    lam: float = Field(0.95, ge=0.0, le=1.0, description="GAE's lambda: 0 is one-step TD, 1 is Monte Carlo")
+    value_clip: float | None = Field(0.2, gt=0.0, description="PPO's clip of a value's move from its old value")
+    warmup_steps: int = Field(0, ge=0, description="first steps that train the critic alone (the policy waits)")
+    optimizer: OptimizerConfig = OptimizerConfig(lr=1e-4, warmup_steps=0, schedule="constant", grad_clip=1.0)
+
+
 class GRPOConfig(Section):
     model_config = ConfigDict(
         extra="forbid", validate_assignment=True, validate_by_name=True, validate_by_alias=True, serialize_by_alias=True
@@ -449,14 +460,18 @@ class GRPOConfig(Section):
     max_rollout_turns: int = Field(1, gt=0)
     verifier_weight: float = Field(1.0, ge=0.0, description="weight of the environment's reward")
     reward_model_weight: float = Field(0.0, ge=0.0, description="weight of sigmoid(reward model score)")
-    advantage_estimator: Literal["rloo", "grpo", "reinforce_pp"] = Field(
+    advantage_estimator: Literal["rloo", "grpo", "reinforce_pp", "gae"] = Field(
         "rloo",
         description="rloo: a sample's baseline is the mean reward of the other samples of its prompt; grpo: the "
-        "mean of the whole group; reinforce_pp: rewards whitened over the whole batch",
+        "mean of the whole group; reinforce_pp: rewards whitened over the whole batch; gae: PPO, per-token "
+        "advantages from a learned critic (grpo.critic)",
     )
     normalize_advantages: bool = Field(
-        False, description="rloo/grpo: divide by the baseline's std (unnormalized rloo advantages sum to 0 per group)"
+        False,
+        description="rloo/grpo: divide by the baseline's std (unnormalized rloo advantages sum to 0 per group); "
+        "gae: whiten the step's token advantages",
     )
+    critic: CriticConfig = CriticConfig()
     overlong_penalty: OverlongPenaltyConfig | None = Field(
         None, description="DAPO's soft penalty on responses near the length limit (max_new_tokens x turns)"
     )
@@ -617,6 +632,15 @@ class PipelineConfig(Section):
                         f"{stage}.lora.rank={getattr(self, stage).lora.rank}: LoRA runs on the fsdp2 trainer only "
                         f"(policy.backend={self.policy.backend}); set {stage}.lora.rank=0 or policy.backend=fsdp2"
                     )
+        return self
+
+    @model_validator(mode="after")
+    def _critic_on_fsdp2(self) -> "PipelineConfig":
+        if self.grpo.advantage_estimator == "gae" and self.policy.backend != "fsdp2":
+            raise ValueError(
+                f"grpo.advantage_estimator=gae: the critic's value head runs on the fsdp2 trainer only "
+                f"(policy.backend={self.policy.backend})"
+            )
         return self
 
     @model_validator(mode="after")

@@ -30,7 +30,7 @@ def generators(cfg: PipelineConfig) -> tuple[int, Bundle]:
 
 def rl_groups(cfg: PipelineConfig, g: GRPOConfig, teacher: bool) -> Groups:
     """The groups a GRPO (or distillation) stage holds at once; a frozen copy of the policy's size for the KL
-    reference (LoRA uses the policy's own base), the reward model and the teacher."""
+    reference (LoRA uses the policy's own base), the reward model, the teacher and PPO's critic."""
     groups: Groups = {"policy": trainers(cfg), "generation": generators(cfg)}
     if g.loss.kl_beta and not g.lora.enabled:
         groups["reference"] = trainers(cfg)
@@ -38,6 +38,8 @@ def rl_groups(cfg: PipelineConfig, g: GRPOConfig, teacher: bool) -> Groups:
         groups["reward_model"] = trainers(cfg)
     if teacher:
         groups["teacher"] = trainers(cfg)
+    if g.advantage_estimator == "gae":
+        groups["critic"] = trainers(cfg)
     return groups
 
 

@@ -95,3 +95,43 @@ def overlong_penalty(lengths: torch.Tensor, max_length: int, buffer: int, penalt
         raise ValueError("overlong_penalty: buffer must be positive")
     excess = lengths.to(torch.float64) - (max_length - buffer)
     return torch.clamp(-excess / buffer * penalty, min=-penalty, max=0.0).to(torch.get_default_dtype())
+
+
+def gae_advantages(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalized advantage estimation over each row's response tokens (``mask`` 1), the sequence's reward arriving
+    at its last one; the value after the last is 0 (the episode ended). Tokens off the mask (prompt, a tool's
+    observation, padding) are skipped: the next response token is the next step. Returns per-token advantages and
+    returns (advantage + value), 0 off the mask; [B, T] like ``values``.
+
+        delta_k = r_k + gamma * V_{k+1} - V_k        A_k = delta_k + gamma * lam * A_{k+1}
+    """
+    v = values.to(torch.float64)
+    valid = mask.bool()
+    last = valid.shape[1] - 1 - valid.flip(1).to(torch.int64).argmax(1)  # each row's last response token
+    next_value = torch.zeros(v.shape[0], dtype=torch.float64)
+    next_advantage = torch.zeros_like(next_value)
+    advantages = torch.zeros_like(v)
+    positions = torch.arange(v.shape[1])
+    for t in range(v.shape[1] - 1, -1, -1):
+        on = valid[:, t]
+        reward = torch.where(positions[t] == last, rewards.to(torch.float64), torch.zeros_like(next_value))
+        delta = reward + gamma * next_value - v[:, t]
+        advantage = delta + gamma * lam * next_advantage
+        advantages[:, t] = torch.where(on, advantage, torch.zeros_like(advantage))
+        next_value = torch.where(on, v[:, t], next_value)
+        next_advantage = torch.where(on, advantage, next_advantage)
+    returns = torch.where(valid, advantages + v, torch.zeros_like(v))
+    return advantages.to(values.dtype), returns.to(values.dtype)
+
+
+def whiten(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """(x - mean) / (std + eps) over the masked entries; 0 off the mask."""
+    valid = mask.bool()
+    x = values.to(torch.float64)
+    selected = x[valid]
+    if selected.numel() < 2:
+        return torch.zeros_like(values)
+    whitened = (x - selected.mean()) / (selected.std(unbiased=True) + eps)
+    return torch.where(valid, whitened, torch.zeros_like(whitened)).to(values.dtype)

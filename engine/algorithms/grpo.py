@@ -42,9 +42,9 @@ from typing import Any, Callable, TypeVar
 import torch
 
 from engine import checkpointing, cluster, resources
-from engine.algorithms.advantages import estimate_advantages, overlong_penalty
+from engine.algorithms.advantages import estimate_advantages, gae_advantages, overlong_penalty, whiten
 from engine.algorithms.evaluate import greedy_scores
-from engine.algorithms.losses import GRPOLoss
+from engine.algorithms.losses import GRPOLoss, ValueLoss
 from engine.algorithms.rewards import EpisodeRewards, RewardModelScorer
 from engine.algorithms.rollout_queue import GeneratedStep, RolloutQueue
 from engine.algorithms.rollouts import Episode, new_episodes, run_rollouts
@@ -80,9 +80,18 @@ class GRPORoles:
     reward_model: RewardModelScorer | None = None
     reward_functions: RewardFunctions | None = None
     teacher: PolicyGroup | None = None  # frozen: the distillation teacher
+    critic: PolicyGroup | None = None  # PPO's value model (advantage_estimator: gae), trained with the policy
 
     def shutdown(self) -> None:
-        roles = (self.policy, self.reference, self.teacher, self.reward_model, self.generation, self.environments)
+        roles = (
+            self.policy,
+            self.critic,
+            self.reference,
+            self.teacher,
+            self.reward_model,
+            self.generation,
+            self.environments,
+        )
         for role in (*roles, self.reward_functions):
             if role is not None:
                 role.shutdown()
@@ -147,7 +156,10 @@ class GRPOLoop:
             rewards = rewards + penalty.to(rewards.dtype)
             parts["reward/overlong_penalty"] = float(penalty.mean())
         groups = torch.tensor([e.group for e in episodes])
-        advantages = estimate_advantages(rewards, groups, g.advantage_estimator, g.normalize_advantages)
+        if g.advantage_estimator == "gae":  # per token, from the critic's values (``examples``)
+            advantages = torch.zeros_like(rewards)
+        else:
+            advantages = estimate_advantages(rewards, groups, g.advantage_estimator, g.normalize_advantages)
         lost = {e.group for e, bad in zip(episodes, failed) if bad}  # a group is trained whole or not at all
         kept = [i for i in range(len(episodes)) if episodes[i].group not in lost]
         if g.dynamic_sampling:
@@ -162,6 +174,29 @@ class GRPOLoop:
             for example, reference in zip(examples, self.roles.reference.forward(examples)):
                 example.token_values["reference_logprobs"] = reference.tolist()  # aligned to the input ids
         return examples
+
+    def _critic_advantages(self, examples: list[TokenizedExample], rewards: torch.Tensor) -> dict[str, float]:
+        """PPO: the critic's values of every response token, GAE's per-token advantages (whitened with
+        ``normalize_advantages``) and returns, put on the examples for both losses; returns the critic's metrics."""
+        c = self.cfg.critic
+        length = max(len(e) for e in examples)
+        values = torch.zeros(len(examples), length)
+        mask = torch.zeros(len(examples), length)
+        for row, (example, value) in enumerate(zip(examples, self.roles.critic.forward(examples))):
+            values[row, : len(example)] = value  # aligned to the input ids: value[t] is the state before token t
+            mask[row, : len(example)] = torch.tensor(example.loss_mask, dtype=torch.float32)
+        advantages, returns = gae_advantages(rewards, values, mask, c.gamma, c.lam)
+        if self.cfg.normalize_advantages:
+            advantages = whiten(advantages, mask)
+        for row, example in enumerate(examples):
+            del example.scalars["advantage"]
+            size = len(example)
+            example.token_values["advantage"] = advantages[row, :size].tolist()
+            example.token_values["returns"] = returns[row, :size].tolist()
+            example.token_values["old_values"] = values[row, :size].tolist()
+        valid = mask.bool()
+        explained = 1 - (returns - values)[valid].var() / returns[valid].var().clamp(min=1e-8)
+        return {"critic/value_mean": float(values[valid].mean()), "critic/explained_variance": float(explained)}
 
     def _generating(self, version: int, work: Callable[[], T]) -> T:
         """``work`` on the generator; a lost generation worker is restarted with the weights of ``version`` and the
@@ -202,8 +237,14 @@ class GRPOLoop:
         taken = time.perf_counter()
         scored = self.score(episodes)
         examples = self.examples(episodes, scored)
+        critic = self.roles.critic if examples else None
+        critic_metrics = self._critic_advantages(examples, scored.rewards[scored.kept]) if critic else {}
         prepared = time.perf_counter()
-        stats = self.roles.policy.train(examples, self.loss) if examples else {}
+        if critic:  # one optimizer step toward the returns, then the policy's (which waits out the critic's warm-up)
+            stats = critic.train(examples, ValueLoss(self.cfg.critic.value_clip))
+            critic_metrics.update({"critic/value_loss": stats["loss"], "critic/grad_norm": stats["grad_norm"]})
+        warming_up = self.roles.critic is not None and step < self.cfg.critic.warmup_steps
+        stats = self.roles.policy.train(examples, self.loss) if examples and not warming_up else {}
         trained = time.perf_counter()
         self._settle()
         settled = time.perf_counter()
@@ -212,6 +253,7 @@ class GRPOLoop:
         metrics = {
             **episode_metrics(episodes, scored),
             **training_metrics(stats),
+            **critic_metrics,
             "timing/generation": (taken - started) + (settled - trained),  # what the trainer waited for
             "timing/logprobs": prepared - taken,
             "timing/training": trained - prepared,
@@ -308,7 +350,8 @@ def train_loop(
     """The steps from the resume point to ``max_steps``, with validation, metrics and checkpoints."""
     g = loop.cfg
     policy = loop.roles.policy
-    state = checkpointing.resume(store, policy, stage_prefix, cfg, run)
+    companions = {"critic": loop.roles.critic} if loop.roles.critic is not None else {}
+    state = checkpointing.resume(store, policy, stage_prefix, cfg, run, companions)
     run.log_params(policy.parameter_counts())
     loop.rewards.failed_groups = int(sum(h.get("reward/failed_groups", 0.0) for h in state.history))
     if state.step:
@@ -335,7 +378,8 @@ def train_loop(
         progress.set_postfix(reward=f"{metrics['reward/mean']:.3f}", acc=f"{state.val_history[-1]['val/accuracy']:.2f}")
         if state.step % g.checkpoint_every == 0 and state.step < g.max_steps:
             state.extra[ROLLOUT_QUEUE] = loop.rollouts.state()  # sampled ahead, not yet trained: resumed as they are
-            checkpointing.checkpoint(store, policy, stage_prefix, cfg, state, state.step * g.prompts_per_step)
+            samples = state.step * g.prompts_per_step
+            checkpointing.checkpoint(store, policy, stage_prefix, cfg, state, samples, companions)
     traces.close(state.step)
     run.flush()
     return state
@@ -374,13 +418,19 @@ def start_roles(
         started.append(_start_reference(cfg, g, init_model_dir, pad_id, started[-1]) if g.loss.kl_beta else None)
         started.append(RewardModelScorer.start(cfg, reward_model_dir) if g.reward_model_weight > 0 else None)
         started.append(start_policy_group(cfg, teacher_dir, None, g.max_steps, pad_id) if teacher_dir else None)
+        critic = g.advantage_estimator == "gae"  # PPO: a value model started from the policy's model
+        started.append(
+            start_policy_group(cfg, init_model_dir, g.critic.optimizer, g.max_steps, pad_id, "value")
+            if critic
+            else None
+        )
         generation.wait_started()
     except BaseException:
         for role in filter(None, started):
             role.shutdown()
         raise
-    functions, environments, generation, policy, reference, reward_model, teacher = started
-    return GRPORoles(policy, generation, environments, reference, reward_model, functions, teacher)
+    functions, environments, generation, policy, reference, reward_model, teacher, critic_group = started
+    return GRPORoles(policy, generation, environments, reference, reward_model, functions, teacher, critic_group)
 
 
 def run_grpo(

@@ -176,6 +176,25 @@ def clipped_pg_loss(
     return loss, metrics
 
 
+def clipped_value_loss(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    clip: float | None,
+    global_valid_tokens: float | torch.Tensor | None = None,
+) -> tuple[torch.Tensor, Metrics]:
+    """PPO's value loss: 0.5 * max((V - R)^2, (V_old + clip(V - V_old, -c, c) - R)^2) per response token (the
+    plain squared error without ``clip``), over the step's global count of valid tokens."""
+    squared = (values - returns).pow(2)
+    if clip is not None:
+        clipped = old_values + torch.clamp(values - old_values, -clip, clip)
+        squared = torch.maximum(squared, (clipped - returns).pow(2))
+    loss = masked_mean(0.5 * squared, mask, global_valid_tokens)
+    valid = mask.bool()
+    return loss, {"value_mean": float(masked_mean(values.detach(), valid)), "valid_tokens": float(mask.sum())}
+
+
 def nll_loss(
     logprobs: torch.Tensor, mask: torch.Tensor, global_valid_tokens: float | torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -274,3 +293,19 @@ class GRPOLoss:
             sums["is_weight_sum"] = metrics["is_weight_mean"] * valid
             sums["is_oob_tokens"] = metrics["is_oob_fraction"] * valid
         return loss, sums
+
+
+class ValueLoss:
+    """The critic's per-micro-batch loss (``clipped_value_loss`` on the batch's ``returns`` and ``old_values``);
+    metrics as sums, like ``GRPOLoss``."""
+
+    def __init__(self, clip: float | None):
+        self.clip = clip
+
+    def __call__(self, values: torch.Tensor, batch: MicroBatch, normalizers: dict[str, float]):
+        mask = batch["loss_mask"]
+        loss, metrics = clipped_value_loss(
+            values, batch["old_values"], batch["returns"], mask, self.clip, normalizers["tokens"]
+        )
+        valid = metrics["valid_tokens"]
+        return loss, {"value_sum": metrics["value_mean"] * valid, "valid_tokens": valid}

@@ -50,7 +50,8 @@ class FSDP2PolicyWorker(Profiled, RefitSender):
         lora: dict[str, Any] | None = None,
     ):
         self.rank, self.world_size = rank, world_size
-        self.model_kind = model_kind  # "causal_lm": per-token logprobs; "reward": one scalar per sequence
+        # "causal_lm": per-token logprobs; "reward": one scalar per sequence; "value": a critic's per-token values
+        self.model_kind = model_kind
         self.model_path = model_path
         self.policy = PolicyConfig.model_validate(policy)
         # None: a frozen role (reference, teacher, scorer) that only runs forward passes
@@ -77,14 +78,19 @@ class FSDP2PolicyWorker(Profiled, RefitSender):
             self.optimizer, self.scheduler = build_optimizer(trainable, self.optimizer_cfg, self.total_steps)
 
     def _build_model(self) -> torch.nn.Module:
-        from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+        from transformers import (
+            AutoModelForCausalLM,
+            AutoModelForSequenceClassification,
+            AutoModelForTokenClassification,
+        )
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-        if self.model_kind == "reward":
-            model = AutoModelForSequenceClassification.from_pretrained(
-                self.model_path, num_labels=1, dtype=torch.float32
+        if self.model_kind in ("reward", "value"):  # a new linear head on the decoder: one output per position
+            head_model = (
+                AutoModelForSequenceClassification if self.model_kind == "reward" else AutoModelForTokenClassification
             )
+            model = head_model.from_pretrained(self.model_path, num_labels=1, dtype=torch.float32)
         else:
             model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch.float32)
         model = model.to(self.device)
@@ -116,7 +122,8 @@ class FSDP2PolicyWorker(Profiled, RefitSender):
     # ------------------------------------------------------------------------------ compute
 
     def _forward(self, batch: MicroBatch) -> torch.Tensor:
-        """Token logprobs [B, L-1] of a causal LM, or one fp32 score [B] per sequence of a reward model."""
+        """Token logprobs [B, L-1] of a causal LM, one fp32 score [B] per sequence of a reward model, or a critic's
+        values [B, L-1] (position t: the value of the prefix up to t, before token t+1 is sampled)."""
         if "packed_input_ids" in batch:  # one row per several sequences; transformers keeps attention within each
             packed_ids = batch["packed_input_ids"].to(self.device)
             positions = batch["packed_position_ids"].to(self.device)
@@ -127,6 +134,8 @@ class FSDP2PolicyWorker(Profiled, RefitSender):
         logits = self.model(input_ids=input_ids, attention_mask=attention).logits
         if self.model_kind == "reward":
             return logits[:, 0].float()
+        if self.model_kind == "value":
+            return logits[:, :-1, 0].float()
         return token_logprobs_from_logits(logits, input_ids)
 
     def _on_device(self, batch: MicroBatch) -> MicroBatch:

@@ -20,3 +20,12 @@ def examples(tiny_model_dir):
     for i, m in enumerate(messages):
         m[0]["content"] += " Think." * (i % 4)
     return [tokenize_conversation(tok, m, 256) for m in messages], tok.pad_token_id
+
+
+@pytest.fixture(scope="session")
+def synchronous_grpo_curve(ray_local, tiny_model_dir) -> list[dict[str, float]]:
+    """The uninterrupted synchronous run of ``tests.integration.test_worker_loss.grpo_run``, which the worker-loss
+    and asynchronous-GRPO runs are compared with."""
+    from tests.integration.test_worker_loss import grpo_run
+
+    return grpo_run(tiny_model_dir, kill_before_step=None)

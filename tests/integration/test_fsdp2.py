@@ -1,6 +1,8 @@
 """The FSDP2 worker group on real Ray actors with gloo: rank- and micro-batch invariance, checkpoint
 round trip and HF export."""
 
+import copy
+
 import pytest
 import torch
 
@@ -257,3 +259,29 @@ def test_lora_trains_adapters_only_resumes_exactly_and_exports_merged_and_adapte
         AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path / "hf" / "adapter"
     )
     assert torch.allclose(_hf_logprobs(adapted, data[:4], pad)[0][mask], trained_lp[mask], atol=1e-5)
+
+
+def test_a_critic_value_head_aligns_its_values_to_the_input_ids_and_learns_the_returns(
+    ray_local, tiny_model_dir, examples
+):
+    """PPO's critic (``model_kind="value"``: the causal LM's decoder under a per-token linear head) on 2 ranks and
+    several micro-batches: ``forward`` gives one value per input token (0 at the first: no state precedes it), equal
+    whatever the batch around it, and clipped-value-loss steps toward per-token returns bring the loss down."""
+    from engine.algorithms.losses import ValueLoss
+
+    data, pad = examples
+    cfg = load_config(None, {"policy.world_size": 2, "policy.micro_batch_tokens": 64})
+    critic = start_policy_group(cfg, tiny_model_dir, cfg.grpo.critic.optimizer, 10, pad, "value")
+    try:
+        batch = copy.deepcopy(data[:BATCH])  # the module's examples stay as the other tests expect them
+        values = critic.forward(batch)
+        assert [len(v) for v in values] == [len(e) for e in batch] and all(v[0] == 0.0 for v in values)
+        alone = critic.forward(batch[3:4])[0]
+        assert torch.allclose(alone, values[3], atol=1e-5)  # padding and neighbours change nothing
+        for example in batch:  # a return of 1 on the response tokens, the values as they stand
+            example.token_values["returns"] = [float(m) for m in example.loss_mask]
+            example.token_values["old_values"] = [0.0] * len(example)
+        losses = [critic.train(batch, ValueLoss(clip=None))["loss"] for _ in range(5)]
+        assert losses[-1] < 0.5 * losses[0], losses
+    finally:
+        critic.shutdown()

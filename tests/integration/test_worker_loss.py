@@ -19,7 +19,11 @@ from engine.policy.group import start_policy_group
 STEPS = 3
 
 
-def grpo_run(tiny_model_dir, kill_before_step: int | None) -> list[dict[str, float]]:
+def grpo_run(
+    tiny_model_dir, kill_before_step: int | None, signum: int = signal.SIGKILL, overrides: dict | None = None
+) -> list[dict[str, float]]:
+    """STEPS GRPO steps on real workers (FSDP2, transformers generation); the generation worker's process gets
+    ``signum`` before step ``kill_before_step``."""
     from transformers import AutoTokenizer
 
     cfg = load_config(
@@ -27,9 +31,11 @@ def grpo_run(tiny_model_dir, kill_before_step: int | None) -> list[dict[str, flo
         {
             "policy.world_size": 1,
             "generation.backend": "hf",
+            "grpo.max_steps": STEPS,
             "grpo.prompts_per_step": 4,
             "grpo.generations_per_prompt": 4,
             "grpo.max_new_tokens": 4,
+            **(overrides or {}),
         },
     )
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
@@ -46,15 +52,16 @@ def grpo_run(tiny_model_dir, kill_before_step: int | None) -> list[dict[str, flo
         for step in range(STEPS):
             if step == kill_before_step:
                 (info,) = roles.generation.call("info")
-                os.kill(info["pid"], signal.SIGKILL)
+                os.kill(info["pid"], signum)
             curve.append(loop.step(step))
         return curve
     finally:
+        loop.rollouts.close()
         roles.shutdown()
 
 
-def test_a_killed_generation_worker_is_replaced_and_no_step_is_lost(ray_local, tiny_model_dir, caplog):
-    uninterrupted = grpo_run(tiny_model_dir, kill_before_step=None)
+def test_a_killed_generation_worker_is_replaced_and_no_step_is_lost(synchronous_grpo_curve, tiny_model_dir, caplog):
+    uninterrupted = synchronous_grpo_curve
     with caplog.at_level("WARNING", logger="posttrain.grpo"):
         recovered = grpo_run(tiny_model_dir, kill_before_step=1)
     assert "a generation worker died" in caplog.text and "restarting the generation workers" in caplog.text

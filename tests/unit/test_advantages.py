@@ -7,10 +7,12 @@ import pytest
 import torch
 
 from engine.algorithms.advantages import (
+    gae_advantages,
     group_baseline,
     grpo_advantages,
     overlong_penalty,
     reinforce_pp_advantages,
+    whiten,
 )
 
 
@@ -92,3 +94,31 @@ def test_overlong_penalty():
     out = overlong_penalty(torch.tensor([50, 80, 90, 100, 130]), max_length=100, buffer=20, penalty=1.0)
     assert out.tolist() == pytest.approx([0.0, 0.0, -0.5, -1.0, -1.0])
     assert math.isfinite(out.sum().item())
+
+
+def test_gae_by_hand_with_the_reward_on_the_last_response_token():
+    values = torch.tensor([[7.0, 0.5, 0.2, 0.1]])  # position 0 is the prompt: its value is never read
+    mask = torch.tensor([[0, 1, 1, 1]])
+    advantages, returns = gae_advantages(torch.tensor([1.0]), values, mask, gamma=1.0, lam=1.0)
+    assert advantages.tolist()[0] == pytest.approx([0.0, 0.5, 0.8, 0.9])  # returns - values
+    assert returns.tolist()[0] == pytest.approx([0.0, 1.0, 1.0, 1.0])  # gamma = lam = 1: every return is the reward
+    advantages, _ = gae_advantages(torch.tensor([1.0]), values, mask, gamma=0.9, lam=0.5)
+    # delta3 = 1 - 0.1; delta2 = 0.9 * 0.1 - 0.2; delta1 = 0.9 * 0.2 - 0.5; A_k = delta_k + 0.45 * A_{k+1}
+    assert advantages.tolist()[0] == pytest.approx([0.0, -0.32 + 0.45 * (-0.11 + 0.45 * 0.9), -0.11 + 0.45 * 0.9, 0.9])
+
+
+def test_gae_skips_observation_tokens_and_padding_between_and_after_turns():
+    values = torch.tensor([[0.3, 0.4, 9.0, 9.0, 0.2, 9.0], [0.5, 9.0, 9.0, 9.0, 9.0, 9.0]])
+    mask = torch.tensor([[1, 1, 0, 0, 1, 0], [1, 0, 0, 0, 0, 0]])  # row 0: two turns around a tool's reply
+    advantages, returns = gae_advantages(torch.tensor([2.0, -1.0]), values, mask, gamma=0.5, lam=1.0)
+    # row 0: A4 = 2 - 0.2 = 1.8; A1 = 0.5 * 0.2 - 0.4 + 0.5 * 1.8 = 0.6; A0 = 0.5 * 0.4 - 0.3 + 0.5 * 0.6 = 0.2
+    assert advantages.tolist()[0] == pytest.approx([0.2, 0.6, 0.0, 0.0, 1.8, 0.0])
+    assert advantages.tolist()[1] == pytest.approx([-1.5, 0.0, 0.0, 0.0, 0.0, 0.0])
+    assert returns.tolist()[1] == pytest.approx([-1.0, 0.0, 0.0, 0.0, 0.0, 0.0])
+
+
+def test_whitening_over_the_masked_entries_only():
+    values = torch.tensor([[1.0, 3.0, 100.0], [5.0, -100.0, -100.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    out = whiten(values, mask, eps=0.0)
+    assert out.tolist() == [pytest.approx([-1.0, 0.0, 0.0]), pytest.approx([1.0, 0.0, 0.0])]  # mean 3, std 2

@@ -9,6 +9,7 @@ from engine.algorithms.losses import (
     PolicyLossConfig,
     bradley_terry_loss,
     clipped_pg_loss,
+    clipped_value_loss,
     dpo_loss,
     kl_penalty,
     masked_mean,
@@ -322,3 +323,19 @@ def test_logprob_agreement_metric():
     assert out["token_mult_prob_error"] == pytest.approx((1 + math.exp(0.5)) / 2)
     assert out["logprob_max_abs_diff"] == pytest.approx(0.5)
     assert logprob_agreement(t([0.0]), t([9.0]), t([0]))["token_mult_prob_error"] == 1.0
+
+
+def test_the_clipped_value_loss_by_hand():
+    values, old = torch.tensor([[1.0, 0.5, 42.0]]), torch.tensor([[0.8, 0.8, 0.0]])
+    returns, mask = torch.tensor([[0.0, 1.0, 0.0]]), torch.tensor([[1.0, 1.0, 0.0]])
+    # token 0: (1 - 0)^2 = 1 beats the clipped (0.9 - 0)^2; token 1: (0.5 - 1)^2 = 0.25 beats (0.7 - 1)^2
+    loss, metrics = clipped_value_loss(values, old, returns, mask, clip=0.1)
+    assert float(loss) == pytest.approx((0.5 * 1.0 + 0.5 * 0.25) / 2)
+    # a value moved past the clip toward the return keeps the clipped (larger) error: no reward for the jump
+    loss, _ = clipped_value_loss(
+        torch.tensor([[0.0]]), torch.tensor([[1.0]]), torch.tensor([[0.0]]), torch.ones(1, 1), 0.1
+    )
+    assert float(loss) == pytest.approx(0.5 * 0.9**2)
+    unclipped, _ = clipped_value_loss(values, old, returns, mask, clip=None, global_valid_tokens=4)
+    assert float(unclipped) == pytest.approx((0.5 * 1.0 + 0.5 * 0.25) / 4)
+    assert metrics["value_mean"] == pytest.approx(0.75) and metrics["valid_tokens"] == 2.0

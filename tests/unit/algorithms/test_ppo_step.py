@@ -1,0 +1,67 @@
+"""PPO's step without a cluster: the critic's values turn into GAE's per-token advantages and returns on the
+examples both losses read, the critic trains before the policy (alone during its warm-up), and checkpoints hold it."""
+
+from __future__ import annotations
+
+import pytest
+
+from engine.algorithms.grpo import GRPOLoop, GRPORoles, train_loop
+from engine.algorithms.losses import GRPOLoss, ValueLoss
+from engine.environments.math_verifier import MathVerifierEnv
+from engine.storage import ArtifactStore
+from tests.unit.algorithms.fakes import FakeGeneration, FakePolicy, InProcessRouter, RecordingRun
+from tests.unit.algorithms.test_grpo_step import ROWS, even_samples_right, grpo_config
+
+VALUE = 0.25
+PPO = {"advantage_estimator": "gae", "critic": {"gamma": 1.0, "lam": 1.0}, "max_steps": 4}
+
+
+def ppo_loop(tokenizer, **grpo) -> GRPOLoop:
+    roles = GRPORoles(
+        FakePolicy(),
+        FakeGeneration(tokenizer, even_samples_right(tokenizer)),
+        InProcessRouter({"math": MathVerifierEnv()}),
+        critic=FakePolicy(forward_value=lambda example, position: VALUE),
+    )
+    return GRPOLoop(grpo_config(**{**PPO, **grpo}).grpo, 0, tokenizer, ROWS, ROWS[:4], roles)
+
+
+def test_gae_advantages_and_returns_from_the_critics_values_reach_both_losses(tokenizer):
+    loop = ppo_loop(tokenizer)
+    metrics = loop.step(0)
+    (critic_batch,), (policy_batch,) = loop.roles.critic.trained, loop.roles.policy.trained
+    assert isinstance(loop.roles.critic.loss_fns[0], ValueLoss) and isinstance(loop.roles.policy.loss_fns[0], GRPOLoss)
+    assert critic_batch == policy_batch and len(policy_batch) == 16
+    for index, example in enumerate(policy_batch):
+        reward = 1.0 if index % 2 == 0 else 0.0  # even samples answer right
+        response = [m == 1 for m in example.loss_mask]
+        assert "advantage" not in example.scalars
+        # gamma = lam = 1: every response token's return is the episode's reward, its advantage reward - value
+        want_advantage = [reward - VALUE if r else 0.0 for r in response]
+        assert example.token_values["advantage"] == pytest.approx(want_advantage)
+        assert example.token_values["returns"] == pytest.approx([reward if r else 0.0 for r in response])
+        assert example.token_values["old_values"][1:] == pytest.approx([VALUE] * (len(example) - 1))
+    assert metrics["critic/value_mean"] == pytest.approx(VALUE)
+    assert metrics["critic/explained_variance"] == pytest.approx(0.0, abs=1e-6)  # a constant critic explains nothing
+    assert metrics["critic/value_loss"] == 1.0 and "loss" in metrics
+
+
+def test_the_policy_waits_out_the_critics_warm_up_and_generation_still_gets_every_refit(tokenizer):
+    loop = ppo_loop(tokenizer, critic={"warmup_steps": 2})
+    for step in range(3):
+        loop.step(step)
+    assert len(loop.roles.critic.trained) == 3 and len(loop.roles.policy.trained) == 1
+    assert loop.roles.generation.versions == [1, 2, 3]
+
+
+def test_a_checkpoint_holds_the_critic_and_a_resumed_run_loads_it(tokenizer, tmp_path):
+    settings = {"checkpoint_every": 2, "val_every": 2}
+    cfg = grpo_config(**PPO, **settings)
+    store = ArtifactStore(f"file://{tmp_path}/store", tmp_path / "cache")
+    train_loop(ppo_loop(tokenizer, **settings), store, RecordingRun(), cfg, "stages/grpo/k")
+    committed = store.download("stages/grpo/k/checkpoints/step_000002")
+    assert (committed / "critic" / "fake_shards.json").is_file() and (committed / "fake_shards.json").is_file()
+
+    resumed = ppo_loop(tokenizer, **settings)
+    train_loop(resumed, store, RecordingRun(), cfg, "stages/grpo/k")
+    assert [p.name for p in resumed.roles.critic.loaded] == ["critic"] and resumed.roles.critic.steps_done == 4
