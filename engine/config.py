@@ -472,6 +472,13 @@ class GRPOConfig(Section):
         "gae: whiten the step's token advantages",
     )
     critic: CriticConfig = CriticConfig()
+    ppo_epochs: int = Field(1, gt=0, description="passes over each step's episodes (the critic's too)")
+    minibatches: int = Field(
+        1,
+        gt=0,
+        description="optimizer updates per pass, each on a slice of whole prompt groups; with more than one update a "
+        "step, the old policy's logprobs come from a forward pass before the first",
+    )
     overlong_penalty: OverlongPenaltyConfig | None = Field(
         None, description="DAPO's soft penalty on responses near the length limit (max_new_tokens x turns)"
     )

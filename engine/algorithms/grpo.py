@@ -22,6 +22,11 @@ sampled but untrained steps. With one gradient step per batch the trainer's old 
 ``logprobs.detach()`` is the forward pass an old-policy ratio needs; the staleness lives between the generator's
 logprobs and the trainer's, which the importance weights correct.
 
+PPO (``advantage_estimator: gae``) adds a critic: a value head on a copy of the starting model whose per-token values
+give GAE's advantages and returns; the critic steps toward the returns with PPO's clipped value loss before the
+policy steps. ``ppo_epochs`` x ``minibatches`` updates a step (of whole prompt groups) take the old policy's logprobs
+from a forward pass before the first, which is then no longer the trainer's current policy.
+
 What is kept from the paper and why: one gradient step per batch, so the old policy is the current one
 (ratio = exp(logprob - logprob.detach()), which carries the gradient of the ratio while its value is 1);
 the generator's own logprobs are compared with the trainer's every step (token_mult_prob_error) and can
@@ -228,6 +233,17 @@ class GRPOLoop:
             log.warning("a generation worker was lost while sampling ahead; restarting the generation workers")
             self.roles.generation.restart()
 
+    def _updates(self, examples: list[TokenizedExample], groups: list[int]) -> list[list[TokenizedExample]]:
+        """The step's optimizer updates: ``ppo_epochs`` passes over the examples, each in ``minibatches`` slices of
+        whole prompt groups (one update of everything by default)."""
+        if not examples:
+            return []
+        order = sorted(set(groups))
+        size = -(-len(order) // self.cfg.minibatches)
+        slices = [set(order[start : start + size]) for start in range(0, len(order), size)]
+        minibatches = [[e for e, group in zip(examples, groups) if group in part] for part in slices]
+        return [minibatch for _ in range(self.cfg.ppo_epochs) for minibatch in minibatches]
+
     def step(self, step: int) -> dict[str, float]:
         """take -> (sample ahead) -> score -> train -> refit; returns the step's metrics."""
         started = time.perf_counter()
@@ -239,12 +255,19 @@ class GRPOLoop:
         examples = self.examples(episodes, scored)
         critic = self.roles.critic if examples else None
         critic_metrics = self._critic_advantages(examples, scored.rewards[scored.kept]) if critic else {}
-        prepared = time.perf_counter()
-        if critic:  # one optimizer step toward the returns, then the policy's (which waits out the critic's warm-up)
-            stats = critic.train(examples, ValueLoss(self.cfg.critic.value_clip))
-            critic_metrics.update({"critic/value_loss": stats["loss"], "critic/grad_norm": stats["grad_norm"]})
+        updates = self._updates(examples, [episodes[i].group for i in scored.kept])
         warming_up = self.roles.critic is not None and step < self.cfg.critic.warmup_steps
-        stats = self.roles.policy.train(examples, self.loss) if examples and not warming_up else {}
+        if len(updates) > 1 and not warming_up:  # after the first update the trainer is no longer the old policy
+            for example, logprobs in zip(examples, self.roles.policy.forward(examples)):
+                example.token_values["prev_logprobs"] = logprobs.tolist()
+        prepared = time.perf_counter()
+        if critic:  # the critic's updates toward the returns, then the policy's (which waits out the critic's warm-up)
+            value_loss = ValueLoss(self.cfg.critic.value_clip)
+            critic_stats = merge_updates([critic.train(update, value_loss) for update in updates])
+            critic_metrics["critic/value_loss"] = critic_stats["loss"]
+            critic_metrics["critic/grad_norm"] = critic_stats["grad_norm"]
+        policy_updates = [] if warming_up else updates
+        stats = merge_updates([self.roles.policy.train(update, self.loss) for update in policy_updates])
         trained = time.perf_counter()
         self._settle()
         settled = time.perf_counter()
@@ -303,6 +326,21 @@ def episode_metrics(episodes: list[Episode], scored: ScoredStep) -> dict[str, fl
         "tool_reward": sum(tool_rewards) / len(tool_rewards) if tool_rewards else 0.0,  # the env's, of tool users
         "kept_samples": float(len(scored.kept)),
     }
+
+
+def merge_updates(updates: list[dict[str, float]]) -> dict[str, float]:
+    """One step's statistics from its optimizer updates: sums add up, loss and grad norm are their mean, the
+    learning rate the last one's."""
+    merged: dict[str, float] = {}
+    for stats in updates:
+        for key, value in stats.items():
+            merged[key] = merged.get(key, 0.0) + value
+    for key in ("loss", "grad_norm"):
+        if key in merged:
+            merged[key] /= len(updates)
+    if updates and "lr" in updates[-1]:
+        merged["lr"] = updates[-1]["lr"]
+    return merged
 
 
 def training_metrics(stats: dict[str, float]) -> dict[str, float]:
@@ -414,15 +452,14 @@ def start_roles(
         adapters = g.lora if cfg.generation.lora_refit == "adapter" and g.lora.enabled else None
         generation = GenerationGroup(cfg.generation, str(init_model_dir), seed=cfg.seed, adapters=adapters, wait=False)
         started.append(generation)  # its engine loads while the trainers start
-        started.append(start_policy_group(cfg, init_model_dir, g.optimizer, g.max_steps, pad_id, lora=g.lora))
+        updates = g.max_steps * g.ppo_epochs * g.minibatches  # what the learning-rate schedules count
+        started.append(start_policy_group(cfg, init_model_dir, g.optimizer, updates, pad_id, lora=g.lora))
         started.append(_start_reference(cfg, g, init_model_dir, pad_id, started[-1]) if g.loss.kl_beta else None)
         started.append(RewardModelScorer.start(cfg, reward_model_dir) if g.reward_model_weight > 0 else None)
         started.append(start_policy_group(cfg, teacher_dir, None, g.max_steps, pad_id) if teacher_dir else None)
         critic = g.advantage_estimator == "gae"  # PPO: a value model started from the policy's model
         started.append(
-            start_policy_group(cfg, init_model_dir, g.critic.optimizer, g.max_steps, pad_id, "value")
-            if critic
-            else None
+            start_policy_group(cfg, init_model_dir, g.critic.optimizer, updates, pad_id, "value") if critic else None
         )
         generation.wait_started()
     except BaseException:

@@ -268,9 +268,10 @@ class GRPOLoss:
 
     def __call__(self, logprobs: torch.Tensor, batch: MicroBatch, normalizers: dict[str, float]):
         mask = batch["loss_mask"]
+        prev_logprobs = batch.get("prev_logprobs")  # a forward pass before the step's first update, when it has several
         loss, metrics = clipped_pg_loss(
             logprobs,
-            logprobs.detach(),
+            logprobs.detach() if prev_logprobs is None else prev_logprobs,
             batch["advantage"],
             mask,
             self.cfg,

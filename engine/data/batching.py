@@ -34,6 +34,7 @@ class MicroBatch(TypedDict, total=False):
     index: torch.Tensor  # [B]: the example's position in the step (-1: padding or filler rows)
     generation_logprobs: torch.Tensor  # [B, L-1] GRPO: the generator's logprob of each sampled token
     reference_logprobs: torch.Tensor  # [B, L-1] GRPO with a KL term: the frozen reference's
+    prev_logprobs: torch.Tensor  # [B, L-1] GRPO with several updates a step: the policy's before the first
     advantage: torch.Tensor  # [B] GRPO
     reference_logprob_sum: torch.Tensor  # [B] DPO: the reference's summed logprob of the response
     packed_input_ids: torch.Tensor  # [R, C] sequence packing: the examples end to end, rows right-padded

@@ -84,3 +84,7 @@ def test_megatron_layout_must_fit_the_world_size():
         load_config("sft_tiny", ["policy.backend=deepspeed"])
     with pytest.raises(ConfigError, match="policy.sequence_packing needs policy.backend=fsdp2"):
         load_config("sft_tiny", ["policy.backend=megatron", "policy.sequence_packing=true"])
+    with pytest.raises(ConfigError, match="critic's value head runs on the fsdp2 trainer only"):
+        load_config("sft_tiny", ["policy.backend=megatron", "grpo.advantage_estimator=gae"])
+    with pytest.raises(ConfigError, match="unknown config key 'grpo.async_'"):
+        load_config("sft_tiny", ["grpo.async_.enabled=true"])  # the config's name is grpo.async

@@ -3,6 +3,8 @@ examples both losses read, the critic trains before the policy (alone during its
 
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 
 from engine.algorithms.grpo import GRPOLoop, GRPORoles, train_loop
@@ -65,3 +67,24 @@ def test_a_checkpoint_holds_the_critic_and_a_resumed_run_loads_it(tokenizer, tmp
     resumed = ppo_loop(tokenizer, **settings)
     train_loop(resumed, store, RecordingRun(), cfg, "stages/grpo/k")
     assert [p.name for p in resumed.roles.critic.loaded] == ["critic"] and resumed.roles.critic.steps_done == 4
+
+
+def test_epochs_and_minibatches_update_on_whole_prompt_groups_from_a_forward_passs_old_logprobs(tokenizer):
+    loop = ppo_loop(tokenizer, ppo_epochs=2, minibatches=2)
+    metrics = loop.step(0)
+    policy, critic = loop.roles.policy, loop.roles.critic
+    assert len(policy.trained) == len(critic.trained) == 4  # 2 passes x 2 minibatches, the critic's alike
+    first, second = policy.trained[0], policy.trained[1]
+    assert len(first) == len(second) == 8  # two whole groups of 4 samples each
+    for minibatch in (first, second):  # each prompt's 4 samples together
+        prompts = Counter(tuple(t for t, m in zip(e.input_ids, e.loss_mask) if not m) for e in minibatch)
+        assert sorted(prompts.values()) == [4, 4]
+    assert policy.trained[2] == first and policy.trained[3] == second  # the second pass sees the same slices
+    assert all(e.token_values["prev_logprobs"][1:] == [-0.5] * (len(e) - 1) for e in first + second)
+    assert metrics["loss"] == pytest.approx((1 / 1 + 1 / 2 + 1 / 3 + 1 / 4) / 4)  # the updates' mean
+
+
+def test_one_update_a_step_needs_no_forward_pass_for_the_old_policy(tokenizer):
+    loop = ppo_loop(tokenizer)
+    loop.step(0)
+    assert all("prev_logprobs" not in e.token_values for e in loop.roles.policy.trained[0])
