@@ -27,7 +27,7 @@ give GAE's advantages and returns; the critic steps toward the returns with PPO'
 policy steps. ``ppo_epochs`` x ``minibatches`` updates a step (of whole prompt groups) take the old policy's logprobs
 from a forward pass before the first, which is then no longer the trainer's current policy.
 
-What is kept from the paper and why: one gradient step per batch, so the old policy is the current one
+What is kept from the paper and why: one gradient step per batch by default, so the old policy is the current one
 (ratio = exp(logprob - logprob.detach()), which carries the gradient of the ratio while its value is 1);
 the generator's own logprobs are compared with the trainer's every step (token_mult_prob_error) and can
 correct the difference by importance sampling (loss.importance_sampling). A KL penalty to the initial model
@@ -183,6 +183,8 @@ class GRPOLoop:
     def _critic_advantages(self, examples: list[TokenizedExample], rewards: torch.Tensor) -> dict[str, float]:
         """PPO: the critic's values of every response token, GAE's per-token advantages (whitened with
         ``normalize_advantages``) and returns, put on the examples for both losses; returns the critic's metrics."""
+        if not examples:
+            return {}
         c = self.cfg.critic
         length = max(len(e) for e in examples)
         values = torch.zeros(len(examples), length)
@@ -202,6 +204,12 @@ class GRPOLoop:
         valid = mask.bool()
         explained = 1 - (returns - values)[valid].var() / returns[valid].var().clamp(min=1e-8)
         return {"critic/value_mean": float(values[valid].mean()), "critic/explained_variance": float(explained)}
+
+    def _train_critic(self, updates: list[list[TokenizedExample]]) -> dict[str, float]:
+        stats = merge_updates(
+            [self.roles.critic.train(update, ValueLoss(self.cfg.critic.value_clip)) for update in updates]
+        )
+        return {"critic/value_loss": stats["loss"], "critic/grad_norm": stats["grad_norm"]}
 
     def _generating(self, version: int, work: Callable[[], T]) -> T:
         """``work`` on the generator; a lost generation worker is restarted with the weights of ``version`` and the
@@ -253,20 +261,20 @@ class GRPOLoop:
         taken = time.perf_counter()
         scored = self.score(episodes)
         examples = self.examples(episodes, scored)
-        critic = self.roles.critic if examples else None
-        critic_metrics = self._critic_advantages(examples, scored.rewards[scored.kept]) if critic else {}
+        critic_metrics = (
+            self._critic_advantages(examples, scored.rewards[scored.kept]) if self.roles.critic is not None else {}
+        )
         updates = self._updates(examples, [episodes[i].group for i in scored.kept])
         warming_up = self.roles.critic is not None and step < self.cfg.critic.warmup_steps
-        if len(updates) > 1 and not warming_up:  # after the first update the trainer is no longer the old policy
+        policy_updates = [] if warming_up else updates
+        if len(policy_updates) > 1:  # after the first update the trainer is no longer the old policy
             for example, logprobs in zip(examples, self.roles.policy.forward(examples)):
                 example.token_values["prev_logprobs"] = logprobs.tolist()
         prepared = time.perf_counter()
-        if critic:  # the critic's updates toward the returns, then the policy's (which waits out the critic's warm-up)
-            value_loss = ValueLoss(self.cfg.critic.value_clip)
-            critic_stats = merge_updates([critic.train(update, value_loss) for update in updates])
-            critic_metrics["critic/value_loss"] = critic_stats["loss"]
-            critic_metrics["critic/grad_norm"] = critic_stats["grad_norm"]
-        policy_updates = [] if warming_up else updates
+        if (
+            self.roles.critic is not None and updates
+        ):  # the critic's updates toward the returns come before the policy's
+            critic_metrics.update(self._train_critic(updates))
         stats = merge_updates([self.roles.policy.train(update, self.loss) for update in policy_updates])
         trained = time.perf_counter()
         self._settle()
