@@ -423,7 +423,9 @@ class CriticConfig(Section):
     lam: float = Field(0.95, ge=0.0, le=1.0, description="GAE's lambda: 0 is one-step TD, 1 is Monte Carlo")
     value_clip: float | None = Field(0.2, gt=0.0, description="PPO's clip of a value's move from its old value")
     warmup_steps: int = Field(0, ge=0, description="first steps that train the critic alone (the policy waits)")
-    optimizer: OptimizerConfig = OptimizerConfig(lr=1e-4, warmup_steps=0, schedule="constant", grad_clip=1.0)
+    # 10x GRPO's policy rate: the value head starts from nothing (on the tiny task 1e-4 left the explained variance
+    # at -0.15 after 50 steps, 1e-3 brings it to about 0 by step 9; the policy's accuracy is the same)
+    optimizer: OptimizerConfig = OptimizerConfig(lr=1e-3, warmup_steps=0, schedule="constant", grad_clip=1.0)
 
 
 class GRPOConfig(Section):
