@@ -295,7 +295,7 @@ def test_ppo_with_a_critic_learns_and_resumes_exactly_with_its_critic(default_ru
     grpo_dir = first_dir / ".posttrain/store" / first["stages"]["grpo"]["artifact"].split("/store/", 1)[1]
     resumed_dir = seed(tmp_path / "resumed", default_run)
     checkpoints = grpo_dir.parent / "checkpoints"
-    assert list(checkpoints.glob("step_000006/critic/*"))
+    assert list(checkpoints.glob("step_000006/**/critic/*"))  # under the commit's upload prefix
     shutil.copytree(
         checkpoints, resumed_dir / ".posttrain/store" / checkpoints.relative_to(first_dir / ".posttrain/store")
     )
