@@ -191,6 +191,45 @@ GRPO_LORA = {
 }
 
 
+def grpo_artifact_dir(workdir, summary: dict):
+    """The local folder of the GRPO stage's committed model in ``workdir``'s store."""
+    return workdir / ".posttrain/store" / summary["stages"]["grpo"]["artifact"].split("/store/", 1)[1]
+
+
+def run_from_sft(default_run, services, tmp_path, overrides: dict) -> tuple[list[str], object, dict]:
+    """grpo-pipeline with ``overrides`` in a folder seeded with the default run's SFT model: its arguments, folder
+    and summary."""
+    args = ["run", "grpo-pipeline", "--json", *settings(overrides)]
+    first_dir = seed(tmp_path / "first", default_run)
+    return args, first_dir, summary_of(run_cli(args, first_dir, env=services.prefect_env))
+
+
+def assert_accuracy_gain(summary: dict, gain: float) -> None:
+    accuracy = summary["stages"]["evaluate"]["metrics"]
+    assert accuracy["accuracy_final"] >= accuracy["accuracy_sft"] + gain, accuracy
+
+
+def resume_from_step_6(default_run, services, tmp_path, args: list[str], first_dir, first: dict, keys) -> dict:
+    """A folder holding only the first run's GRPO checkpoints (step 6 of 12) runs ``args`` again: it resumes at step
+    6 and the curves of ``keys`` from there equal the first run's (1e-5). Returns the resumed run's summary."""
+    client, run = stage_run(first_dir, "grpo", first)
+    checkpoints = grpo_artifact_dir(first_dir, first).parent / "checkpoints"
+    resumed_dir = seed(tmp_path / "resumed", default_run)
+    shutil.copytree(
+        checkpoints, resumed_dir / ".posttrain/store" / checkpoints.relative_to(first_dir / ".posttrain/store")
+    )
+    resumed = summary_of(run_cli(args, resumed_dir, env=services.prefect_env))
+    resumed_client, resumed_run = stage_run(resumed_dir, "grpo", resumed)
+    assert int(resumed_run.data.tags["posttrain.resumed_from_step"]) == 6
+    for key in keys:
+        want = metric_curve(client, run.info.run_id, key)
+        got = metric_curve(resumed_client, resumed_run.info.run_id, key)
+        assert sorted(got) == list(range(7, 13))
+        for step, value in got.items():
+            assert value == pytest.approx(want[step], abs=1e-5), (key, step)
+    return resumed
+
+
 @pytest.mark.extended
 @pytest.mark.timeout(2700)  # services 300, default run 1200, 2 x 600
 def test_lora_grpo_learns_and_resumes_exactly_from_its_adapter_checkpoint(default_run, services, tmp_path):
@@ -198,34 +237,16 @@ def test_lora_grpo_learns_and_resumes_exactly_from_its_adapter_checkpoint(defaul
     steps), the generator's logprobs match the trainer's after every refit of merged weights, the committed model
     holds the merged weights and the adapter alone. A folder holding only the first run's step-6 checkpoint
     (adapters and their optimizer state) resumes from it to the uninterrupted run's curve."""
-    args = ["run", "grpo-pipeline", "--json", *settings(GRPO_LORA)]
-    first_dir = seed(tmp_path / "first", default_run)
-    first = summary_of(run_cli(args, first_dir, env=services.prefect_env))
+    args, first_dir, first = run_from_sft(default_run, services, tmp_path, GRPO_LORA)
     assert first["stages"]["grpo"]["metrics"]["token_mult_prob_error_median"] <= 1.001
-    accuracy = first["stages"]["evaluate"]["metrics"]
-    assert accuracy["accuracy_final"] >= accuracy["accuracy_sft"] + 0.3, accuracy
+    assert_accuracy_gain(first, 0.3)
     client, run = stage_run(first_dir, "grpo", first)
     trainable, total = (int(run.data.params[f"model/{k}parameters"]) for k in ("trainable_", ""))
     assert 0 < trainable < total / 4
-    grpo_dir = first_dir / ".posttrain/store" / first["stages"]["grpo"]["artifact"].split("/store/", 1)[1]
-    (model_dir,) = grpo_dir.glob("*/model.safetensors")
+    (model_dir,) = grpo_artifact_dir(first_dir, first).glob("*/model.safetensors")
     adapter = json.loads((model_dir.parent / "adapter/adapter_config.json").read_text())
     assert adapter["r"] == 16 and (model_dir.parent / "adapter/adapter_model.safetensors").is_file()
-
-    resumed_dir = seed(tmp_path / "resumed", default_run)
-    checkpoints = grpo_dir.parent / "checkpoints"
-    shutil.copytree(
-        checkpoints, resumed_dir / ".posttrain/store" / checkpoints.relative_to(first_dir / ".posttrain/store")
-    )
-    resumed = summary_of(run_cli(args, resumed_dir, env=services.prefect_env))
-    resumed_client, resumed_run = stage_run(resumed_dir, "grpo", resumed)
-    assert int(resumed_run.data.tags["posttrain.resumed_from_step"]) == 6
-    for key in ("reward/mean", "loss", "kl"):
-        want = metric_curve(client, run.info.run_id, key)
-        got = metric_curve(resumed_client, resumed_run.info.run_id, key)
-        assert sorted(got) == list(range(7, 13))
-        for step, value in got.items():
-            assert value == pytest.approx(want[step], abs=1e-5), (key, step)
+    resumed = resume_from_step_6(default_run, services, tmp_path, args, first_dir, first, ("reward/mean", "loss", "kl"))
     assert resumed["stages"]["evaluate"]["metrics"] == first["stages"]["evaluate"]["metrics"]
 
 
@@ -247,30 +268,13 @@ def test_async_grpo_learns_and_resumes_exactly_with_the_steps_sampled_ahead(defa
     first trains on episodes one step old, corrected by importance weights. A folder holding only the first run's
     step-6 checkpoint (which holds step 7's episodes, sampled with the weights of step 6) resumes to the
     uninterrupted run's curve."""
-    args = ["run", "grpo-pipeline", "--json", *settings(GRPO_ASYNC)]
-    first_dir = seed(tmp_path / "first", default_run)
-    first = summary_of(run_cli(args, first_dir, env=services.prefect_env))
-    accuracy = first["stages"]["evaluate"]["metrics"]
-    assert accuracy["accuracy_final"] >= accuracy["accuracy_sft"] + 0.5, accuracy
+    args, first_dir, first = run_from_sft(default_run, services, tmp_path, GRPO_ASYNC)
+    assert_accuracy_gain(first, 0.5)
     client, run = stage_run(first_dir, "grpo", first)
     assert metric_curve(client, run.info.run_id, "async/staleness") == {1: 0.0, **{s: 1.0 for s in range(2, 13)}}
     assert all(0.5 < w < 1.5 for w in metric_curve(client, run.info.run_id, "is_weight_mean").values())
-
-    grpo_dir = first_dir / ".posttrain/store" / first["stages"]["grpo"]["artifact"].split("/store/", 1)[1]
-    resumed_dir = seed(tmp_path / "resumed", default_run)
-    checkpoints = grpo_dir.parent / "checkpoints"
-    shutil.copytree(
-        checkpoints, resumed_dir / ".posttrain/store" / checkpoints.relative_to(first_dir / ".posttrain/store")
-    )
-    resumed = summary_of(run_cli(args, resumed_dir, env=services.prefect_env))
-    resumed_client, resumed_run = stage_run(resumed_dir, "grpo", resumed)
-    assert int(resumed_run.data.tags["posttrain.resumed_from_step"]) == 6
-    for key in ("reward/mean", "loss", "is_weight_mean"):
-        want = metric_curve(client, run.info.run_id, key)
-        got = metric_curve(resumed_client, resumed_run.info.run_id, key)
-        assert sorted(got) == list(range(7, 13))
-        for step, value in got.items():
-            assert value == pytest.approx(want[step], abs=1e-5), (key, step)
+    keys = ("reward/mean", "loss", "is_weight_mean")
+    resumed = resume_from_step_6(default_run, services, tmp_path, args, first_dir, first, keys)
     assert resumed["stages"]["evaluate"]["metrics"] == first["stages"]["evaluate"]["metrics"]
 
 
@@ -283,31 +287,16 @@ def test_ppo_with_a_critic_learns_and_resumes_exactly_with_its_critic(default_ru
     """PPO (GAE advantages from a learned critic) on the SFT model: held-out accuracy rises by >= 0.5 and the critic
     learns (its value loss ends below where it starts). A folder holding only the step-6 checkpoint (policy
     and critic) resumes to the uninterrupted run's curve, the critic's loss included."""
-    args = ["run", "grpo-pipeline", "--json", *settings(GRPO_PPO)]
-    first_dir = seed(tmp_path / "first", default_run)
-    first = summary_of(run_cli(args, first_dir, env=services.prefect_env))
-    accuracy = first["stages"]["evaluate"]["metrics"]
-    assert accuracy["accuracy_final"] >= accuracy["accuracy_sft"] + 0.5, accuracy
+    args, first_dir, first = run_from_sft(default_run, services, tmp_path, GRPO_PPO)
+    assert_accuracy_gain(first, 0.5)
     client, run = stage_run(first_dir, "grpo", first)
     value_loss = metric_curve(client, run.info.run_id, "critic/value_loss")
     assert value_loss[12] < value_loss[1], value_loss  # measured 0.24 -> 0.10 by step 12 on the defaults
-
-    grpo_dir = first_dir / ".posttrain/store" / first["stages"]["grpo"]["artifact"].split("/store/", 1)[1]
-    resumed_dir = seed(tmp_path / "resumed", default_run)
-    checkpoints = grpo_dir.parent / "checkpoints"
+    checkpoints = grpo_artifact_dir(first_dir, first).parent / "checkpoints"
     assert list(checkpoints.glob("step_000006/**/critic/*"))  # under the commit's upload prefix
-    shutil.copytree(
-        checkpoints, resumed_dir / ".posttrain/store" / checkpoints.relative_to(first_dir / ".posttrain/store")
+    resume_from_step_6(
+        default_run, services, tmp_path, args, first_dir, first, ("reward/mean", "loss", "critic/value_loss")
     )
-    resumed = summary_of(run_cli(args, resumed_dir, env=services.prefect_env))
-    resumed_client, resumed_run = stage_run(resumed_dir, "grpo", resumed)
-    assert int(resumed_run.data.tags["posttrain.resumed_from_step"]) == 6
-    for key in ("reward/mean", "loss", "critic/value_loss"):
-        want = metric_curve(client, run.info.run_id, key)
-        got = metric_curve(resumed_client, resumed_run.info.run_id, key)
-        assert sorted(got) == list(range(7, 13))
-        for step, value in got.items():
-            assert value == pytest.approx(want[step], abs=1e-5), (key, step)
 
 
 DISTILL_SMALL = {**HF_GENERATION, "distill.val_size": 32, "evaluate.size": 64}
