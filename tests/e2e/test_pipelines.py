@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -191,12 +192,12 @@ GRPO_LORA = {
 }
 
 
-def grpo_artifact_dir(workdir, summary: dict):
+def grpo_artifact_dir(workdir: Path, summary: dict) -> Path:
     """The local folder of the GRPO stage's committed model in ``workdir``'s store."""
     return workdir / ".posttrain/store" / summary["stages"]["grpo"]["artifact"].split("/store/", 1)[1]
 
 
-def run_from_sft(default_run, services, tmp_path, overrides: dict) -> tuple[list[str], object, dict]:
+def run_from_sft(default_run, services, tmp_path, overrides: dict) -> tuple[list[str], Path, dict]:
     """grpo-pipeline with ``overrides`` in a folder seeded with the default run's SFT model: its arguments, folder
     and summary."""
     args = ["run", "grpo-pipeline", "--json", *settings(overrides)]
