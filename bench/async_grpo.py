@@ -84,12 +84,14 @@ def main() -> None:
         f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
         "\n".join(table)
         + f"\n\n{GRPO['prompts_per_step']} prompts x {GRPO['generations_per_prompt']} generations, up to "
-        f"{GRPO['max_new_tokens']} new tokens, {args.steps} GRPO steps per run after {SFT_STEPS} SFT steps (cached "
-        f"between a size's runs); 1 FSDP2 rank + 1 vLLM worker. Asynchronous: the generator samples step s+1 with "
-        f"the weights of step s while step s trains (`grpo.async.queue_size=1`), with truncated importance sampling "
-        f"(is_max 2, the default for off-policy data). s/step: median after {WARMUP} warm-up steps; vs sync: the "
-        f"synchronous step time over this row's; generation s: sampling a step's episodes (wherever it ran); "
-        f"generation hidden: the share of it the trainer did not wait for; held-out accuracy: greedy pass@1 on "
+        f"{GRPO['max_new_tokens']} new tokens, {args.steps} GRPO steps per run after "
+        + " / ".join(f"{steps} ({label})" for label, steps in SFT_STEPS.items())
+        + " SFT steps (cached between a size's runs; the short 19 M SFT leaves a model that answers none right, so "
+        "accuracy says nothing there); 1 FSDP2 rank + 1 vLLM worker. Asynchronous: the generator samples step s+1 "
+        "with the weights of step s while step s trains (`grpo.async.queue_size=1`), with truncated importance "
+        f"sampling (is_max 2, the default for off-policy data). s/step: median after {WARMUP} warm-up steps; "
+        "vs sync: the synchronous step time over this row's; generation s: sampling a step's episodes (wherever it "
+        "ran); generation hidden: the share of it the trainer did not wait for; held-out accuracy: greedy pass@1 on "
         f"{VAL_SIZE} held-out prompts before GRPO and after the same number of samples.",
     )
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from engine.algorithms.rollouts import Episode
+from engine.generation.group import WorkerLost
 
 
 @dataclass
@@ -76,9 +77,10 @@ class RolloutQueue:
                 self._pending[ahead] = self._executor.submit(self._sample, ahead, self.version)
 
     def settle(self) -> bool:
-        """Wait until the generator is idle (a refit may go ahead); steps whose generation failed are forgotten, to be
-        sampled again when taken. Returns whether any failed (the caller restarts the generator)."""
-        failed = [step for step, future in self._pending.items() if future.exception() is not None]
+        """Wait until the generator is idle (a refit may go ahead); steps whose generator was lost are forgotten, to
+        be sampled again when taken. Returns whether any were (the caller restarts the generator). Any other error
+        stays with its step and is raised when that step is taken."""
+        failed = [step for step, future in self._pending.items() if isinstance(future.exception(), WorkerLost)]
         for step in failed:
             del self._pending[step]
         return bool(failed)

@@ -3,7 +3,10 @@ with the queue in the checkpoint, and a generator lost while sampling ahead, wit
 
 from __future__ import annotations
 
+import pytest
+
 from engine.algorithms.grpo import train_loop
+from engine.errors import DataError
 from engine.storage import ArtifactStore
 from tests.unit.algorithms.fakes import RecordingRun
 from tests.unit.algorithms.test_grpo_step import even_samples_right, grpo_config, make_loop, sampled_prompts
@@ -85,3 +88,22 @@ def test_a_generator_lost_while_sampling_ahead_is_restarted_and_the_step_sampled
     assert generation.held == [0, 0, 2, 2]  # step 2 sampled again after the refit of step 2, then step 3 ahead
     assert [m["async/staleness"] for m in metrics] == [0.0, 1.0, 0.0, 1.0]
     assert len(loop.roles.policy.trained) == 4
+
+
+def test_an_error_of_the_run_while_sampling_ahead_fails_the_step_that_takes_it_without_a_restart(tokenizer):
+    right = even_samples_right(tokenizer)
+
+    def fails_on_step_2(prompt, row, call):
+        if call == 2:  # step 2's sampling, ahead, during step 1's training
+            raise DataError("row 7: no answer column")
+        return right(prompt, row, call)
+
+    loop = make_loop(tokenizer, fails_on_step_2, **ASYNC)
+    try:
+        loop.step(0)
+        loop.step(1)  # trains; its settle does not mistake the error for a lost worker
+        with pytest.raises(DataError, match="row 7"):
+            loop.step(2)
+        assert loop.roles.generation.restarts == 0
+    finally:
+        loop.rollouts.close()
