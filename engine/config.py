@@ -230,12 +230,6 @@ class PolicyConfig(Section):
     precision: Literal["fp32", "bf16"] = "fp32"
     activation_checkpointing: bool = False
     threads_per_worker: int = Field(1, gt=0)
-    request_timeout_s: float | None = Field(
-        None,
-        gt=0.0,
-        description="a generation call taking longer counts as a lost worker: the workers are restarted and the "
-        "call redone once",
-    )
     gpus_per_worker: float = Field(
         0.0, ge=0.0, description="GPUs each trainer rank reserves in its Ray bundle; 0 trains on CPU (GPUs hidden)"
     )
