@@ -25,6 +25,7 @@ def test_max_staleness_zero_drops_every_step_sampled_ahead_and_reproduces_the_sy
             assert got[key] == pytest.approx(want[key], abs=1e-5), key
 
 
+@pytest.mark.extended  # 80 s, most of it waiting out the timeout: CI's budget keeps the SIGKILL test only
 def test_a_generation_worker_that_hangs_while_sampling_ahead_is_replaced_and_the_run_completes(
     ray_local, tiny_model_dir, caplog
 ):
