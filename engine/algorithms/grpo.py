@@ -51,7 +51,7 @@ from engine.algorithms.advantages import estimate_advantages, gae_advantages, ov
 from engine.algorithms.evaluate import greedy_scores
 from engine.algorithms.losses import GRPOLoss, ValueLoss
 from engine.algorithms.rewards import EpisodeRewards, RewardModelScorer
-from engine.algorithms.rollout_queue import GeneratedStep, RolloutQueue
+from engine.algorithms.rollout_queue import RolloutQueue
 from engine.algorithms.rollouts import Episode, new_episodes, run_rollouts
 from engine.algorithms.supervised import StepSampler
 from engine.config import GRPOConfig, PipelineConfig
@@ -213,26 +213,16 @@ class GRPOLoop:
 
     def _generating(self, version: int, work: Callable[[], T]) -> T:
         """``work`` on the generator; a lost generation worker is restarted with the weights of ``version`` and the
-        work redone once (the same samples: they are seeded by step)."""
+        work redone once (the same samples: they are seeded by step). Steps queued ahead on the lost generator are
+        forgotten, to be sampled again when taken."""
         try:
             return work()
-        except WorkerLost as lost:
-            log.warning("%s; restarting the generation workers and redoing the step's generation", lost)
-            self.roles.generation.restart()
-            refit(self.roles.policy, self.roles.generation, version)
-            return work()
-
-    def _take(self, step: int) -> tuple[GeneratedStep, int]:
-        """The step's episodes (sampled ahead, or now); a generator lost while sampling them, ahead or now, is
-        restarted with the current weights and the step sampled again."""
-        try:
-            return self.rollouts.take(step)
         except WorkerLost as lost:
             log.warning("%s; restarting the generation workers and redoing the step's generation", lost)
             self.rollouts.forget()
             self.roles.generation.restart()
-            refit(self.roles.policy, self.roles.generation, step)
-            return self.rollouts.take(step)
+            refit(self.roles.policy, self.roles.generation, version)
+            return work()
 
     def _settle(self) -> None:
         """Wait until the generator is idle; one lost while sampling ahead is restarted (the refit that follows gives
@@ -255,7 +245,7 @@ class GRPOLoop:
     def step(self, step: int) -> dict[str, float]:
         """take -> (sample ahead) -> score -> train -> refit; returns the step's metrics."""
         started = time.perf_counter()
-        generated, dropped = self._take(step)
+        generated, dropped = self._generating(step, lambda: self.rollouts.take(step))  # sampled ahead, or now
         self.rollouts.prefetch(step)  # the generator samples the next steps while this one trains
         episodes = generated.episodes
         taken = time.perf_counter()
@@ -271,9 +261,8 @@ class GRPOLoop:
             for example, logprobs in zip(examples, self.roles.policy.forward(examples)):
                 example.token_values["prev_logprobs"] = logprobs.tolist()
         prepared = time.perf_counter()
-        if (
-            self.roles.critic is not None and updates
-        ):  # the critic's updates toward the returns come before the policy's
+        # the critic's updates toward the returns come before the policy's
+        if self.roles.critic is not None and updates:
             critic_metrics.update(self._train_critic(updates))
         stats = merge_updates([self.roles.policy.train(update, self.loss) for update in policy_updates])
         trained = time.perf_counter()
