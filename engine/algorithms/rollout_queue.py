@@ -90,7 +90,7 @@ class RolloutQueue:
         self.version = version
 
     def forget(self) -> None:
-        """Drop every queued step, waiting for the one being sampled (after the generator was restarted)."""
+        """Drop every queued step, waiting for the one being sampled (before a lost generator is restarted)."""
         self.settle()
         self._pending.clear()
 
