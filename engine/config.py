@@ -410,9 +410,14 @@ class AsyncGRPOConfig(Section):
 
 
 class CriticConfig(Section):
-    """PPO's learned value model (``grpo.advantage_estimator: gae``): the policy's starting model with a per-token
-    value head, trained alongside the policy on the returns of generalized advantage estimation."""
+    """PPO's learned value model (``grpo.advantage_estimator: gae``): a decoder with a per-token value head, trained
+    alongside the policy on the returns of generalized advantage estimation."""
 
+    model: str | None = Field(
+        None,
+        description="the critic's starting model: a hub id, a folder or a store URI sharing the policy's tokenizer "
+        "(a reward model's head becomes the value head); default the policy's starting model under a new head",
+    )
     gamma: float = Field(1.0, ge=0.0, le=1.0, description="discount per response token")
     lam: float = Field(0.95, ge=0.0, le=1.0, description="GAE's lambda: 0 is one-step TD, 1 is Monte Carlo")
     value_clip: float | None = Field(0.2, gt=0.0, description="PPO's clip of a value's move from its old value")

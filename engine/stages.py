@@ -236,13 +236,17 @@ def train_grpo(
     inputs = {"start": start.digest, "data": data.digest, **user_code_digests(cfg.grpo)}
     if uses_rm:
         inputs["reward_model"] = reward_model.digest
+    critic = cfg.grpo.critic.model if cfg.grpo.advantage_estimator == "gae" else None
+    critic_dir = resolve_model(critic, rt.store, rt.cache_dir) if critic else None
+    if critic_dir is not None:
+        inputs["critic"] = model_digest(rt, critic_dir, critic)
 
     def body(run: "StageRun", prefix: str) -> ArtifactRef:
         from engine.algorithms.grpo import run_grpo
 
         reward_model_dir = local_model_dir(rt, reward_model) if uses_rm else None
         start_dir, data_dir = local_model_dir(rt, start), rt.store.download(data.uri)
-        return run_grpo(cfg, rt.store, run, start_dir, data_dir, prefix, reward_model_dir)
+        return run_grpo(cfg, rt.store, run, start_dir, data_dir, prefix, reward_model_dir, critic_dir)
 
     stage_config = _training_config(cfg, "generation", "grpo")
     return _run_stage(rt, "grpo", stage_config, inputs, parent_run_id, body, data)

@@ -20,7 +20,7 @@ from engine.algorithms.grpo import GRPOLoop, ScoredStep, run_policy_stage
 from engine.algorithms.rollouts import Episode
 from engine.config import AsyncGRPOConfig, GRPOConfig, PipelineConfig
 from engine.data.chat import TokenizedExample
-from engine.errors import ModelLoadError
+from engine.models.loading import check_same_tokenizer
 from engine.storage import ArtifactRef, ArtifactStore
 from engine.tracking import StageRun
 
@@ -48,18 +48,6 @@ def loop_settings(cfg: PipelineConfig) -> GRPOConfig:
             "async_": AsyncGRPOConfig(),  # synchronous: its cache key holds none of grpo.async
         }
     )
-
-
-def check_same_tokenizer(student_dir: Path, teacher_dir: Path, teacher: str) -> None:
-    """One line when the teacher's tokenizer is not the student's: their logprobs would score different tokens."""
-    from transformers import AutoTokenizer
-
-    student, other = AutoTokenizer.from_pretrained(student_dir), AutoTokenizer.from_pretrained(teacher_dir)
-    if student.get_vocab() != other.get_vocab() or student.eos_token_id != other.eos_token_id:
-        raise ModelLoadError(
-            f"distill.teacher {teacher} has another tokenizer than the student ({len(other)} vs {len(student)} "
-            "tokens, or other ids): teacher and student must share one"
-        )
 
 
 class DistillLoop(GRPOLoop):
@@ -95,7 +83,7 @@ def run_distill(
     dataset_dir: Path,
     stage_prefix: str,
 ) -> ArtifactRef:
-    check_same_tokenizer(student_dir, teacher_dir, cfg.distill.teacher or str(teacher_dir))
+    check_same_tokenizer(student_dir, teacher_dir, f"distill.teacher {cfg.distill.teacher or teacher_dir}")
     return run_policy_stage(
         cfg, loop_settings(cfg), DistillLoop, store, run, student_dir, dataset_dir, stage_prefix, None, teacher_dir
     )

@@ -62,6 +62,7 @@ from engine.environments.router import EnvironmentRouter
 from engine.generation.group import GenerationGroup, WorkerLost
 from engine.generation.interfaces import SamplingParams
 from engine.logs import StepProgress
+from engine.models.loading import check_same_tokenizer
 from engine.policy.group import BaseModelView, PolicyGroup, start_policy_group
 from engine.profiling import StepTraces
 from engine.storage import ArtifactRef, ArtifactStore
@@ -436,8 +437,10 @@ def start_roles(
     pad_id: int,
     reward_model_dir: Path | None,
     teacher_dir: Path | None = None,
+    critic_dir: Path | None = None,
 ) -> GRPORoles:
-    """The run's workers under the loop's settings ``g``; ``teacher_dir`` adds a frozen teacher (distillation)."""
+    """The run's workers under the loop's settings ``g``; ``teacher_dir`` adds a frozen teacher (distillation);
+    PPO's critic starts from ``critic_dir``, else from the policy's model."""
     if g.reward_model_weight > 0 and reward_model_dir is None:
         raise ValueError("grpo.reward_model_weight > 0 needs a trained reward model")
     started: list[Any] = []
@@ -454,9 +457,10 @@ def start_roles(
         started.append(_start_reference(cfg, g, init_model_dir, pad_id, started[-1]) if g.loss.kl_beta else None)
         started.append(RewardModelScorer.start(cfg, reward_model_dir) if g.reward_model_weight > 0 else None)
         started.append(start_policy_group(cfg, teacher_dir, None, g.max_steps, pad_id) if teacher_dir else None)
-        critic = g.advantage_estimator == "gae"  # PPO: a value model started from the policy's model
+        critic = g.advantage_estimator == "gae"  # PPO's value model
+        critic_start = critic_dir or init_model_dir
         started.append(
-            start_policy_group(cfg, init_model_dir, g.critic.optimizer, updates, pad_id, "value") if critic else None
+            start_policy_group(cfg, critic_start, g.critic.optimizer, updates, pad_id, "value") if critic else None
         )
         generation.wait_started()
     except BaseException:
@@ -475,9 +479,21 @@ def run_grpo(
     dataset_dir: Path,
     stage_prefix: str,
     reward_model_dir: Path | None = None,
+    critic_dir: Path | None = None,
 ) -> ArtifactRef:
+    if critic_dir is not None:
+        check_same_tokenizer(init_model_dir, critic_dir, f"grpo.critic.model {cfg.grpo.critic.model or critic_dir}")
     return run_policy_stage(
-        cfg, cfg.grpo, GRPOLoop, store, run, init_model_dir, dataset_dir, stage_prefix, reward_model_dir
+        cfg,
+        cfg.grpo,
+        GRPOLoop,
+        store,
+        run,
+        init_model_dir,
+        dataset_dir,
+        stage_prefix,
+        reward_model_dir,
+        critic_dir=critic_dir,
     )
 
 
@@ -492,6 +508,7 @@ def run_policy_stage(
     stage_prefix: str,
     reward_model_dir: Path | None = None,
     teacher_dir: Path | None = None,
+    critic_dir: Path | None = None,
 ) -> ArtifactRef:
     """Start the roles, run ``loop_class``'s steps under the settings ``g`` and commit the final model (GRPO, and
     distillation's variant of its loop)."""
@@ -500,7 +517,7 @@ def run_policy_stage(
     tokenizer = AutoTokenizer.from_pretrained(init_model_dir)
     train_rows = read_jsonl(dataset_dir / "train.jsonl")
     val_rows = read_jsonl(dataset_dir / "val.jsonl")[: g.val_size]
-    roles = start_roles(cfg, g, init_model_dir, tokenizer.pad_token_id, reward_model_dir, teacher_dir)
+    roles = start_roles(cfg, g, init_model_dir, tokenizer.pad_token_id, reward_model_dir, teacher_dir, critic_dir)
     loop = None
     try:
         loop = loop_class(g, cfg.seed, tokenizer, train_rows, val_rows, roles)

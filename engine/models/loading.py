@@ -87,6 +87,19 @@ def resolve_model(name: str, store: ArtifactStore, cache_dir: Path) -> Path:
     return _download_hub(name, cache_dir)
 
 
+def check_same_tokenizer(policy_dir: Path, other_dir: Path, label: str) -> None:
+    """One line when the model ``label`` (a distillation teacher, a critic) tokenizes otherwise than the policy: its
+    per-token scores would belong to other tokens."""
+    from transformers import AutoTokenizer
+
+    policy, other = AutoTokenizer.from_pretrained(policy_dir), AutoTokenizer.from_pretrained(other_dir)
+    if policy.get_vocab() != other.get_vocab() or policy.eos_token_id != other.eos_token_id:
+        raise ModelLoadError(
+            f"{label} has another tokenizer than the policy ({len(other)} vs {len(policy)} tokens, or other ids): "
+            "both must share one"
+        )
+
+
 def set_config_dtype(folder: Path, dtype: str) -> None:
     """Record the weights' dtype in a saved model's config.json (what ``from_pretrained`` and vLLM read)."""
     path = folder / "config.json"

@@ -261,24 +261,34 @@ def test_lora_trains_adapters_only_resumes_exactly_and_exports_merged_and_adapte
     assert torch.allclose(_hf_logprobs(adapted, data[:4], pad)[0][mask], trained_lp[mask], atol=1e-5)
 
 
-def test_a_critic_value_head_aligns_its_values_to_the_input_ids_and_learns_the_returns(
-    ray_local, tiny_model_dir, examples
+def test_a_critic_started_from_a_reward_model_aligns_its_values_to_the_input_ids_and_learns_the_returns(
+    ray_local, tiny_model_dir, examples, tmp_path
 ):
-    """PPO's critic (``model_kind="value"``: the causal LM's decoder under a per-token linear head) on 2 ranks and
-    several micro-batches: ``forward`` gives one value per input token (0 at the first: no state precedes it), equal
-    whatever the batch around it, and clipped-value-loss steps toward per-token returns bring the loss down."""
+    """PPO's critic (``model_kind="value"``: a decoder under a per-token linear head) started from a reward model's
+    folder (``grpo.critic.model``), on 2 ranks and several micro-batches: the reward model's head scores every prefix,
+    ``forward`` gives one value per input token (0 at the first: no state precedes it), equal whatever the batch
+    around it, and clipped-value-loss steps toward per-token returns bring the loss down."""
+    from transformers import AutoModelForSequenceClassification
+
     from engine.algorithms.losses import ValueLoss
 
     data, pad = examples
+    reward_model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1, dtype=torch.float32)
+    reward_model.config.pad_token_id = pad
+    reward_model.save_pretrained(tmp_path / "reward_model")
     # lr 1e-4: the default 1e-3 (tuned on GRPO's moving returns) swings around these constant returns in 5 steps
     cfg = load_config(None, {"policy.world_size": 2, "policy.micro_batch_tokens": 64, "grpo.critic.optimizer.lr": 1e-4})
-    critic = start_policy_group(cfg, tiny_model_dir, cfg.grpo.critic.optimizer, 10, pad, "value")
+    critic = start_policy_group(cfg, tmp_path / "reward_model", cfg.grpo.critic.optimizer, 10, pad, "value")
     try:
         batch = copy.deepcopy(data[:BATCH])  # the module's examples stay as the other tests expect them
         values = critic.forward(batch)
         assert [len(v) for v in values] == [len(e) for e in batch] and all(v[0] == 0.0 for v in values)
         alone = critic.forward(batch[3:4])[0]
         assert torch.allclose(alone, values[3], atol=1e-5)  # padding and neighbours change nothing
+        with torch.no_grad():  # the reward model's score of each prefix: its head on each position's hidden state
+            hidden = reward_model.model(input_ids=torch.tensor([batch[3].input_ids])).last_hidden_state
+            prefix_scores = reward_model.score(hidden)[0, :-1, 0]
+        assert torch.allclose(alone[1:], prefix_scores, atol=1e-5)
         for example in batch:  # a return of 1 on the response tokens, the values as they stand
             example.token_values["returns"] = [float(m) for m in example.loss_mask]
             example.token_values["old_values"] = [0.0] * len(example)

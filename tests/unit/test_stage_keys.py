@@ -8,7 +8,7 @@ import shutil
 
 from engine import stages
 from engine.config import load_config
-from engine.storage import ArtifactStore
+from engine.storage import ArtifactRef, ArtifactStore
 
 
 def runtime(tmp_path, **overrides) -> stages.Runtime:
@@ -54,3 +54,21 @@ def test_reward_function_and_environment_code_is_in_the_key(tmp_path):
     code.write_text("def score(prompts, completions, **kw):\n    return [0.5] * len(prompts)\n")
     assert stages.user_code_digests(cfg.grpo) != first
     assert stages.user_code_digests(load_config(None).grpo) == {}  # built-in environments are the engine's code
+
+
+def test_a_critic_started_from_a_given_model_keys_the_grpo_stage_by_its_files(tmp_path, tiny_model_dir, monkeypatch):
+    """``grpo.critic.model`` is read by PPO only: its files are in the GRPO stage's key, so another critic is another
+    run, and GRPO's group-relative advantages ignore it."""
+    keyed: list[dict[str, str]] = []
+    monkeypatch.setattr(stages, "_run_stage", lambda rt, name, config, inputs, *rest, **kw: keyed.append(inputs))
+    critic = tmp_path / "critic"
+    shutil.copytree(tiny_model_dir, critic)
+    start, data = ArtifactRef(uri="file:///start", digest="s"), ArtifactRef(uri="file:///data", digest="d")
+    ppo = {"grpo.advantage_estimator": "gae", "grpo.critic.model": str(critic)}
+    stages.train_grpo(runtime(tmp_path, **ppo), start, data, None, None)
+    stages.train_grpo(runtime(tmp_path, **{**ppo, "grpo.advantage_estimator": "grpo"}), start, data, None, None)
+    config = json.loads((critic / "config.json").read_text())
+    (critic / "config.json").write_text(json.dumps({**config, "rms_norm_eps": 1e-5}))
+    stages.train_grpo(runtime(tmp_path, **ppo), start, data, None, None)
+    first, grpo, edited = keyed
+    assert "critic" in first and "critic" not in grpo and edited["critic"] != first["critic"]

@@ -60,12 +60,12 @@ def test_a_step_trains_on_teacher_minus_student_per_token(tokenizer):
 
 
 def test_a_teacher_with_another_tokenizer_is_refused_in_one_line(tiny_model_dir, tmp_path):
-    from engine.algorithms.distill import check_same_tokenizer
     from engine.config import TinyModelConfig
     from engine.errors import ModelLoadError
+    from engine.models.loading import check_same_tokenizer
     from engine.models.tiny import make_tiny_model
 
     check_same_tokenizer(tiny_model_dir, tiny_model_dir, "same")
     other = make_tiny_model(tmp_path / "other", TinyModelConfig(vocab_size=300))  # the corpus fills 307 tokens
-    with pytest.raises(ModelLoadError, match=f"distill.teacher {other} has another tokenizer than the student"):
-        check_same_tokenizer(tiny_model_dir, other, str(other))
+    with pytest.raises(ModelLoadError, match=f"distill.teacher {other} has another tokenizer than the policy"):
+        check_same_tokenizer(tiny_model_dir, other, f"distill.teacher {other}")
