@@ -4,6 +4,8 @@ the loop scaffolding every training stage (SFT, reward model, DPO, GRPO) shares.
 A checkpoint is a committed artifact ``<stage prefix>/checkpoints/step_NNNNNN`` holding the trainer's
 shards (DCP), per-rank RNG and scheduler state, and ``trainer_state.json`` written by the controller:
 the step, the data position, the controller's RNG, the metric history so far and the resolved config.
+The ranks upload their own files and read them back from the store (``engine.policy.shards``); the controller
+writes the manifest last, so no file passes through another node's disk.
 """
 
 from __future__ import annotations
@@ -11,13 +13,12 @@ from __future__ import annotations
 import json
 import logging
 import random
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from engine.errors import ConfigError
+from engine.policy.shards import ShardSource, ShardTarget
 from engine.storage import ArtifactRef, ArtifactStore
 
 if TYPE_CHECKING:
@@ -75,20 +76,20 @@ def explicit_checkpoint(store: ArtifactStore, stage_prefix: str, resume: str) ->
     return resume if parts[1] == stage_of_prefix(stage_prefix) else None
 
 
-def find_resume_checkpoint(store: ArtifactStore, stage_prefix: str, resume: str) -> Path | None:
-    """The local folder of the checkpoint to resume from, or None to start fresh."""
+def find_resume_checkpoint(store: ArtifactStore, stage_prefix: str, resume: str) -> str | None:
+    """The URI of the checkpoint to resume from, or None to start fresh."""
     if resume == "never":
         return None
     named = explicit_checkpoint(store, stage_prefix, resume)
     if named is not None:
         if not store.is_committed(named):
             raise ConfigError(f"resume: no committed checkpoint at {named}")
-        return store.download(named)
+        return named
     latest = store.latest(checkpoint_prefix(stage_prefix))
     if latest is None:
         _say_why_not_resumed(store, stage_prefix)
         return None
-    return store.download(latest)
+    return store.uri(latest)
 
 
 def _say_why_not_resumed(store: ArtifactStore, stage_prefix: str) -> None:
@@ -131,14 +132,6 @@ def check_resumable(saved: dict[str, Any], current: dict[str, Any], stage: str, 
         )
 
 
-def read_trainer_state(checkpoint_dir: Path) -> dict[str, Any]:
-    return json.loads((checkpoint_dir / TRAINER_STATE).read_text())
-
-
-def new_staging_dir(prefix: str) -> Path:
-    return Path(tempfile.mkdtemp(prefix=prefix))
-
-
 @dataclass
 class LoopState:
     """What a stage's loop carries across a checkpoint: the steps done and the metrics logged so far."""
@@ -161,15 +154,16 @@ def resume(
     loaded into the trainer (model, optimizer, scheduler, RNG) and the ``companions`` that train with it (PPO's
     critic, from the checkpoint's folder of that name), with the controller's RNG restored, so the resumed curve is
     the uninterrupted one."""
-    resume_dir = find_resume_checkpoint(store, stage_prefix, cfg.resume)
-    if resume_dir is None:
+    uri = find_resume_checkpoint(store, stage_prefix, cfg.resume)
+    if uri is None:
         return LoopState()
-    state = read_trainer_state(resume_dir)
-    source = explicit_checkpoint(store, stage_prefix, cfg.resume) or "the checkpoint"
-    check_resumable(state["config"], cfg.redacted(), stage_of_prefix(stage_prefix), source)
-    policy.load_checkpoint(resume_dir)
+    state = store.read_json(uri, TRAINER_STATE)
+    named = explicit_checkpoint(store, stage_prefix, cfg.resume) or "the checkpoint"
+    check_resumable(state["config"], cfg.redacted(), stage_of_prefix(stage_prefix), named)
+    source = ShardSource(store.handle(), uri)
+    policy.load_checkpoint(source)
     for name, group in (companions or {}).items():
-        group.load_checkpoint(resume_dir / name)
+        group.load_checkpoint(source.within(name))
     restore_rng(state["rng"])
     run.set_tags({"posttrain.resumed_from_step": str(state["step"])})
     log.info("%s resumes from step %d", stage_of_prefix(stage_prefix), state["step"])
@@ -207,24 +201,14 @@ def save_checkpoint(
     companions: dict[str, "PolicyGroup"] | None = None,
 ) -> str:
     """The workers' shards and the controller's state (which holds ``step``), committed; returns the URI."""
-    staging = new_staging_dir("ckpt-")
-    try:
-        policy.save_checkpoint(staging)
-        for name, group in (companions or {}).items():
-            (staging / name).mkdir()
-            group.save_checkpoint(staging / name)
-        (staging / TRAINER_STATE).write_text(json.dumps(trainer_state))
-        step = trainer_state["step"]
-        key = f"{checkpoint_prefix(stage_prefix)}/step_{step:06d}"
-        return store.commit_dir(staging, key, metadata={"step": step}).uri
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-def copy_tokenizer(source: Path, target: Path) -> None:
-    for name in TOKENIZER_FILES:
-        if (source / name).exists():
-            shutil.copy2(source / name, target / name)
+    step = trainer_state["step"]
+    upload = store.begin_upload(f"{checkpoint_prefix(stage_prefix)}/step_{step:06d}")
+    target = ShardTarget(store.handle(), upload)
+    files = policy.save_checkpoint(target)
+    for name, group in (companions or {}).items():
+        files += group.save_checkpoint(target.within(name))
+    files += store.put_files(upload, {TRAINER_STATE: json.dumps(trainer_state).encode()})
+    return store.finish_upload(upload, files, metadata={"step": step}).uri
 
 
 def export_model(
@@ -236,16 +220,13 @@ def export_model(
     metrics: dict[str, float],
     extra_files: dict[str, str] | None = None,
 ) -> ArtifactRef:
-    """Full Hugging Face weights (in ``export.dtype``), the base model's tokenizer and the resolved config,
-    committed to ``key``."""
-    export = new_staging_dir("model-")
-    try:
-        policy.export(export, cfg.export_dtype())
-        copy_tokenizer(base_model_dir, export)
-        (export / CONFIG_FILE).write_text(cfg.to_yaml())
-        for name, text in (extra_files or {}).items():
-            (export / name).write_text(text)
-        ref = store.commit_dir(export, key, metadata={"metrics": metrics})
-    finally:
-        shutil.rmtree(export, ignore_errors=True)
+    """Full Hugging Face weights (in ``export.dtype``, uploaded by the rank that gathers them), the base model's
+    tokenizer and generation config (over the one the trainer writes) and the resolved config, committed to ``key``."""
+    upload = store.begin_upload(key)
+    weights = policy.export(ShardTarget(store.handle(), upload), cfg.export_dtype())
+    texts = {CONFIG_FILE: cfg.to_yaml(), **(extra_files or {})}
+    ours = {name: (base_model_dir / name).read_bytes() for name in TOKENIZER_FILES if (base_model_dir / name).exists()}
+    ours.update({name: text.encode() for name, text in texts.items()})
+    files = [entry for entry in weights if entry.path not in ours] + store.put_files(upload, ours)
+    ref = store.finish_upload(upload, files, metadata={"metrics": metrics})
     return ref.model_copy(update={"metrics": metrics})

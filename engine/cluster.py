@@ -17,7 +17,7 @@ from engine.config import RayConfig
 from engine.resources import Bundle, Groups, bundle_of
 
 # Ray reads these when its processes start: keep it on loopback, quiet and unauthenticated locally.
-_LOCAL_RAY_ENV = {
+LOCAL_RAY_ENV = {
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_AUTH_MODE": "disabled",
@@ -38,7 +38,7 @@ def connect(cfg: RayConfig) -> None:
     if ray.is_initialized():
         return
     if cfg.address == "local":
-        for key, value in _LOCAL_RAY_ENV.items():
+        for key, value in LOCAL_RAY_ENV.items():
             os.environ.setdefault(key, value)
         ray.init(
             address="local",

@@ -5,6 +5,9 @@ An artifact is a folder at ``<root>/<key>``. Its files go under a fresh upload p
 last, in one PUT. An artifact without its manifest does not exist: an upload cut short leaves only
 unreferenced files under an upload prefix, never a half-written artifact. This works the same on a
 local folder and on S3, which has no atomic rename.
+
+The files of one upload may come from several processes on several machines (each trainer rank uploads its own
+checkpoint shards through a ``StoreHandle``); the controller writes the manifest once all of them are in.
 """
 
 from __future__ import annotations
@@ -16,8 +19,10 @@ import os
 import shutil
 import time
 import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import fsspec
 from pydantic import BaseModel, ValidationError
@@ -31,6 +36,7 @@ class StorageUnavailable(InfrastructureError):
 
 
 MANIFEST = "MANIFEST.json"
+SCRATCH_ENV = "POSTTRAIN_SCRATCH"  # a node's own disk for the files its workers fetch and stage
 BUCKET_SCHEMES = {"s3", "gs", "gcs", "az", "abfs", "abfss"}  # object stores: the root's first segment is a bucket
 
 
@@ -56,6 +62,39 @@ class Manifest(BaseModel):
 
     def digest(self) -> str:
         return hashlib.sha256(self.model_dump_json().encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Upload:
+    """An artifact being written: its files go under ``<key>/<upload_id>/`` from any process that can reach the
+    store, and nothing reads it until its manifest is written."""
+
+    key: str
+    upload_id: str
+
+
+def node_scratch() -> Path | None:
+    """This node's scratch root (``$POSTTRAIN_SCRATCH``), where its workers cache what they fetch and stage what
+    they upload; None: the controller's cache and the system's temporary folder (one machine)."""
+    root = os.environ.get(SCRATCH_ENV)
+    return Path(root) if root else None
+
+
+@dataclass(frozen=True)
+class StoreHandle:
+    """What a worker on any node needs to open the controller's store itself: its root and filesystem options
+    (credentials come from the node's own environment, as the AWS chain does), never a local path of the
+    controller's but its cache as the default for a node with no scratch root of its own."""
+
+    root: str
+    options: dict[str, Any] = field(repr=False)  # may hold a token or connection string
+    attempts: int | None
+    default_cache_dir: str
+
+    def open(self) -> "ArtifactStore":
+        scratch = node_scratch()
+        cache = scratch / "artifacts" if scratch else Path(self.default_cache_dir)
+        return ArtifactStore(self.root, cache, self.options, self.attempts)
 
 
 def sha256_file(path: Path) -> str:
@@ -104,6 +143,7 @@ class ArtifactStore:
         self.root = root.rstrip("/")
         self.scheme = _scheme(self.root)
         self.cache_dir = Path(cache_dir)
+        self._handle = StoreHandle(self.root, dict(storage_options or {}), attempts, str(self.cache_dir))
         options = dict(storage_options or {})
         if attempts is not None:  # s3fs counts tries per instance: this store gets an instance of its own
             options["skip_instance_cache"] = True
@@ -142,6 +182,10 @@ class ArtifactStore:
     def _path(self, key: str) -> str:
         return f"{self._root_path.rstrip('/')}/{key}" if key else self._root_path
 
+    def handle(self) -> StoreHandle:
+        """This store as a worker on another node opens it (``StoreHandle.open``)."""
+        return self._handle
+
     # ----------------------------------------------------------------------------- health
 
     def check(self) -> None:
@@ -169,26 +213,60 @@ class ArtifactStore:
         """Upload a local folder under a fresh prefix, then write its manifest: the commit point. Storage that
         stops answering fails the commit as an infrastructure fault naming the artifact; what was uploaded without
         its manifest stays invisible."""
+        upload = self.begin_upload(key)
+        return self.finish_upload(upload, self.put_dir(local_dir, upload), metadata)
+
+    def begin_upload(self, key: str) -> Upload:
+        """A fresh upload prefix under ``key``: its files can come from anywhere, its manifest from one place."""
+        return Upload(key.strip("/"), f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}")
+
+    def put_dir(self, local_dir: str | Path, upload: Upload, under: str = "") -> builtins.list[ManifestEntry]:
+        """Upload a local folder's files into ``upload`` (below ``under``); returns their manifest entries."""
+        local_dir, entries = Path(local_dir), []
+        with self._transport(upload.key):
+            for file in sorted(p for p in local_dir.rglob("*") if p.is_file()):
+                rel = "/".join(filter(None, (under, file.relative_to(local_dir).as_posix())))
+                entries.append(ManifestEntry(path=rel, size=file.stat().st_size, sha256=sha256_file(file)))
+                remote = self._path(f"{upload.key}/{upload.upload_id}/{rel}")
+                self.fs.makedirs(remote.rsplit("/", 1)[0], exist_ok=True)
+                self.fs.put_file(str(file), remote)
+        return entries
+
+    def put_files(self, upload: Upload, files: dict[str, bytes]) -> builtins.list[ManifestEntry]:
+        """Upload files held in memory (path -> bytes) into ``upload``; returns their manifest entries."""
+        with self._transport(upload.key):
+            for rel, data in files.items():
+                remote = self._path(f"{upload.key}/{upload.upload_id}/{rel}")
+                self.fs.makedirs(remote.rsplit("/", 1)[0], exist_ok=True)
+                self.fs.pipe_file(remote, data)
+        return [ManifestEntry(path=p, size=len(d), sha256=hashlib.sha256(d).hexdigest()) for p, d in files.items()]
+
+    def finish_upload(
+        self, upload: Upload, entries: builtins.list[ManifestEntry], metadata: dict[str, Any] | None = None
+    ) -> ArtifactRef:
+        """Write the manifest of ``entries``, every file of the artifact wherever it was uploaded from: the commit
+        point. Two uploads of one path (two ranks writing the same file name) are refused before it."""
+        paths = [entry.path for entry in entries]
+        clashes = sorted({path for path in paths if paths.count(path) > 1})
+        if clashes:
+            raise ValueError(f"{self.uri(upload.key)}: {', '.join(clashes)} uploaded more than once")
+        files = sorted(entries, key=lambda entry: entry.path)
+        manifest = Manifest(upload_id=upload.upload_id, created=time.time(), files=files, metadata=metadata or {})
+        with self._transport(upload.key):
+            self._write_whole(self._path(f"{upload.key}/{MANIFEST}"), manifest.model_dump_json(indent=1).encode())
+        return ArtifactRef(uri=self.uri(upload.key), digest=manifest.digest())
+
+    @contextmanager
+    def _transport(self, key: str) -> Iterator[None]:
+        """Storage that stops answering fails the write as an infrastructure fault naming the artifact (one line,
+        retried by the orchestrator); what was uploaded without its manifest stays invisible."""
         try:
-            return self._commit(Path(local_dir), key.strip("/"), metadata)
+            yield
         except (StorageError, FileNotFoundError):
             raise
-        except Exception as exc:  # noqa: BLE001 - a transport fault: one line, retried by the orchestrator
+        except Exception as exc:  # noqa: BLE001 - a transport fault
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise StorageUnavailable(f"storage did not take {self.uri(key.strip('/'))}: {reason}") from exc
-
-    def _commit(self, local_dir: Path, key: str, metadata: dict[str, Any] | None) -> ArtifactRef:
-        upload_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
-        entries: list[ManifestEntry] = []
-        for file in sorted(p for p in local_dir.rglob("*") if p.is_file()):
-            rel = file.relative_to(local_dir).as_posix()
-            entries.append(ManifestEntry(path=rel, size=file.stat().st_size, sha256=sha256_file(file)))
-            remote = self._path(f"{key}/{upload_id}/{rel}")
-            self.fs.makedirs(remote.rsplit("/", 1)[0], exist_ok=True)
-            self.fs.put_file(str(file), remote)
-        manifest = Manifest(upload_id=upload_id, created=time.time(), files=entries, metadata=metadata or {})
-        self._write_whole(self._path(f"{key}/{MANIFEST}"), manifest.model_dump_json(indent=1).encode())
-        return ArtifactRef(uri=self.uri(key), digest=manifest.digest())
+            raise StorageUnavailable(f"storage did not take {self.uri(key)}: {reason}") from exc
 
     def _write_whole(self, path: str, data: bytes) -> None:
         """A file that readers see whole or not at all: one PUT on object storage; on a local disk, a temporary

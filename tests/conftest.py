@@ -194,13 +194,20 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("tiny-model"), TinyModelConfig())
 
 
-@pytest.fixture(scope="session")
-def ray_local():
-    """One embedded Ray for every in-process integration test (the CLI tests start their own)."""
+def connect_embedded_ray() -> None:
+    """The embedded Ray every in-process integration test shares (6 logical CPUs on 2 cores)."""
     from engine import cluster
     from engine.config import RayConfig
 
     cluster.connect(RayConfig(num_cpus=6))
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One embedded Ray for every in-process integration test (the CLI tests start their own)."""
+    from engine import cluster
+
+    connect_embedded_ray()
     yield
     cluster.shutdown()
 

@@ -31,12 +31,13 @@ from engine.models.logprobs import token_logprobs_from_logits
 from engine.policy import process_group
 from engine.policy.interfaces import LossFn
 from engine.policy.optim import build_optimizer
+from engine.policy.shards import StoreTransfers
 from engine.profiling import Profiled
 from engine.weight_broadcast import RefitSender
 from engine.weight_sync import WeightBuckets, put_weight_buckets
 
 
-class FSDP2PolicyWorker(Profiled, RefitSender):
+class FSDP2PolicyWorker(Profiled, RefitSender, StoreTransfers):
     def __init__(
         self,
         rank: int,
@@ -215,7 +216,9 @@ class FSDP2PolicyWorker(Profiled, RefitSender):
         if self.optimizer is None:
             raise RuntimeError("a frozen model has no training state to checkpoint")
         model_state, optim_state, _ = self._training_state()
-        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(Path(directory) / "dcp"))
+        shards = Path(directory) / "dcp"
+        shards.mkdir(parents=True, exist_ok=True)  # every rank: each may stage on its own node's disk
+        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(shards))
         extra = {"scheduler": self.scheduler.state_dict(), "rng": torch.get_rng_state()}
         if self.device.type == "cuda":
             extra["cuda_rng"] = torch.cuda.get_rng_state(self.device)

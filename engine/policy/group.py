@@ -17,6 +17,8 @@ from engine import cluster
 from engine.config import LoraConfig, OptimizerConfig, PipelineConfig
 from engine.data.batching import MicroBatch, plan_step
 from engine.data.chat import TokenizedExample
+from engine.policy.shards import ShardSource, ShardTarget
+from engine.storage import ManifestEntry
 from engine.weight_sync import WeightBuckets, WeightManifest
 
 PER_RANK_VALUES = ("grad_norm", "lr")  # the same on every rank: taken from the first reporter, not summed
@@ -87,17 +89,20 @@ class PolicyGroup:
                         ordered[index] = value
         return ordered  # type: ignore[return-value]
 
-    def save_checkpoint(self, directory: str | Path) -> None:
-        """Every rank writes its model and optimizer shards, RNG and scheduler state under ``directory``."""
-        self.workers.call("save_checkpoint", str(directory))
+    def save_checkpoint(self, target: ShardTarget) -> list[ManifestEntry]:
+        """Every rank writes its model and optimizer shards, RNG and scheduler state and uploads them into
+        ``target`` from its own node; returns their manifest entries (the caller commits)."""
+        return [entry for entries in self.workers.call("save_checkpoint_to", target) for entry in entries]
 
-    def load_checkpoint(self, directory: str | Path) -> None:
-        self.workers.call("load_checkpoint", str(directory))
+    def load_checkpoint(self, source: ShardSource) -> None:
+        """Every rank reads the committed checkpoint ``source`` from the store onto its own node."""
+        self.workers.call("load_checkpoint_from", source)
 
-    def export(self, directory: str | Path, dtype: str = "float32") -> None:
-        """Full Hugging Face weights (in ``dtype``) and config, no tokenizer, written into ``directory``; LoRA
-        adapters merged in (and saved alone under ``adapter/`` with ``lora.export_adapter``)."""
-        self.workers.call("export_hf", str(directory), dtype)
+    def export(self, target: ShardTarget, dtype: str = "float32") -> list[ManifestEntry]:
+        """Full Hugging Face weights (in ``dtype``) and config, no tokenizer, uploaded into ``target``; LoRA
+        adapters merged in (and saved alone under ``adapter/`` with ``lora.export_adapter``). Returns the files'
+        manifest entries (the caller commits)."""
+        return [entry for entries in self.workers.call("export_to", target, dtype) for entry in entries]
 
     def weight_buckets(self, bucket_bytes: int, adapters_only: bool = False) -> WeightBuckets:
         """The current full weights (or a LoRA model's adapters alone) as object-store buckets, for a refit

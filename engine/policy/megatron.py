@@ -31,6 +31,7 @@ from engine.models.megatron_convert import GPTShape
 from engine.policy import process_group
 from engine.policy.interfaces import LossFn
 from engine.policy.optim import lr_multiplier
+from engine.policy.shards import StoreTransfers
 from engine.profiling import Profiled
 from engine.weight_broadcast import RefitSender
 from engine.weight_sync import WeightBuckets, put_weight_buckets
@@ -124,7 +125,7 @@ def vocab_parallel_token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor,
     return -tensor_parallel.vocab_parallel_cross_entropy(logits, input_ids[:, 1:].contiguous())
 
 
-class MegatronPolicyWorker(Profiled, RefitSender):
+class MegatronPolicyWorker(Profiled, RefitSender, StoreTransfers):
     def __init__(
         self,
         rank: int,
@@ -357,8 +358,8 @@ class MegatronPolicyWorker(Profiled, RefitSender):
         if self.optimizer is None:
             raise RuntimeError("a frozen model has no training state to checkpoint")
         target = Path(directory) / "dist"
+        target.mkdir(parents=True, exist_ok=True)  # every rank: each may stage on its own node's disk
         if self.rank == 0:
-            target.mkdir(parents=True, exist_ok=True)
             (Path(directory) / LAYOUT_FILE).write_text(json.dumps({**self._layout(), "step": self.step}))
         dist.barrier()
         model_state = self._gpt_model().sharded_state_dict(metadata=CHECKPOINT_METADATA)

@@ -29,3 +29,34 @@ def synchronous_grpo_curve(ray_local, tiny_model_dir) -> list[dict[str, float]]:
     from tests.integration.test_worker_loss import grpo_run
 
     return grpo_run(tiny_model_dir, kill_before_step=None)
+
+
+@pytest.fixture
+def store(tmp_path):
+    """A store in the test's folder, which the workers open themselves as on a cluster."""
+    from engine.storage import ArtifactStore
+
+    return ArtifactStore(f"file://{tmp_path}/store", tmp_path / "cache")
+
+
+def commit_checkpoint(store, group, key: str = "ckpt") -> str:
+    """``group``'s checkpoint, uploaded by its ranks and committed as the controller commits it; returns its URI."""
+    from engine.policy.shards import ShardTarget
+
+    upload = store.begin_upload(key)
+    return store.finish_upload(upload, group.save_checkpoint(ShardTarget(store.handle(), upload))).uri
+
+
+def load_checkpoint(store, group, uri: str) -> None:
+    from engine.policy.shards import ShardSource
+
+    group.load_checkpoint(ShardSource(store.handle(), uri))
+
+
+def export_folder(store, group, dtype: str = "float32", key: str = "export"):
+    """``group``'s Hugging Face export, committed and downloaded: the folder a user loads."""
+    from engine.policy.shards import ShardTarget
+
+    upload = store.begin_upload(key)
+    store.finish_upload(upload, group.export(ShardTarget(store.handle(), upload), dtype))
+    return store.download(key)

@@ -9,7 +9,7 @@ import torch
 from engine.algorithms.sft import sft_loss
 from engine.config import load_config
 from engine.policy.group import start_policy_group
-from tests.integration.conftest import BATCH, STEPS
+from tests.integration.conftest import BATCH, STEPS, commit_checkpoint, export_folder, load_checkpoint
 
 
 def make_policy(tiny_model_dir, pad_id, world_size, token_budget, **extra):
@@ -89,17 +89,17 @@ def test_sequence_packing_gives_the_padded_losses_gradients_and_logprobs(
     assert_same_curve(curve, reference_curve)
 
 
-def test_checkpoint_round_trip_continues_the_same_curve(ray_local, tiny_model_dir, examples, reference_curve, tmp_path):
+def test_checkpoint_round_trip_continues_the_same_curve(ray_local, tiny_model_dir, examples, reference_curve, store):
     data, pad = examples
     policy = make_policy(tiny_model_dir, pad, world_size=2, token_budget=100_000)
     try:
         first = train_curve(policy, data, steps=1)
-        policy.save_checkpoint(str(tmp_path / "ckpt"))
+        uri = commit_checkpoint(store, policy)
     finally:
         policy.shutdown()
     resumed = make_policy(tiny_model_dir, pad, world_size=2, token_budget=100_000)
     try:
-        resumed.load_checkpoint(str(tmp_path / "ckpt"))
+        load_checkpoint(store, resumed, uri)
         rest = [resumed.train(data[s * BATCH : (s + 1) * BATCH], sft_loss) for s in range(1, STEPS)]
     finally:
         resumed.shutdown()
@@ -107,7 +107,7 @@ def test_checkpoint_round_trip_continues_the_same_curve(ray_local, tiny_model_di
     assert rest[-1]["lr"] == pytest.approx(reference_curve[-1]["lr"])
 
 
-def test_export_hf_matches_trained_logprobs(ray_local, tiny_model_dir, examples, tmp_path):
+def test_export_hf_matches_trained_logprobs(ray_local, tiny_model_dir, examples, store):
     from transformers import AutoModelForCausalLM
 
     from engine.data.batching import collate
@@ -119,10 +119,10 @@ def test_export_hf_matches_trained_logprobs(ray_local, tiny_model_dir, examples,
         train_curve(policy, data, steps=1)
         batch = collate(data[:4], pad)
         trainer_lp = torch.nn.utils.rnn.pad_sequence([lp[1:] for lp in policy.forward(data[:4])], batch_first=True)
-        policy.export(str(tmp_path / "hf"))
+        exported = export_folder(store, policy)
     finally:
         policy.shutdown()
-    model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(exported, dtype=torch.float32)
     with torch.no_grad():
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     hf_lp = token_logprobs_from_logits(logits, batch["input_ids"])
@@ -193,7 +193,7 @@ def _group_logprobs(policy, data, adapters=True):
 
 
 def test_lora_trains_adapters_only_resumes_exactly_and_exports_merged_and_adapter(
-    ray_local, tiny_model_dir, examples, tmp_path
+    ray_local, tiny_model_dir, examples, store
 ):
     """LoRA on two FSDP2 ranks: only the adapters train and are checkpointed; the base under them stays the
     reference; a resumed run continues the same curve; the merged export and the adapter alone (through peft)
@@ -229,35 +229,33 @@ def test_lora_trains_adapters_only_resumes_exactly_and_exports_merged_and_adapte
         assert counts["model/parameters"] == sum(p.numel() for p in base.parameters()) + expected_trainable
         assert torch.allclose(_group_logprobs(policy, data[:4])[mask], base_lp[mask], atol=1e-5)  # B starts at 0
         first = train_curve(policy, data, steps=1)
-        policy.save_checkpoint(str(tmp_path / "ckpt"))
+        uri = commit_checkpoint(store, policy)
         rest = [policy.train(data[s * BATCH : (s + 1) * BATCH], sft_loss) for s in range(1, STEPS)]
         trained_lp = _group_logprobs(policy, data[:4])
         assert torch.allclose(_group_logprobs(policy, data[:4], adapters=False)[mask], base_lp[mask], atol=1e-5)
         assert not torch.allclose(trained_lp[mask], base_lp[mask], atol=1e-3)
-        policy.export(str(tmp_path / "hf"))
+        exported = export_folder(store, policy)
     finally:
         policy.shutdown()
     assert rest[-1]["loss"] < first[0]["loss"]
 
-    checkpoint_bytes = _dir_bytes(tmp_path / "ckpt" / "dcp")
+    checkpoint_bytes = _dir_bytes(store.download(uri) / "dcp")
     full_fine_tune_bytes = 3 * 4 * counts["model/parameters"]  # fp32 weights and AdamW's two moments
     assert 3 * 4 * expected_trainable <= checkpoint_bytes < full_fine_tune_bytes / 4  # tiny tensors: DCP metadata
 
     resumed = lora_policy()
     try:
-        resumed.load_checkpoint(str(tmp_path / "ckpt"))
+        load_checkpoint(store, resumed, uri)
         again = [resumed.train(data[s * BATCH : (s + 1) * BATCH], sft_loss) for s in range(1, STEPS)]
     finally:
         resumed.shutdown()
     assert_same_curve(first + again, first + rest)
 
-    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32)
+    merged = AutoModelForCausalLM.from_pretrained(exported, dtype=torch.float32)
     assert set(merged.state_dict()) == set(base.state_dict())
     assert torch.allclose(_hf_logprobs(merged, data[:4], pad)[0][mask], trained_lp[mask], atol=1e-5)
-    assert _dir_bytes(tmp_path / "hf" / "adapter") < _dir_bytes(tmp_path / "hf") / 4
-    adapted = PeftModel.from_pretrained(
-        AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path / "hf" / "adapter"
-    )
+    assert _dir_bytes(exported / "adapter") < _dir_bytes(exported) / 4
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), exported / "adapter")
     assert torch.allclose(_hf_logprobs(adapted, data[:4], pad)[0][mask], trained_lp[mask], atol=1e-5)
 
 

@@ -14,6 +14,7 @@ import torch.multiprocessing as mp
 from engine.algorithms.sft import sft_loss
 from engine.config import PolicyConfig, TinyModelConfig
 from engine.models.tiny import make_tiny_model
+from tests.integration.conftest import commit_checkpoint, export_folder, load_checkpoint
 from tests.integration.test_fsdp2 import (
     BATCH,
     assert_same_curve,
@@ -102,23 +103,22 @@ def test_bf16_mixed_precision_trains_close_to_fp32(ray_local, tiny_model_dir, ex
     assert curve[-1]["loss"] < curve[0]["loss"]
 
 
-def test_tp2_checkpoint_reloads_at_tp1(ray_local, tiny_model_dir, examples, tmp_path):
+def test_tp2_checkpoint_reloads_at_tp1(ray_local, tiny_model_dir, examples, store):
     data, pad = examples
     tp2 = make_policy(
         tiny_model_dir, pad, world_size=2, token_budget=100_000, **MEGATRON, **{"policy.megatron.tensor_parallel": 2}
     )
     try:
         train_curve(tp2, data, steps=2)
-        tp2.save_checkpoint(str(tmp_path / "ckpt"))
+        uri = commit_checkpoint(store, tp2)
         logprobs_tp2 = tp2.forward(data[:BATCH])
         next_step_tp2 = tp2.train(data[2 * BATCH : 3 * BATCH], sft_loss)
-        export = tmp_path / "export"
-        tp2.export(str(export))
+        export = export_folder(store, tp2)
     finally:
         tp2.shutdown()
     tp1 = make_policy(tiny_model_dir, pad, world_size=1, token_budget=100_000, **MEGATRON)
     try:
-        tp1.load_checkpoint(str(tmp_path / "ckpt"))
+        load_checkpoint(store, tp1, uri)
         logprobs_tp1 = tp1.forward(data[:BATCH])
         for got, want in zip(logprobs_tp1, logprobs_tp2):
             assert torch.allclose(got, want, atol=1e-5)

@@ -115,3 +115,26 @@ def test_storage_options_go_over_posttrains_own_s3_settings_key_by_key(tmp_path)
     options = ArtifactStore.from_config(cfg, tmp_path).fs.storage_options
     assert options["client_kwargs"] == {"endpoint_url": "http://127.0.0.1:9", "region_name": "eu-west-1"}
     assert options["anon"] is True and options["config_kwargs"]["read_timeout"] == cfg.read_timeout_s
+
+
+def test_an_upload_from_several_processes_commits_once_its_manifest_lists_them_all(store, tmp_path, monkeypatch):
+    """Each trainer rank puts its own files into one upload (here through its own handle, on its node's scratch
+    root), the controller adds its own and writes the manifest last: nothing reads as committed before that, a
+    path uploaded twice is refused, and a node downloads into its own scratch root."""
+    upload = store.begin_upload("stages/sft/k/checkpoints/step_000002")
+    node_a = store.handle().open()  # a worker's store: what a rank on another node opens
+    shards = node_a.put_dir(make_dir(tmp_path / "rank0", {"dcp/.metadata": "m", "dcp/__0_0.distcp": "0"}), upload)
+    shards += node_a.put_dir(make_dir(tmp_path / "rank1", {"dcp/__1_0.distcp": "1"}), upload, under="critic")
+    shards += store.put_files(upload, {"trainer_state.json": b'{"step": 2}'})
+    assert not store.is_committed(upload.key) and store.latest("stages/sft/k/checkpoints") is None
+    with pytest.raises(ValueError, match="trainer_state.json uploaded more than once"):
+        store.finish_upload(upload, shards + shards[-1:])
+    ref = store.finish_upload(upload, shards, metadata={"step": 2})
+    paths = [entry.path for entry in store.manifest(ref.uri).files]
+    assert paths == ["critic/dcp/__1_0.distcp", "dcp/.metadata", "dcp/__0_0.distcp", "trainer_state.json"]
+    assert store.verify(ref.uri) and store.read_json(ref.uri, "trainer_state.json") == {"step": 2}
+
+    monkeypatch.setenv("POSTTRAIN_SCRATCH", str(tmp_path / "node_b"))
+    local = store.handle().open().download(ref.uri)
+    assert local.parent == tmp_path / "node_b" / "artifacts" and (local / "critic/dcp/__1_0.distcp").read_text() == "1"
+    assert "options" not in repr(store.handle())  # a token or connection string stays out of any log line

@@ -14,6 +14,8 @@ from engine.data.chat import TokenizedExample
 from engine.environments.interfaces import EnvStepResult
 from engine.environments.router import merge_results, rows_by_task
 from engine.generation.interfaces import Completion, SamplingParams
+from engine.policy.shards import ShardSource, ShardTarget
+from engine.storage import ManifestEntry
 
 # reply(prompt_token_ids, row, call) -> (text, finish_reason): ``row`` counts (prompt, sample) pairs of the call
 # (GRPO sends each episode as its own prompt, so row % generations_per_prompt is the sample's index)
@@ -91,8 +93,8 @@ class FakePolicy:
     def __init__(self, forward_value: Callable[[TokenizedExample, int], float] | None = None):
         self.trained: list[list[TokenizedExample]] = []
         self.loss_fns: list[Any] = []
-        self.saved: list[Path] = []
-        self.loaded: list[Path] = []
+        self.saved: list[ShardTarget] = []
+        self.loaded: list[ShardSource] = []
         self.steps_done = 0
         self.forward_value = forward_value or (lambda example, position: -0.5)
 
@@ -122,16 +124,19 @@ class FakePolicy:
     def weight_buckets(self, bucket_bytes: int):
         return [], [], 0
 
-    def save_checkpoint(self, directory) -> None:
-        self.saved.append(Path(directory))
-        (Path(directory) / "fake_shards.json").write_text(json.dumps({"steps_done": self.steps_done}))
+    def save_checkpoint(self, target: ShardTarget) -> list[ManifestEntry]:
+        self.saved.append(target)
+        return target.write(lambda folder: self._write(folder / "fake_shards.json"))
 
-    def load_checkpoint(self, directory) -> None:
-        self.loaded.append(Path(directory))
-        self.steps_done = json.loads((Path(directory) / "fake_shards.json").read_text())["steps_done"]
+    def load_checkpoint(self, source: ShardSource) -> None:
+        self.loaded.append(source)
+        self.steps_done = json.loads((source.local() / "fake_shards.json").read_text())["steps_done"]
 
-    def export(self, directory, dtype: str = "float32") -> None:
-        (Path(directory) / "config.json").write_text(json.dumps({"steps_done": self.steps_done}))
+    def export(self, target: ShardTarget, dtype: str = "float32") -> list[ManifestEntry]:
+        return target.write(lambda folder: self._write(folder / "config.json"))
+
+    def _write(self, path: Path) -> None:
+        path.write_text(json.dumps({"steps_done": self.steps_done}))
 
     def parameter_counts(self) -> dict[str, int]:
         return {"model/parameters": 1000, "model/trainable_parameters": 10}

@@ -66,7 +66,8 @@ def test_a_checkpoint_holds_the_critic_and_a_resumed_run_loads_it(tokenizer, tmp
 
     resumed = ppo_loop(tokenizer, **settings)
     train_loop(resumed, store, RecordingRun(), cfg, "stages/grpo/k")
-    assert [p.name for p in resumed.roles.critic.loaded] == ["critic"] and resumed.roles.critic.steps_done == 4
+    critic = resumed.roles.critic
+    assert [source.under for source in critic.loaded] == ["critic"] and critic.steps_done == 4
 
 
 def test_epochs_and_minibatches_update_on_whole_prompt_groups_from_a_forward_passs_old_logprobs(tokenizer):

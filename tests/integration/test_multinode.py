@@ -1,0 +1,122 @@
+"""Trainer ranks on different machines, on one machine: Ray's own multi-node test cluster, a head for the controller
+and three one-CPU worker nodes on 127.0.0.1, each with a scratch root of its own (``POSTTRAIN_SCRATCH``).
+
+Each rank uploads its checkpoint shards from its own node and the controller commits them; a group placed on other
+nodes reads the checkpoint from the store into its own nodes' scratch roots and continues the uninterrupted curve.
+Nothing passes through another node's disk, the controller's included.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import ray
+import torch
+
+from engine import checkpointing, cluster
+from engine.algorithms.sft import sft_loss
+from engine.config import RayConfig, load_config
+from engine.policy.shards import ShardSource
+from engine.storage import ArtifactStore
+from tests.conftest import connect_embedded_ray
+from tests.integration.conftest import BATCH, STEPS
+from tests.integration.test_fsdp2 import assert_same_curve, make_policy, train_curve
+
+NODES = ("a", "b", "c")
+
+
+@pytest.fixture(scope="module")
+def three_nodes(tmp_path_factory):
+    """The cluster's address and each worker node's scratch root; the embedded Ray of the other tests is stopped
+    for the module and started again after it."""
+    from ray.cluster_utils import Cluster
+
+    was_up = ray.is_initialized()
+    cluster.shutdown()
+    for key, value in cluster.LOCAL_RAY_ENV.items():  # loopback only, as the embedded Ray
+        os.environ.setdefault(key, value)
+    scratch = {node: tmp_path_factory.mktemp(f"node_{node}") for node in NODES}
+    nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "node_ip_address": "127.0.0.1"})
+    try:
+        for node in NODES:
+            nodes.add_node(
+                num_cpus=1,
+                resources={f"node_{node}": 1},
+                node_ip_address="127.0.0.1",
+                env_vars={"POSTTRAIN_SCRATCH": str(scratch[node])},
+            )
+        cluster.connect(RayConfig(address=nodes.address))
+        yield scratch
+    finally:
+        cluster.shutdown()
+        nodes.shutdown()
+        if was_up:
+            connect_embedded_ray()
+
+
+@ray.remote(num_cpus=1)
+class Occupant:
+    """Holds a node's only CPU, so a group is placed on the other two."""
+
+    def node(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
+
+def occupy(node: str) -> ray.actor.ActorHandle:
+    occupant = Occupant.options(resources={f"node_{node}": 1}).remote()
+    ray.get(occupant.node.remote())
+    return occupant
+
+
+def files_under(root) -> list[str]:
+    return sorted(str(path.relative_to(root)) for path in root.rglob("*") if path.is_file())
+
+
+def test_ranks_on_two_nodes_commit_their_own_shards_and_a_group_on_other_nodes_resumes_from_the_store(
+    three_nodes, tiny_model_dir, examples, tmp_path
+):
+    data, pad = examples
+    store = ArtifactStore(f"file://{tmp_path}/store", tmp_path / "controller_cache")
+    occupant = occupy("c")
+    policy = make_policy(tiny_model_dir, pad, world_size=2, token_budget=100_000)
+    try:
+        first_nodes = [info["node"] for info in policy.info()]
+        first = train_curve(policy, data, steps=1)
+        uri = checkpointing.save_checkpoint(store, policy, "stages/sft/k", {"step": 1})
+        uninterrupted = [policy.train(data[s * BATCH : (s + 1) * BATCH], sft_loss) for s in range(1, STEPS)]
+        cfg = load_config(None)
+        exported = checkpointing.export_model(store, policy, tiny_model_dir, "stages/sft/k/model", cfg, {})
+    finally:
+        policy.shutdown()
+        ray.kill(occupant)
+    assert len(set(first_nodes)) == 2  # one rank per node
+    committed = [entry.path for entry in store.manifest(uri).files]
+    assert {"dcp/.metadata", "dcp/__0_0.distcp", "dcp/__1_0.distcp", "rank0.pt", "rank1.pt"} <= set(committed)
+    assert "trainer_state.json" in committed
+    assert all(files_under(three_nodes[node]) == [] for node in ("a", "b"))  # staged, uploaded, removed
+
+    occupant = occupy("a")
+    resumed = make_policy(tiny_model_dir, pad, world_size=2, token_budget=100_000)
+    try:
+        resumed_nodes = [info["node"] for info in resumed.info()]
+        resumed.load_checkpoint(ShardSource(store.handle(), uri))
+        rest = [resumed.train(data[s * BATCH : (s + 1) * BATCH], sft_loss) for s in range(1, STEPS)]
+    finally:
+        resumed.shutdown()
+        ray.kill(occupant)
+    assert set(resumed_nodes) != set(first_nodes) and len(set(resumed_nodes)) == 2
+    assert_same_curve(first + rest, first + uninterrupted)
+    digest = store.manifest(uri).digest()
+    for node in ("b", "c"):  # each node of the resumed group fetched the checkpoint into its own scratch root
+        fetched = files_under(three_nodes[node])
+        assert f"artifacts/{digest}/dcp/__1_0.distcp" in fetched and all(f.startswith("artifacts/") for f in fetched)
+    assert files_under(three_nodes["a"]) == []
+    assert not (tmp_path / "controller_cache").exists()  # the controller downloaded nothing
+
+    from transformers import AutoModelForCausalLM
+
+    export = store.download(exported.uri)  # rank 0's weights from its node, the tokenizer from the controller
+    model = AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    assert (export / "tokenizer.json").is_file() and model.num_parameters() == base.num_parameters()
