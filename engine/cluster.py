@@ -213,7 +213,8 @@ def log_placement(role: str, infos: Sequence[dict[str, Any]]) -> None:
 
 
 class WorkerGroup:
-    """N Ray actors of ``worker_cls``, rank i on bundle i; methods are called on all ranks at once."""
+    """N Ray actors of ``worker_cls``, rank i on bundle i; methods are called on all ranks at once, and a user error
+    a rank raises (a corrupt checkpoint in the store, say) reaches the caller as itself."""
 
     def __init__(
         self,
@@ -237,16 +238,16 @@ class WorkerGroup:
 
     def call(self, method: str, *args: Any, **kwargs: Any) -> list[Any]:
         """The same arguments to every rank; returns the per-rank results."""
-        return ray.get([getattr(actor, method).remote(*args, **kwargs) for actor in self.actors])
+        return get([getattr(actor, method).remote(*args, **kwargs) for actor in self.actors])
 
     def call_per_rank(self, method: str, per_rank_args: Sequence[tuple], **kwargs: Any) -> list[Any]:
         """Rank i gets ``per_rank_args[i]`` (e.g. its shard of a batch)."""
         refs = [getattr(actor, method).remote(*args, **kwargs) for actor, args in zip(self.actors, per_rank_args)]
-        return ray.get(refs)
+        return get(refs)
 
     def call_on(self, ranks: Sequence[int], method: str, *args: Any) -> list[Any]:
         """``method`` on the listed ranks only; their results in that order."""
-        return ray.get(self.submit_on(ranks, method, *args))
+        return get(self.submit_on(ranks, method, *args))
 
     def submit_on(self, ranks: Sequence[int], method: str, *args: Any) -> list[ray.ObjectRef]:
         """``call_on`` without waiting: the calls' object refs, for calls that must run alongside another group's."""

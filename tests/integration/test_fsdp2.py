@@ -90,15 +90,25 @@ def test_sequence_packing_gives_the_padded_losses_gradients_and_logprobs(
 
 
 def test_checkpoint_round_trip_continues_the_same_curve(ray_local, tiny_model_dir, examples, reference_curve, store):
+    """The ranks' checkpoint, committed and read back from the store, continues the curve; a rank that finds a
+    checkpoint's file corrupt in the store fails the load with the store's one-line user error."""
+    from engine.errors import StorageError
+
     data, pad = examples
     policy = make_policy(tiny_model_dir, pad, world_size=2, token_budget=100_000)
     try:
         first = train_curve(policy, data, steps=1)
         uri = commit_checkpoint(store, policy)
+        corrupt = commit_checkpoint(store, policy, key="corrupt")
     finally:
         policy.shutdown()
+    manifest = store.manifest(corrupt)
+    with store.fs.open(f"{store.root}/corrupt/{manifest.upload_id}/rank1.pt", "wb") as handle:
+        handle.write(b"not the rank's state")
     resumed = make_policy(tiny_model_dir, pad, world_size=2, token_budget=100_000)
     try:
+        with pytest.raises(StorageError, match="corrupt: rank1.pt does not match its manifest"):
+            load_checkpoint(store, resumed, corrupt)
         load_checkpoint(store, resumed, uri)
         rest = [resumed.train(data[s * BATCH : (s + 1) * BATCH], sft_loss) for s in range(1, STEPS)]
     finally:
