@@ -13,21 +13,27 @@ import shutil
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Self
 
 from engine.storage import ManifestEntry, StoreHandle, Upload, node_scratch
 
 
+class InFolder:
+    """A place in an artifact, ``under`` one of its folders (a companion group's)."""
+
+    under: str
+
+    def within(self, folder: str) -> Self:
+        return replace(self, under="/".join(filter(None, (self.under, folder))))  # type: ignore[type-var]
+
+
 @dataclass(frozen=True)
-class ShardTarget:
-    """Where a group's ranks upload what they write: ``under`` a folder of the artifact (a companion's)."""
+class ShardTarget(InFolder):
+    """Where a group's ranks upload what they write."""
 
     store: StoreHandle
     upload: Upload
     under: str = ""
-
-    def within(self, folder: str) -> ShardTarget:
-        return replace(self, under="/".join(filter(None, (self.under, folder))))
 
     def write(self, save: Callable[[Path], None]) -> list[ManifestEntry]:
         """``save`` writes this rank's files into an empty folder on its node; they are uploaded, the folder goes."""
@@ -43,15 +49,12 @@ class ShardTarget:
 
 
 @dataclass(frozen=True)
-class ShardSource:
-    """A committed artifact (``uri``) a group's ranks read from, ``under`` one of its folders."""
+class ShardSource(InFolder):
+    """A committed artifact (``uri``) a group's ranks read from."""
 
     store: StoreHandle
     uri: str
     under: str = ""
-
-    def within(self, folder: str) -> ShardSource:
-        return replace(self, under="/".join(filter(None, (self.under, folder))))
 
     def local(self) -> Path:
         """The folder on this node (downloaded into the node's cache once per digest)."""
