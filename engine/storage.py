@@ -13,6 +13,7 @@ checkpoint shards through a ``StoreHandle``); the controller writes the manifest
 from __future__ import annotations
 
 import builtins
+import fcntl
 import hashlib
 import json
 import os
@@ -322,7 +323,8 @@ class ArtifactStore:
         return next((key for key in reversed(self.list(prefix)) if self.manifest(key) is not None), None)
 
     def download(self, uri_or_key: str, verify: bool = True) -> Path:
-        """A local copy of a committed artifact, cached by content digest (downloaded once)."""
+        """A local copy of a committed artifact, cached by content digest: downloaded once per cache, however many
+        processes of the machine (the ranks of a group) ask for it at once."""
         key = self.key_of(uri_or_key)
         manifest = self.manifest(key)
         if manifest is None:
@@ -330,6 +332,14 @@ class ArtifactStore:
         target = self.cache_dir / manifest.digest()
         if (target / ".complete").exists():
             return target
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.cache_dir / f".{manifest.digest()}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # the others wait here, then find the first one's copy
+            if not (target / ".complete").exists():
+                self._fetch(key, manifest, target, verify)
+        return target
+
+    def _fetch(self, key: str, manifest: Manifest, target: Path, verify: bool) -> None:
         staging = self.cache_dir / f".{manifest.digest()}.{uuid.uuid4().hex[:8]}"
         for entry in manifest.files:
             local = staging / entry.path
@@ -342,9 +352,8 @@ class ArtifactStore:
         (staging / ".complete").touch()
         try:
             os.replace(staging, target)
-        except OSError:  # another process finished the same download first
+        except OSError:  # another cache user finished the same download first
             shutil.rmtree(staging, ignore_errors=True)
-        return target
 
     def verify(self, uri_or_key: str) -> bool:
         """Re-hash every remote file of an artifact against its manifest."""

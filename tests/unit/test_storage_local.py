@@ -138,3 +138,27 @@ def test_an_upload_from_several_processes_commits_once_its_manifest_lists_them_a
     local = store.handle().open().download(ref.uri)
     assert local.parent == tmp_path / "node_b" / "artifacts" and (local / "critic/dcp/__1_0.distcp").read_text() == "1"
     assert "options" not in repr(store.handle())  # a token or connection string stays out of any log line
+
+
+def test_processes_asking_for_one_artifact_at_once_download_it_once(store, tmp_path):
+    """The ranks of a group on one machine resume from one checkpoint: the first downloads, the others wait for it."""
+    import threading
+    import time
+
+    ref = store.commit_dir(make_dir(tmp_path / "src", {"dcp/__0_0.distcp": "0" * 1000}), "ckpt/step_000002")
+    fetched: list[str] = []
+    get_file = store.fs.get_file
+
+    def slow_get_file(remote, local):  # a transfer long enough for every rank to ask before it ends
+        fetched.append(remote)
+        time.sleep(0.3)
+        get_file(remote, local)
+
+    store.fs.get_file = slow_get_file
+    folders: list = []
+    ranks = [threading.Thread(target=lambda: folders.append(store.download(ref.uri))) for _ in range(4)]
+    for rank in ranks:
+        rank.start()
+    for rank in ranks:
+        rank.join()
+    assert len(fetched) == 1 and len(set(folders)) == 1 and (folders[0] / "dcp/__0_0.distcp").is_file()
