@@ -228,19 +228,21 @@ class ArtifactStore:
             for file in sorted(p for p in local_dir.rglob("*") if p.is_file()):
                 rel = "/".join(filter(None, (under, file.relative_to(local_dir).as_posix())))
                 entries.append(ManifestEntry(path=rel, size=file.stat().st_size, sha256=sha256_file(file)))
-                remote = self._path(f"{upload.key}/{upload.upload_id}/{rel}")
-                self.fs.makedirs(remote.rsplit("/", 1)[0], exist_ok=True)
-                self.fs.put_file(str(file), remote)
+                self.fs.put_file(str(file), self._upload_path(upload, rel))
         return entries
 
     def put_files(self, upload: Upload, files: dict[str, bytes]) -> builtins.list[ManifestEntry]:
         """Upload files held in memory (path -> bytes) into ``upload``; returns their manifest entries."""
         with self._transport(upload.key):
             for rel, data in files.items():
-                remote = self._path(f"{upload.key}/{upload.upload_id}/{rel}")
-                self.fs.makedirs(remote.rsplit("/", 1)[0], exist_ok=True)
-                self.fs.pipe_file(remote, data)
+                self.fs.pipe_file(self._upload_path(upload, rel), data)
         return [ManifestEntry(path=p, size=len(d), sha256=hashlib.sha256(d).hexdigest()) for p, d in files.items()]
+
+    def _upload_path(self, upload: Upload, rel: str) -> str:
+        """Where ``rel`` of ``upload`` goes, its folder made."""
+        remote = self._path(f"{upload.key}/{upload.upload_id}/{rel}")
+        self.fs.makedirs(remote.rsplit("/", 1)[0], exist_ok=True)
+        return remote
 
     def finish_upload(
         self, upload: Upload, entries: builtins.list[ManifestEntry], metadata: dict[str, Any] | None = None
