@@ -98,7 +98,7 @@ def bench_size(label: str, tiny: TinyModelConfig, rounds: int, workdir: Path) ->
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     prompts = [tokenize_prompt(tokenizer, [{"role": "user", "content": f"What is {a}+{99 - a}?"}]) for a in range(64)]
     configs = {backend: GenerationConfig(backend=backend, threads_per_worker=2) for backend in ("vllm", "hf")}
-    groups = {backend: GenerationGroup(cfg, str(model_dir)) for backend, cfg in configs.items()}
+    groups = {backend: GenerationGroup(cfg, model_dir) for backend, cfg in configs.items()}
     raw_bundle, raw = start_raw_vllm(configs["vllm"], model_dir)
     runs = {backend: (lambda group=group: throughput(group, prompts)) for backend, group in groups.items()}
     runs["raw"] = lambda: ray.get(raw.tokens_per_second.remote(prompts, SAMPLING.n, SAMPLING.max_tokens))

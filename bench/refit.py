@@ -72,7 +72,7 @@ def bench_size(label: str, root: Path) -> dict:
     model_dir = make_tiny_model(root / label.split()[0], TinyModelConfig(**tiny))
     cfg = load_config("grpo_tiny")
     policy = start_policy_group(cfg, model_dir, cfg.grpo.optimizer, 10, pad_id=0)
-    generation = GenerationGroup(cfg.generation, str(model_dir))
+    generation = GenerationGroup(cfg.generation, model_dir)
     seconds: dict[str, list[float]] = {"object_store": [], "collective": []}
     transfer: list[float] = []
     try:

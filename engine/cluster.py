@@ -11,7 +11,7 @@ import logging
 import os
 import re
 import socket
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from engine.config import RayConfig
 from engine.resources import Bundle, Groups, bundle_of
@@ -172,6 +172,7 @@ class VirtualCluster:
     def __init__(self, role: str, num_bundles: int, cpus_per_bundle: float = 1.0, gpus_per_bundle: float = 0.0):
         self.bundle = bundle_of(cpus_per_bundle, gpus_per_bundle)
         check_fits({role: (num_bundles, self.bundle)})
+        self.num_bundles = num_bundles
         self.group: PlacementGroup = placement_group([dict(self.bundle)] * num_bundles, strategy="PACK")
         ray.get(self.group.ready(), timeout=120)
 
@@ -188,6 +189,15 @@ class VirtualCluster:
             env["env_vars"] = {**env.get("env_vars", {}), "CUDA_VISIBLE_DEVICES": ""}
         options["runtime_env"] = env
         return options
+
+    def run_on_bundles(self, fn: Callable[..., Any], *args: Any) -> list[ray.ObjectRef]:
+        """``fn(*args)`` as a task in each bundle, so on the node that bundle's worker will run on (a model fetched
+        into that node's cache). A worker given the task's ref as an argument starts once the task is done."""
+        task = ray.remote(fn)
+        return [
+            task.options(num_cpus=self.bundle["CPU"], num_gpus=0, scheduling_strategy=self.strategy(i)).remote(*args)
+            for i in range(self.num_bundles)
+        ]
 
     def release(self) -> None:
         remove_placement_group(self.group)
@@ -223,13 +233,17 @@ class WorkerGroup:
         world_size: int,
         init_kwargs: dict[str, Any],
         runtime_env: dict[str, Any] | None = None,
+        rank_kwargs: Sequence[dict[str, Any]] | None = None,
     ):
+        """``rank_kwargs[i]``: rank i's own constructor arguments on top of ``init_kwargs`` (object refs are
+        resolved before the rank starts)."""
         remote_cls = ray.remote(worker_cls)
         options = cluster.actor_options(runtime_env)
         self.world_size = world_size
+        own = rank_kwargs or [{}] * world_size
         self.actors = [
             remote_cls.options(scheduling_strategy=cluster.strategy(rank), **options).remote(
-                rank=rank, world_size=world_size, **init_kwargs
+                rank=rank, world_size=world_size, **init_kwargs, **own[rank]
             )
             for rank in range(world_size)
         ]

@@ -23,7 +23,7 @@ from engine.config import GRPOConfig, PipelineConfig
 from engine.data import sources
 from engine.data.datasets import build_splits, resolve_sources, write_jsonl
 from engine.errors import ConfigError, DataError, ModelLoadError
-from engine.models.loading import resolve_model
+from engine.models.loading import ModelSource, resolve_model
 from engine.storage import ArtifactRef, ArtifactStore
 
 if TYPE_CHECKING:
@@ -154,8 +154,10 @@ def prepare_data(rt: Runtime) -> StageResult:
     return StageResult(name="data", ref=ref.model_copy(update={"metrics": metrics}), cached=False)
 
 
-def local_model_dir(rt: Runtime, ref: ArtifactRef) -> Path:
-    return resolve_model(ref.uri, rt.store, rt.cache_dir)
+def model_source(rt: Runtime, name: str, local: Path | None = None) -> ModelSource:
+    """``name`` as the workers of any node load it, resolved here first (``local``, if it already is): a missing
+    model fails before any worker starts, and a hub repo is pinned to the commit the stage was keyed on."""
+    return ModelSource.resolved(name, rt.store, local or resolve_model(name, rt.store, rt.cache_dir))
 
 
 def _run_stage(
@@ -208,7 +210,7 @@ def train_sft(rt: Runtime, model: ArtifactRef, data: ArtifactRef, parent_run_id:
     def body(run: "StageRun", prefix: str) -> ArtifactRef:
         from engine.algorithms.sft import run_sft  # the trainers' imports take seconds; a cache hit skips them
 
-        return run_sft(cfg, rt.store, run, local_model_dir(rt, model), rt.store.download(data.uri), prefix)
+        return run_sft(cfg, rt.store, run, model_source(rt, model.uri), rt.store.download(data.uri), prefix)
 
     inputs = {"model": model.digest, "data": data.digest}
     return _run_stage(rt, "sft", _training_config(cfg, "sft"), inputs, parent_run_id, body, data)
@@ -220,7 +222,7 @@ def train_reward_model(rt: Runtime, start: ArtifactRef, data: ArtifactRef, paren
     def body(run: "StageRun", prefix: str) -> ArtifactRef:
         from engine.algorithms.rm import run_reward_model
 
-        return run_reward_model(cfg, rt.store, run, local_model_dir(rt, start), rt.store.download(data.uri), prefix)
+        return run_reward_model(cfg, rt.store, run, model_source(rt, start.uri), rt.store.download(data.uri), prefix)
 
     inputs = {"start": start.digest, "data": data.digest}
     return _run_stage(rt, "reward_model", _training_config(cfg, "reward_model"), inputs, parent_run_id, body, data)
@@ -244,9 +246,10 @@ def train_grpo(
     def body(run: "StageRun", prefix: str) -> ArtifactRef:
         from engine.algorithms.grpo import run_grpo
 
-        reward_model_dir = local_model_dir(rt, reward_model) if uses_rm else None
-        start_dir, data_dir = local_model_dir(rt, start), rt.store.download(data.uri)
-        return run_grpo(cfg, rt.store, run, start_dir, data_dir, prefix, reward_model_dir, critic_dir)
+        rm_model = model_source(rt, reward_model.uri) if uses_rm else None
+        critic_model = model_source(rt, critic, critic_dir) if critic else None
+        start_model, data_dir = model_source(rt, start.uri), rt.store.download(data.uri)
+        return run_grpo(cfg, rt.store, run, start_model, data_dir, prefix, rm_model, critic_model)
 
     stage_config = _training_config(cfg, "generation", "grpo")
     return _run_stage(rt, "grpo", stage_config, inputs, parent_run_id, body, data)
@@ -267,8 +270,8 @@ def train_distill(rt: Runtime, start: ArtifactRef, data: ArtifactRef, parent_run
     def body(run: "StageRun", prefix: str) -> ArtifactRef:
         from engine.algorithms.distill import run_distill
 
-        start_dir, data_dir = local_model_dir(rt, start), rt.store.download(data.uri)
-        return run_distill(cfg, rt.store, run, start_dir, teacher_dir, data_dir, prefix)
+        start_model, data_dir = model_source(rt, start.uri), rt.store.download(data.uri)
+        return run_distill(cfg, rt.store, run, start_model, model_source(rt, teacher, teacher_dir), data_dir, prefix)
 
     stage_config = {**_training_config(cfg, "generation", "distill"), "scoring": scoring_config(cfg.grpo)}
     return _run_stage(rt, "distill", stage_config, inputs, parent_run_id, body, data)
@@ -298,8 +301,8 @@ def train_dpo(rt: Runtime, start: ArtifactRef, data: ArtifactRef, parent_run_id:
     def body(run: "StageRun", prefix: str) -> ArtifactRef:
         from engine.algorithms.dpo import run_dpo
 
-        start_dir, data_dir = local_model_dir(rt, start), rt.store.download(data.uri)
-        return run_dpo(cfg, rt.store, run, start_dir, data_dir, prefix, start.digest)
+        start_model, data_dir = model_source(rt, start.uri), rt.store.download(data.uri)
+        return run_dpo(cfg, rt.store, run, start_model, data_dir, prefix, start.digest)
 
     inputs = {"start": start.digest, "data": data.digest}
     return _run_stage(rt, "dpo", _training_config(cfg, "dpo"), inputs, parent_run_id, body, data)
@@ -328,8 +331,8 @@ def evaluate(
             out = Path(tmp)
             metrics = run_evaluate(
                 cfg,
-                local_model_dir(rt, start),
-                local_model_dir(rt, final),
+                model_source(rt, start.uri),
+                model_source(rt, final.uri),
                 rt.store.download(data.uri),
                 out,
                 start_name,

@@ -20,7 +20,7 @@ from engine.algorithms.grpo import GRPOLoop, ScoredStep, run_policy_stage
 from engine.algorithms.rollouts import Episode
 from engine.config import AsyncGRPOConfig, GRPOConfig, PipelineConfig
 from engine.data.chat import TokenizedExample
-from engine.models.loading import check_same_tokenizer
+from engine.models.loading import ModelSource, check_same_tokenizer
 from engine.storage import ArtifactRef, ArtifactStore
 from engine.tracking import StageRun
 
@@ -78,12 +78,12 @@ def run_distill(
     cfg: PipelineConfig,
     store: ArtifactStore,
     run: StageRun,
-    student_dir: Path,
-    teacher_dir: Path,
+    student: ModelSource | Path,
+    teacher: ModelSource | Path,
     dataset_dir: Path,
     stage_prefix: str,
 ) -> ArtifactRef:
-    check_same_tokenizer(student_dir, teacher_dir, f"distill.teacher {cfg.distill.teacher or teacher_dir}")
+    check_same_tokenizer(student, teacher, f"distill.teacher {cfg.distill.teacher or teacher}")
     return run_policy_stage(
-        cfg, loop_settings(cfg), DistillLoop, store, run, student_dir, dataset_dir, stage_prefix, None, teacher_dir
+        cfg, loop_settings(cfg), DistillLoop, store, run, student, dataset_dir, stage_prefix, None, teacher
     )

@@ -22,6 +22,7 @@ from engine.data.batching import MicroBatch
 from engine.data.chat import TokenizedExample
 from engine.data.datasets import read_jsonl
 from engine.data.preferences import pair_examples
+from engine.models.loading import ModelSource, local_folder
 from engine.policy.group import BaseModelView, PolicyGroup, start_policy_group
 from engine.storage import ArtifactRef, ArtifactStore
 from engine.tracking import StageRun
@@ -110,7 +111,7 @@ def run_dpo(
     cfg: PipelineConfig,
     store: ArtifactStore,
     run: StageRun,
-    sft_model_dir: Path,
+    sft_model: ModelSource | Path,
     dataset_dir: Path,
     stage_prefix: str,
     model_digest: str,
@@ -118,11 +119,11 @@ def run_dpo(
     from transformers import AutoTokenizer
 
     d = cfg.dpo
-    tokenizer = AutoTokenizer.from_pretrained(sft_model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(local_folder(sft_model))
     train = pair_examples(tokenizer, read_jsonl(dataset_dir / "train.jsonl"), d.max_seq_len, "train")
     val_rows = read_jsonl(dataset_dir / "val.jsonl")[: d.val_size]
     val = pair_examples(tokenizer, val_rows, d.max_seq_len, "validation")
-    policy = start_policy_group(cfg, sft_model_dir, d.optimizer, d.max_steps, tokenizer.pad_token_id, lora=d.lora)
+    policy = start_policy_group(cfg, sft_model, d.optimizer, d.max_steps, tokenizer.pad_token_id, lora=d.lora)
     numerics = {"precision": cfg.policy.precision, "backend": cfg.policy.backend}
     reference = policy.base_model() if d.lora.enabled else policy  # LoRA: the base under the adapters
     for examples in (train, val):
@@ -143,4 +144,4 @@ def run_dpo(
         group_size=2,
         lora=d.lora,
     )
-    return run_loop(cfg, store, run, sft_model_dir, spec, stage_prefix, tokenizer.pad_token_id, policy=policy)
+    return run_loop(cfg, store, run, sft_model, spec, stage_prefix, tokenizer.pad_token_id, policy=policy)

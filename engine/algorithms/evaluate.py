@@ -26,6 +26,7 @@ from engine.environments.reward_functions import RewardFunctions
 from engine.environments.router import EnvironmentRouter
 from engine.generation.group import GenerationGroup
 from engine.generation.interfaces import SamplingParams
+from engine.models.loading import ModelSource, local_folder
 from engine.weight_sync import load_saved_weights
 
 
@@ -75,23 +76,23 @@ def pass_at_k(
     return sum(any(e.reward > 0.5 for e in group) for group in scorable) / max(1, len(scorable))
 
 
-def generation_metrics(cfg: PipelineConfig, model_dirs: list[Path], rows: list[dict[str, Any]]) -> list[dict]:
+def generation_metrics(cfg: PipelineConfig, models: list[ModelSource | Path], rows: list[dict[str, Any]]) -> list[dict]:
     """Per model: greedy accuracy and mean reward over the scorable rows, pass@k, and the unscored count. One
     generation engine serves every model: it starts on the first and each later one's weights are swapped in (an
     engine start costs more than the evaluation itself on small models); the models share one tokenizer."""
     from transformers import AutoTokenizer
 
     g, e = cfg.grpo, cfg.evaluate
-    tokenizer = AutoTokenizer.from_pretrained(model_dirs[0])
+    tokenizer = AutoTokenizer.from_pretrained(local_folder(models[0]))
     functions = RewardFunctions(g.reward_functions, g.reward_timeout_s) if g.reward_functions else None
     router = EnvironmentRouter(g.environment_classes(), g.environment_timeout_s)
-    generation = GenerationGroup(cfg.generation, str(model_dirs[0]), seed=cfg.seed)
+    generation = GenerationGroup(cfg.generation, models[0], seed=cfg.seed)
     rewards = EpisodeRewards(g.verifier_weight, functions, max_failed_groups=g.max_failed_groups)
     try:
         results = []
-        for version, model_dir in enumerate(model_dirs):
-            if version:
-                load_saved_weights(generation, model_dir, version)
+        for version, model in enumerate(models):
+            if version:  # read here and pushed as a refit is
+                load_saved_weights(generation, local_folder(model), version)
             turns = g.max_rollout_turns
             metrics = greedy_scores(
                 generation, router, rewards, tokenizer, rows, e.max_new_tokens, turns, g.environment
@@ -110,17 +111,19 @@ def generation_metrics(cfg: PipelineConfig, model_dirs: list[Path], rows: list[d
             functions.shutdown()
 
 
-def preference_accuracy(cfg: PipelineConfig, start_dir: Path, final_dir: Path, rows: list[dict[str, Any]]) -> float:
+def preference_accuracy(
+    cfg: PipelineConfig, start: ModelSource | Path, final: ModelSource | Path, rows: list[dict[str, Any]]
+) -> float:
     """The share of pairs whose implicit reward margin (final vs start logprobs, chosen vs rejected) is positive."""
     from transformers import AutoTokenizer
 
     from engine.policy.group import start_policy_group
 
-    tokenizer = AutoTokenizer.from_pretrained(start_dir)
+    tokenizer = AutoTokenizer.from_pretrained(local_folder(start))
     examples = pair_examples(tokenizer, rows, cfg.dpo.max_seq_len, "validation")
     summed = []
-    for model_dir in (start_dir, final_dir):
-        group = start_policy_group(cfg, model_dir, None, 1, tokenizer.pad_token_id)  # frozen: forward passes only
+    for model in (start, final):
+        group = start_policy_group(cfg, model, None, 1, tokenizer.pad_token_id)  # frozen: forward passes only
         try:
             outputs = group.forward(examples)
         finally:
@@ -169,8 +172,8 @@ def plot_results(out_dir: Path, accuracy: dict[str, float], history: list[dict[s
 
 def run_evaluate(
     cfg: PipelineConfig,
-    start_dir: Path,
-    final_dir: Path,
+    start: ModelSource | Path,
+    final: ModelSource | Path,
     dataset_dir: Path,
     out_dir: Path,
     start_name: str = "sft",
@@ -180,18 +183,18 @@ def run_evaluate(
     metrics: dict[str, float] = {"eval_rows": float(len(rows))}
     scorable = [row for row in rows if "prompt" in row and ("answer" in row or cfg.grpo.reward_functions)]
     if scorable:  # no generation where nothing could score it (a preference dataset without answers)
-        start, final = generation_metrics(cfg, [start_dir, final_dir], scorable)
-        for name, values in ((start_name, start), ("final", final)):
+        start_metrics, final_metrics = generation_metrics(cfg, [start, final], scorable)
+        for name, values in ((start_name, start_metrics), ("final", final_metrics)):
             metrics.update({f"{key}_{name}": value for key, value in values.items() if key != "unscored_rows"})
-        metrics["unscored_rows"] = final["unscored_rows"] + float(len(rows) - len(scorable))
-        accuracy = {start_name: start["accuracy"], "final": final["accuracy"]}
+        metrics["unscored_rows"] = final_metrics["unscored_rows"] + float(len(rows) - len(scorable))
+        accuracy = {start_name: start_metrics["accuracy"], "final": final_metrics["accuracy"]}
     else:
         metrics["unscored_rows"] = float(len(rows))
         accuracy = {}
     pairs = [row for row in rows if "chosen" in row and "rejected" in row]
     if preference and pairs:
-        metrics["preference_accuracy"] = preference_accuracy(cfg, start_dir, final_dir, pairs)
-    history_file = final_dir / "history.jsonl"
+        metrics["preference_accuracy"] = preference_accuracy(cfg, start, final, pairs)
+    history_file = local_folder(final) / "history.jsonl"
     history = [json.loads(line) for line in history_file.read_text().splitlines()] if history_file.exists() else []
     if accuracy:
         plot_results(out_dir, accuracy, history)

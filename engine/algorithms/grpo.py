@@ -62,7 +62,7 @@ from engine.environments.router import EnvironmentRouter
 from engine.generation.group import GenerationGroup, WorkerLost
 from engine.generation.interfaces import SamplingParams
 from engine.logs import StepProgress
-from engine.models.loading import check_same_tokenizer
+from engine.models.loading import ModelSource, check_same_tokenizer, local_folder
 from engine.policy.group import BaseModelView, PolicyGroup, start_policy_group
 from engine.profiling import StepTraces
 from engine.storage import ArtifactRef, ArtifactStore
@@ -422,43 +422,43 @@ def train_loop(
 
 
 def _start_reference(
-    cfg: PipelineConfig, g: GRPOConfig, model_dir: Path, pad_id: int, policy: PolicyGroup
+    cfg: PipelineConfig, g: GRPOConfig, model: ModelSource | Path, pad_id: int, policy: PolicyGroup
 ) -> PolicyGroup | BaseModelView:
     """The KL reference: with LoRA the policy's own base model (adapters disabled), else a frozen copy."""
     if g.lora.enabled:
         return policy.base_model()
-    return start_policy_group(cfg, model_dir, None, g.max_steps, pad_id)
+    return start_policy_group(cfg, model, None, g.max_steps, pad_id)
 
 
 def start_roles(
     cfg: PipelineConfig,
     g: GRPOConfig,
-    init_model_dir: Path,
+    init_model: ModelSource | Path,
     pad_id: int,
-    reward_model_dir: Path | None,
-    teacher_dir: Path | None = None,
-    critic_dir: Path | None = None,
+    rm_model: ModelSource | Path | None,
+    teacher_model: ModelSource | Path | None = None,
+    critic_model: ModelSource | Path | None = None,
 ) -> GRPORoles:
-    """The run's workers under the loop's settings ``g``; ``teacher_dir`` adds a frozen teacher (distillation);
-    PPO's critic starts from ``critic_dir``, else from the policy's model."""
-    if g.reward_model_weight > 0 and reward_model_dir is None:
+    """The run's workers under the loop's settings ``g``; ``teacher_model`` adds a frozen teacher (distillation);
+    PPO's critic starts from ``critic_model``, else from the policy's model."""
+    if g.reward_model_weight > 0 and rm_model is None:
         raise ValueError("grpo.reward_model_weight > 0 needs a trained reward model")
     started: list[Any] = []
     try:  # the user's code is loaded first: a bad name fails before any worker starts
         started.append(RewardFunctions(g.reward_functions, g.reward_timeout_s) if g.reward_functions else None)
         started.append(EnvironmentRouter(g.environment_classes(), g.environment_timeout_s))
         cluster.connect(cfg.ray)  # the whole stage fits, or it fails before a model loads
-        cluster.check_fits(resources.rl_groups(cfg, g, teacher=teacher_dir is not None))
+        cluster.check_fits(resources.rl_groups(cfg, g, teacher=teacher_model is not None))
         adapters = g.lora if cfg.generation.lora_refit == "adapter" and g.lora.enabled else None
-        generation = GenerationGroup(cfg.generation, str(init_model_dir), seed=cfg.seed, adapters=adapters, wait=False)
+        generation = GenerationGroup(cfg.generation, init_model, seed=cfg.seed, adapters=adapters, wait=False)
         started.append(generation)  # its engine loads while the trainers start
         updates = g.max_steps * g.ppo_epochs * g.minibatches  # what the learning-rate schedules count
-        started.append(start_policy_group(cfg, init_model_dir, g.optimizer, updates, pad_id, lora=g.lora))
-        started.append(_start_reference(cfg, g, init_model_dir, pad_id, started[-1]) if g.loss.kl_beta else None)
-        started.append(RewardModelScorer.start(cfg, reward_model_dir) if g.reward_model_weight > 0 else None)
-        started.append(start_policy_group(cfg, teacher_dir, None, g.max_steps, pad_id) if teacher_dir else None)
+        started.append(start_policy_group(cfg, init_model, g.optimizer, updates, pad_id, lora=g.lora))
+        started.append(_start_reference(cfg, g, init_model, pad_id, started[-1]) if g.loss.kl_beta else None)
+        started.append(RewardModelScorer.start(cfg, rm_model) if g.reward_model_weight > 0 else None)
+        started.append(start_policy_group(cfg, teacher_model, None, g.max_steps, pad_id) if teacher_model else None)
         critic = g.advantage_estimator == "gae"  # PPO's value model
-        critic_start = critic_dir or init_model_dir
+        critic_start = critic_model or init_model
         started.append(
             start_policy_group(cfg, critic_start, g.critic.optimizer, updates, pad_id, "value") if critic else None
         )
@@ -475,25 +475,25 @@ def run_grpo(
     cfg: PipelineConfig,
     store: ArtifactStore,
     run: StageRun,
-    init_model_dir: Path,
+    init_model: ModelSource | Path,
     dataset_dir: Path,
     stage_prefix: str,
-    reward_model_dir: Path | None = None,
-    critic_dir: Path | None = None,
+    rm_model: ModelSource | Path | None = None,
+    critic_model: ModelSource | Path | None = None,
 ) -> ArtifactRef:
-    if critic_dir is not None:
-        check_same_tokenizer(init_model_dir, critic_dir, f"grpo.critic.model {cfg.grpo.critic.model or critic_dir}")
+    if critic_model is not None:
+        check_same_tokenizer(init_model, critic_model, f"grpo.critic.model {cfg.grpo.critic.model or critic_model}")
     return run_policy_stage(
         cfg,
         cfg.grpo,
         GRPOLoop,
         store,
         run,
-        init_model_dir,
+        init_model,
         dataset_dir,
         stage_prefix,
-        reward_model_dir,
-        critic_dir=critic_dir,
+        rm_model,
+        critic_model=critic_model,
     )
 
 
@@ -503,21 +503,22 @@ def run_policy_stage(
     loop_class: type[GRPOLoop],
     store: ArtifactStore,
     run: StageRun,
-    init_model_dir: Path,
+    init_model: ModelSource | Path,
     dataset_dir: Path,
     stage_prefix: str,
-    reward_model_dir: Path | None = None,
-    teacher_dir: Path | None = None,
-    critic_dir: Path | None = None,
+    rm_model: ModelSource | Path | None = None,
+    teacher_model: ModelSource | Path | None = None,
+    critic_model: ModelSource | Path | None = None,
 ) -> ArtifactRef:
     """Start the roles, run ``loop_class``'s steps under the settings ``g`` and commit the final model (GRPO, and
     distillation's variant of its loop)."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(init_model_dir)
+    init_dir = local_folder(init_model)  # the controller's copy: its tokenizer, and the export's
+    tokenizer = AutoTokenizer.from_pretrained(init_dir)
     train_rows = read_jsonl(dataset_dir / "train.jsonl")
     val_rows = read_jsonl(dataset_dir / "val.jsonl")[: g.val_size]
-    roles = start_roles(cfg, g, init_model_dir, tokenizer.pad_token_id, reward_model_dir, teacher_dir, critic_dir)
+    roles = start_roles(cfg, g, init_model, tokenizer.pad_token_id, rm_model, teacher_model, critic_model)
     loop = None
     try:
         loop = loop_class(g, cfg.seed, tokenizer, train_rows, val_rows, roles)
@@ -525,7 +526,7 @@ def run_policy_stage(
         return checkpointing.export_model(
             store,
             roles.policy,
-            init_model_dir,
+            init_dir,
             f"{stage_prefix}/model",
             cfg,
             summarize(state.history, state.val_history),

@@ -15,6 +15,7 @@ from engine.algorithms.rollouts import Episode
 from engine.config import PipelineConfig
 from engine.data.chat import Prompt, tokenize_example
 from engine.environments.reward_functions import RewardFunctions
+from engine.models.loading import ModelSource, local_folder
 from engine.policy.group import PolicyGroup, start_policy_group
 from engine.user_code import UserCodeError
 
@@ -24,14 +25,15 @@ class RewardModelScorer:
         self.group, self.tokenizer, self.max_len, self.likelihood = group, tokenizer, max_len, likelihood
 
     @classmethod
-    def start(cls, cfg: PipelineConfig, model_dir: Path) -> "RewardModelScorer":
+    def start(cls, cfg: PipelineConfig, model: ModelSource | Path) -> "RewardModelScorer":
         from transformers import AutoConfig, AutoTokenizer
 
-        architectures = AutoConfig.from_pretrained(model_dir).architectures or []
+        folder = local_folder(model)
+        architectures = AutoConfig.from_pretrained(folder).architectures or []
         likelihood = any(name.endswith("ForCausalLM") for name in architectures)
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
         kind = "causal_lm" if likelihood else "reward"
-        group = start_policy_group(cfg, model_dir, None, 1, tokenizer.pad_token_id, kind)
+        group = start_policy_group(cfg, model, None, 1, tokenizer.pad_token_id, kind)
         return cls(group, tokenizer, cfg.reward_model.max_seq_len, likelihood)
 
     def scores(self, prompts: list[Prompt], completions: list[Prompt]) -> list[float]:

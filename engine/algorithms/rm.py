@@ -19,6 +19,7 @@ from engine.data.batching import MicroBatch
 from engine.data.datasets import read_jsonl
 from engine.data.preferences import pair_examples
 from engine.errors import ConfigError
+from engine.models.loading import ModelSource, local_folder
 from engine.storage import ArtifactRef, ArtifactStore
 from engine.tracking import StageRun
 
@@ -52,7 +53,12 @@ def _summary(val_history: list[dict[str, float]], last_loss: float) -> dict[str,
 
 
 def run_reward_model(
-    cfg: PipelineConfig, store: ArtifactStore, run: StageRun, sft_model_dir: Path, dataset_dir: Path, stage_prefix: str
+    cfg: PipelineConfig,
+    store: ArtifactStore,
+    run: StageRun,
+    sft_model: ModelSource | Path,
+    dataset_dir: Path,
+    stage_prefix: str,
 ) -> ArtifactRef:
     from transformers import AutoTokenizer
 
@@ -62,7 +68,7 @@ def run_reward_model(
             "reward_model.head=scalar needs policy.backend=fsdp2 (the Megatron backend trains causal LMs): "
             "set reward_model.head=likelihood"
         )
-    tokenizer = AutoTokenizer.from_pretrained(sft_model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(local_folder(sft_model))
     train = pair_examples(tokenizer, read_jsonl(dataset_dir / "train.jsonl"), rm.max_seq_len, "train")
     val_rows = read_jsonl(dataset_dir / "val.jsonl")[: rm.val_size]
     val = pair_examples(tokenizer, val_rows, rm.max_seq_len, "validation")
@@ -82,4 +88,4 @@ def run_reward_model(
         model_kind="reward" if rm.head == "scalar" else "causal_lm",
         lora=rm.lora,
     )
-    return run_loop(cfg, store, run, sft_model_dir, spec, stage_prefix, tokenizer.pad_token_id)
+    return run_loop(cfg, store, run, sft_model, spec, stage_prefix, tokenizer.pad_token_id)

@@ -18,6 +18,7 @@ from engine.config import PipelineConfig
 from engine.data.batching import MicroBatch
 from engine.data.chat import supervised_example
 from engine.data.datasets import read_jsonl
+from engine.models.loading import ModelSource, local_folder
 from engine.storage import ArtifactRef, ArtifactStore
 from engine.tracking import StageRun
 
@@ -34,12 +35,17 @@ def _summary(val_history: list[dict[str, float]], last_loss: float) -> dict[str,
 
 
 def run_sft(
-    cfg: PipelineConfig, store: ArtifactStore, run: StageRun, base_model_dir: Path, dataset_dir: Path, stage_prefix: str
+    cfg: PipelineConfig,
+    store: ArtifactStore,
+    run: StageRun,
+    base_model: ModelSource | Path,
+    dataset_dir: Path,
+    stage_prefix: str,
 ) -> ArtifactRef:
     from transformers import AutoTokenizer
 
     sft = cfg.sft
-    tokenizer = AutoTokenizer.from_pretrained(base_model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(local_folder(base_model))
 
     def examples(split: str) -> list:
         rows = read_jsonl(dataset_dir / f"{split}.jsonl")
@@ -59,4 +65,4 @@ def run_sft(
         checkpoint_every=sft.checkpoint_every,
         lora=sft.lora,
     )
-    return run_loop(cfg, store, run, base_model_dir, spec, stage_prefix, tokenizer.pad_token_id)
+    return run_loop(cfg, store, run, base_model, spec, stage_prefix, tokenizer.pad_token_id)

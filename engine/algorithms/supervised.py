@@ -23,6 +23,7 @@ from engine import checkpointing
 from engine.config import LoraConfig, OptimizerConfig, PipelineConfig
 from engine.data.chat import TokenizedExample
 from engine.logs import StepProgress
+from engine.models.loading import ModelSource, local_folder
 from engine.policy.group import PolicyGroup, start_policy_group
 from engine.profiling import StepTraces
 from engine.storage import ArtifactRef, ArtifactStore
@@ -78,7 +79,7 @@ def run_loop(
     cfg: PipelineConfig,
     store: ArtifactStore,
     run: StageRun,
-    model_dir: Path,
+    model: ModelSource | Path,
     spec: LoopSpec,
     stage_prefix: str,
     pad_id: int,
@@ -86,9 +87,9 @@ def run_loop(
 ) -> ArtifactRef:
     """Train, checkpoint and export; returns the committed model's ref with the stage's metrics."""
     if policy is None:
-        policy = start_policy_group(cfg, model_dir, spec.optimizer, spec.max_steps, pad_id, spec.model_kind, spec.lora)
+        policy = start_policy_group(cfg, model, spec.optimizer, spec.max_steps, pad_id, spec.model_kind, spec.lora)
     try:
-        return _train(cfg, store, run, model_dir, spec, stage_prefix, policy)
+        return _train(cfg, store, run, model, spec, stage_prefix, policy)
     finally:
         policy.shutdown()
 
@@ -97,7 +98,7 @@ def _train(
     cfg: PipelineConfig,
     store: ArtifactStore,
     run: StageRun,
-    model_dir: Path,
+    model: ModelSource | Path,
     spec: LoopSpec,
     stage_prefix: str,
     policy: PolicyGroup,
@@ -136,4 +137,4 @@ def _train(
     run.flush()
 
     metrics = {**spec.summary(state.val_history, last_loss), "steps": float(spec.max_steps)}
-    return checkpointing.export_model(store, policy, model_dir, f"{stage_prefix}/model", cfg, metrics)
+    return checkpointing.export_model(store, policy, local_folder(model), f"{stage_prefix}/model", cfg, metrics)

@@ -6,6 +6,7 @@ through ``update_weights``, or ``update_adapters`` (the refit of ``engine.weight
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -14,6 +15,7 @@ from engine import cluster, worker_envs
 from engine.config import GenerationConfig, LoraConfig
 from engine.errors import InfrastructureError
 from engine.generation.interfaces import Completion, SamplingParams
+from engine.models.loading import ModelSource, folders_for_workers
 
 
 def _worker_class(backend: str) -> type:
@@ -32,20 +34,20 @@ class WorkerLost(InfrastructureError):
 
 
 class GenerationGroup:
-    """``adapters``: the trainer's LoRA adapters, applied by the engine on top of the base it loaded (refits then
-    push the adapters alone, ``generation.lora_refit: adapter``). ``wait=False`` returns as soon as the workers are
-    launched, so that their engines load while the caller starts other workers (a vLLM worker spends about 20 s
-    importing vLLM); ``wait_started`` then blocks until they are up."""
+    """Workers that load ``model`` each from its own node. ``adapters``: the trainer's LoRA adapters, applied by the
+    engine on top of the base it loaded (refits then push the adapters alone, ``generation.lora_refit: adapter``).
+    ``wait=False`` returns as soon as the workers are launched, so that their engines load while the caller starts
+    other workers (a vLLM worker spends about 20 s importing vLLM); ``wait_started`` then blocks until they are up."""
 
     def __init__(
         self,
         cfg: GenerationConfig,
-        model_dir: str,
+        model: ModelSource | Path,
         seed: int = 0,
         adapters: LoraConfig | None = None,
         wait: bool = True,
     ):
-        self.cfg, self.model_dir, self.seed, self.adapters = cfg, model_dir, seed, adapters
+        self.cfg, self.model, self.seed, self.adapters = cfg, model, seed, adapters
         self.virtual = cluster.VirtualCluster("generation", cfg.num_workers, gpus_per_bundle=cfg.gpus_per_worker)
         self._launch()
         if wait:
@@ -63,9 +65,10 @@ class GenerationGroup:
         runtime_env = worker_envs.runtime_env(cfg.worker_env) if cfg.backend == "vllm" else None
         remote_cls = ray.remote(_worker_class(cfg.backend))
         options = self.virtual.actor_options(runtime_env)
+        folders = folders_for_workers(self.virtual, self.model)  # fetched on each worker's node, in the main venv
         self.workers = [
             remote_cls.options(scheduling_strategy=self.virtual.strategy(i), **options).remote(
-                model_path=self.model_dir,
+                model_path=folders[i],
                 dtype=cfg.dtype,
                 threads=cfg.threads_per_worker,
                 max_model_len=cfg.max_model_len,

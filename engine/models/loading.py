@@ -1,7 +1,8 @@
 """Where a model comes from: a local folder, the artifact store, any fsspec URI, or the Hugging Face hub.
 
 Every form resolves to a local Hugging Face folder (downloaded once into a cache), so trainers and
-generators only ever load from disk and real models work unchanged where a hub is reachable.
+generators only ever load from disk and real models work unchanged where a hub is reachable. A worker on another
+node resolves the same ``ModelSource`` on its own node, into that node's cache: no controller path crosses over.
 """
 
 from __future__ import annotations
@@ -10,16 +11,19 @@ import hashlib
 import json
 import shutil
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import fsspec
 
 from engine.errors import ModelLoadError
-from engine.storage import ArtifactStore
+from engine.storage import ArtifactStore, StoreHandle
 
 if TYPE_CHECKING:
     import torch
+
+    from engine.cluster import VirtualCluster
 
 REQUIRED_FILES = ("config.json",)
 
@@ -59,21 +63,21 @@ def _download_uri(uri: str, cache_dir: Path, storage_options: dict[str, Any]) ->
     return target
 
 
-def _download_hub(name: str, cache_dir: Path) -> Path:
+def _download_hub(name: str, cache_dir: Path, revision: str | None = None) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(repo_id=name, cache_dir=str(cache_dir / "hub")))
+        return Path(snapshot_download(repo_id=name, revision=revision, cache_dir=str(cache_dir / "hub")))
     except Exception as exc:  # noqa: BLE001
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ModelLoadError(f"cannot load model {name!r} from the Hugging Face hub: {reason}") from None
 
 
-def resolve_model(name: str, store: ArtifactStore, cache_dir: Path) -> Path:
+def resolve_model(name: str, store: ArtifactStore, cache_dir: Path, revision: str | None = None) -> Path:
     """A local folder holding the model named by ``name``.
 
     Order: a committed artifact of the store (by URI); an existing local path; any other URI through
-    fsspec (with the store's settings where the scheme is the store's); otherwise a hub repo id.
+    fsspec (with the store's settings where the scheme is the store's); otherwise a hub repo id (at ``revision``).
     """
     if name.startswith(store.root + "/") and store.is_committed(name):
         return _check_folder(store.download(name), name)
@@ -84,15 +88,56 @@ def resolve_model(name: str, store: ArtifactStore, cache_dir: Path) -> Path:
         return _download_uri(name, cache_dir / "models", store.options_for(name))
     if name.startswith(("/", ".", "~")):
         raise ModelLoadError(f"model folder not found: {name}")
-    return _download_hub(name, cache_dir)
+    return _download_hub(name, cache_dir, revision)
 
 
-def check_same_tokenizer(policy_dir: Path, other_dir: Path, label: str) -> None:
+@dataclass(frozen=True)
+class ModelSource:
+    """A model as any node finds it, for the workers that load it there: ``name`` as ``resolve_model`` takes it,
+    opened through the controller's store (its artifacts land in the node's cache, once per digest). A hub repo is
+    pinned to the commit the controller resolved, so every node loads the snapshot the stage was keyed on."""
+
+    name: str
+    store: StoreHandle
+    revision: str | None = None
+
+    @classmethod
+    def resolved(cls, name: str, store: ArtifactStore, folder: Path) -> "ModelSource":
+        """The source of ``name``, which the controller resolved to ``folder``."""
+        from_hub = "://" not in name and not Path(name).expanduser().is_dir()  # resolve_model's last case
+        return cls(name, store.handle(), folder.name if from_hub else None)  # a snapshot is named by its commit
+
+    def local(self) -> Path:
+        """The model's folder on this node."""
+        store = self.store.open()
+        return resolve_model(self.name, store, store.cache_dir.parent, self.revision)
+
+
+def local_folder(model: ModelSource | Path) -> Path:
+    """The model's folder here (a ``Path`` is a folder every node has at that path: one machine, a shared mount)."""
+    return model if isinstance(model, Path) else model.local()
+
+
+def node_folder(model: ModelSource | Path) -> str:
+    """``local_folder`` as a worker's node sees it (run there by ``VirtualCluster.run_on_bundles``)."""
+    return str(local_folder(model))
+
+
+def folders_for_workers(virtual: "VirtualCluster", model: ModelSource | Path) -> list[Any]:
+    """For each bundle of ``virtual``, the model's folder on that bundle's node, as a worker's ``model_path``: a
+    ``Path`` as it is, a ``ModelSource`` fetched on each node by a task that the worker's start waits for."""
+    if isinstance(model, Path):
+        return [str(model)] * virtual.num_bundles
+    return virtual.run_on_bundles(node_folder, model)
+
+
+def check_same_tokenizer(policy_model: ModelSource | Path, other_model: ModelSource | Path, label: str) -> None:
     """One line when the model ``label`` (a distillation teacher, a critic) tokenizes otherwise than the policy: its
     per-token scores would belong to other tokens."""
     from transformers import AutoTokenizer
 
-    policy, other = AutoTokenizer.from_pretrained(policy_dir), AutoTokenizer.from_pretrained(other_dir)
+    policy = AutoTokenizer.from_pretrained(local_folder(policy_model))
+    other = AutoTokenizer.from_pretrained(local_folder(other_model))
     if policy.get_vocab() != other.get_vocab() or policy.eos_token_id != other.eos_token_id:
         raise ModelLoadError(
             f"{label} has another tokenizer than the policy ({len(other)} vs {len(policy)} tokens, or other ids): "

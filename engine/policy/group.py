@@ -17,6 +17,7 @@ from engine import cluster
 from engine.config import LoraConfig, OptimizerConfig, PipelineConfig
 from engine.data.batching import MicroBatch, plan_step
 from engine.data.chat import TokenizedExample
+from engine.models.loading import ModelSource, folders_for_workers, local_folder
 from engine.policy.shards import ShardSource, ShardTarget
 from engine.storage import ManifestEntry
 from engine.weight_sync import WeightBuckets, WeightManifest
@@ -171,22 +172,22 @@ class BaseModelView:
 
 def start_policy_group(
     cfg: PipelineConfig,
-    model_dir: Path,
+    model: ModelSource | Path,
     optimizer: OptimizerConfig | None,
     total_steps: int,
     pad_id: int,
     model_kind: str = "causal_lm",
     lora: LoraConfig | None = None,
 ) -> PolicyGroup:
-    """Trainer workers on ``model_dir``; ``optimizer=None`` starts a frozen group (forward passes only);
-    ``lora`` with a rank adds adapters, which alone train."""
+    """Trainer workers on ``model`` (each rank loads it from its own node); ``optimizer=None`` starts a frozen group
+    (forward passes only); ``lora`` with a rank adds adapters, which alone train."""
     if cfg.policy.backend == "megatron":  # one config error here rather than one per rank from the actors
         from transformers import AutoConfig
 
         from engine.models import megatron_convert
 
         layout = cfg.policy.megatron
-        shape = megatron_convert.shape_of(AutoConfig.from_pretrained(model_dir))
+        shape = megatron_convert.shape_of(AutoConfig.from_pretrained(local_folder(model)))
         megatron_convert.check_parallel_sizes(shape, layout.tensor_parallel, layout.pipeline_parallel)
     cluster.connect(cfg.ray)
     world_size = cfg.policy.world_size
@@ -196,7 +197,6 @@ def start_policy_group(
         virtual,
         world_size,
         init_kwargs={
-            "model_path": str(model_dir),
             "policy": cfg.policy.model_dump(mode="json"),
             "optimizer": optimizer.model_dump(mode="json") if optimizer is not None else None,
             "total_steps": total_steps,
@@ -204,6 +204,7 @@ def start_policy_group(
             "model_kind": model_kind,
             **({"lora": lora.model_dump(mode="json")} if lora is not None and lora.enabled else {}),
         },
+        rank_kwargs=[{"model_path": folder} for folder in folders_for_workers(virtual, model)],
     )
     cluster.log_placement("policy", workers.call("info"))
     layouts = workers.call("parallel_layout")

@@ -37,14 +37,14 @@ def vllm_group(ray_local, tiny_model_dir):
         worker_envs.python_for("vllm")
     except worker_envs.WorkerEnvMissing as missing:
         pytest.fail(str(missing), pytrace=False)  # a missing environment is a broken install, not a skip
-    group = GenerationGroup(GenerationConfig(backend="vllm"), str(tiny_model_dir))
+    group = GenerationGroup(GenerationConfig(backend="vllm"), tiny_model_dir)
     yield group
     group.shutdown()
 
 
 @pytest.fixture(scope="module")
 def hf_group(ray_local, tiny_model_dir):
-    group = GenerationGroup(GenerationConfig(backend="hf"), str(tiny_model_dir))
+    group = GenerationGroup(GenerationConfig(backend="hf"), tiny_model_dir)
     yield group
     group.shutdown()
 
@@ -173,7 +173,7 @@ def test_saved_weights_swapped_in_generate_like_a_fresh_engine(backend, request,
     version = group.call("weight_version")[0]
     load_saved_weights(group, tiny_model_dir, version + 1)  # earlier tests may have refitted the engine
     original = group.generate(prompts, greedy)
-    fresh = GenerationGroup(GenerationConfig(backend=backend), str(other_dir))
+    fresh = GenerationGroup(GenerationConfig(backend=backend), other_dir)
     try:
         expected = fresh.generate(prompts, greedy)
     finally:
@@ -196,8 +196,8 @@ def test_an_exported_bf16_model_loads_in_vllm(vllm_group, tiny_model_dir, prompt
 
     out = export_folder(tiny_model_dir, tmp_path / "exported", "bf16", {}, "grpo")
     greedy = SamplingParams(n=1, temperature=0.0, max_tokens=8, seed=0)
-    exported = GenerationGroup(GenerationConfig(backend="vllm", dtype="bfloat16"), str(out))
-    original = GenerationGroup(GenerationConfig(backend="vllm", dtype="bfloat16"), str(tiny_model_dir))
+    exported = GenerationGroup(GenerationConfig(backend="vllm", dtype="bfloat16"), out)
+    original = GenerationGroup(GenerationConfig(backend="vllm", dtype="bfloat16"), tiny_model_dir)
     try:
         got, want = exported.generate(prompts, greedy), original.generate(prompts, greedy)
     finally:
@@ -219,7 +219,7 @@ def test_lora_adapter_refit_keeps_vllm_on_the_trainers_logprobs(ray_local, tiny_
     lora = LoraConfig(rank=8, alpha=16.0)
     cfg = load_config(None, {"policy.world_size": 1, "sft.optimizer.warmup_steps": 0, "sft.optimizer.lr": 1e-2})
     policy = start_policy_group(cfg, tiny_model_dir, cfg.sft.optimizer, 10, tokenizer.pad_token_id, lora=lora)
-    group = GenerationGroup(GenerationConfig(backend="vllm"), str(tiny_model_dir), adapters=lora)
+    group = GenerationGroup(GenerationConfig(backend="vllm"), tiny_model_dir, adapters=lora)
     try:
         trainer_lp, generator_lp = trainer_vs_generator(policy, prompts, group.generate(prompts, SAMPLING))
         assert (trainer_lp - generator_lp).abs().max() < 1e-3  # adapters start at zero: the base model

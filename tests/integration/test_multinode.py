@@ -2,8 +2,8 @@
 and three one-CPU worker nodes on 127.0.0.1, each with a scratch root of its own (``POSTTRAIN_SCRATCH``).
 
 Each rank uploads its checkpoint shards from its own node and the controller commits them; a group placed on other
-nodes reads the checkpoint from the store into its own nodes' scratch roots and continues the uninterrupted curve.
-Nothing passes through another node's disk, the controller's included.
+nodes fetches its starting model and the checkpoint from the store into its own nodes' scratch roots and continues
+the uninterrupted curve. Nothing passes through another node's disk, the controller's included.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import torch
 from engine import checkpointing, cluster
 from engine.algorithms.sft import sft_loss
 from engine.config import RayConfig, load_config
+from engine.models.loading import ModelSource
 from engine.policy.shards import ShardSource
 from engine.storage import ArtifactStore
 from tests.conftest import connect_embedded_ray
@@ -96,8 +97,10 @@ def test_ranks_on_two_nodes_commit_their_own_shards_and_a_group_on_other_nodes_r
     assert "trainer_state.json" in committed
     assert all(files_under(three_nodes[node]) == [] for node in ("a", "b"))  # staged, uploaded, removed
 
+    base = store.commit_dir(tiny_model_dir, "models/tiny")  # the starting model, as the pipeline's model stage has it
+    source = ModelSource(base.uri, store.handle())
     occupant = occupy("a")
-    resumed = make_policy(tiny_model_dir, pad, world_size=2, token_budget=100_000)
+    resumed = make_policy(source, pad, world_size=2, token_budget=100_000)
     try:
         resumed_nodes = [info["node"] for info in resumed.info()]
         resumed.load_checkpoint(ShardSource(store.handle(), uri))
@@ -108,9 +111,10 @@ def test_ranks_on_two_nodes_commit_their_own_shards_and_a_group_on_other_nodes_r
     assert set(resumed_nodes) != set(first_nodes) and len(set(resumed_nodes)) == 2
     assert_same_curve(first + rest, first + uninterrupted)
     digest = store.manifest(uri).digest()
-    for node in ("b", "c"):  # each node of the resumed group fetched the checkpoint into its own scratch root
+    for node in ("b", "c"):  # each node of the resumed group fetched the model and checkpoint into its scratch root
         fetched = files_under(three_nodes[node])
         assert f"artifacts/{digest}/dcp/__1_0.distcp" in fetched and all(f.startswith("artifacts/") for f in fetched)
+        assert f"artifacts/{base.digest}/model.safetensors" in fetched
     assert files_under(three_nodes["a"]) == []
     assert not (tmp_path / "controller_cache").exists()  # the controller downloaded nothing
 

@@ -27,7 +27,7 @@ def test_the_chosen_steps_are_traced_in_every_worker_and_attached(ray_local, tin
     tracker = Tracker(TrackingConfig(uri=f"sqlite:///{tmp_path / 'mlflow.db'}"), tmp_path / "artifacts")
     run = tracker.start_stage(None, "grpo", {})
     policy = make_policy(tiny_model_dir, pad, world_size=2, token_budget=100_000)
-    generation = GenerationGroup(GenerationConfig(backend="hf"), str(tiny_model_dir))
+    generation = GenerationGroup(GenerationConfig(backend="hf"), tiny_model_dir)
     try:
         traces = StepTraces(ProfileConfig(steps=[2, 3], ranks=[0, 1, 5]), run, "grpo", policy, generation)
         for step in range(1, 5):

@@ -43,7 +43,7 @@ def grpo_run(
     policy = start_policy_group(cfg, tiny_model_dir, cfg.grpo.optimizer, STEPS, tokenizer.pad_token_id)
     roles = GRPORoles(
         policy,
-        GenerationGroup(cfg.generation, str(tiny_model_dir), seed=0),
+        GenerationGroup(cfg.generation, tiny_model_dir, seed=0),
         EnvironmentRouter({"math": "engine.environments.math_verifier:MathVerifierEnv"}),
     )
     loop = GRPOLoop(cfg.grpo, 0, tokenizer, normalized_rows(train, None), normalized_rows(val, None), roles)
