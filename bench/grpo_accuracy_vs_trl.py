@@ -36,13 +36,14 @@ def grpo_settings(cfg: PipelineConfig) -> dict:
 
 def held_out_accuracy(cfg: PipelineConfig, dataset_dir: Path, model_dirs: dict[str, Path]) -> dict[str, float]:
     from engine import cluster
-    from engine.algorithms.evaluate import held_out_accuracies
+    from engine.algorithms.evaluate import generation_metrics
     from engine.data.datasets import read_jsonl
 
     rows = read_jsonl(dataset_dir / "val.jsonl")[: cfg.evaluate.size]
     cluster.connect(cfg.ray)
     try:
-        return dict(zip(model_dirs, held_out_accuracies(cfg, list(model_dirs.values()), rows)))
+        metrics = generation_metrics(cfg, list(model_dirs.values()), rows)
+        return {name: values["accuracy"] for name, values in zip(model_dirs, metrics)}
     finally:
         cluster.shutdown()
 

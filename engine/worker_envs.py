@@ -108,6 +108,18 @@ def runtime_env(kind: str, extra_env: dict[str, str] | None = None) -> dict:
     return {"py_executable": str(python_for(kind)), "env_vars": env_vars}
 
 
+def node_runtime_env(kind: str) -> dict:
+    """``runtime_env`` as the node that runs this has it (a task on the worker's bundle): that node's build of the
+    venv (its own, or a shared ``POSTTRAIN_ENVS_DIR``) and its own checkout's engine; a node without the venv says so
+    in one line that names it."""
+    import ray
+
+    try:
+        return runtime_env(kind)
+    except WorkerEnvMissing as missing:
+        raise WorkerEnvMissing(f"node {ray.get_runtime_context().get_node_id()[:12]}: {missing}") from None
+
+
 # pip settings a uv build must be handed (uv reads no pip configuration), as the uv flag of each
 _PIP_SETTINGS_FOR_UV = {
     "index-url": "--index-url",

@@ -202,6 +202,36 @@ def connect_embedded_ray() -> None:
     cluster.connect(RayConfig(num_cpus=6))
 
 
+@contextlib.contextmanager
+def multinode_cluster(
+    scratch: dict[str, Path], node_env: dict[str, dict[str, str]] | None = None
+) -> Iterator[SimpleNamespace]:
+    """Ray's own multi-node test cluster on 127.0.0.1: a head with no CPUs (the controller's) and, per entry of
+    ``scratch``, a one-CPU worker node with that scratch root (``POSTTRAIN_SCRATCH``), a resource ``node_<name>`` and
+    the environment ``node_env[name]``. Yields its ``address``, ``cluster`` and worker ``nodes`` by name; everything is
+    stopped on the way out."""
+    from ray.cluster_utils import Cluster
+
+    from engine import cluster
+
+    for key, value in cluster.LOCAL_RAY_ENV.items():  # loopback only, as the embedded Ray (the CLI inherits them)
+        os.environ.setdefault(key, value)
+    nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "node_ip_address": "127.0.0.1"})
+    try:
+        workers = {
+            name: nodes.add_node(
+                num_cpus=1,
+                resources={f"node_{name}": 1},
+                node_ip_address="127.0.0.1",
+                env_vars={"POSTTRAIN_SCRATCH": str(root), **(node_env or {}).get(name, {})},
+            )
+            for name, root in scratch.items()
+        }
+        yield SimpleNamespace(address=nodes.address, cluster=nodes, nodes=workers)
+    finally:
+        nodes.shutdown()
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """One embedded Ray for every in-process integration test (the CLI tests start their own)."""

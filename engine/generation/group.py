@@ -49,7 +49,11 @@ class GenerationGroup:
     ):
         self.cfg, self.model, self.seed, self.adapters = cfg, model, seed, adapters
         self.virtual = cluster.VirtualCluster("generation", cfg.num_workers, gpus_per_bundle=cfg.gpus_per_worker)
-        self._launch()
+        try:
+            self._launch()
+        except BaseException:  # a node without the vLLM venv, say: its bundle goes back
+            self.virtual.release()
+            raise
         if wait:
             self.wait_started()
 
@@ -62,12 +66,15 @@ class GenerationGroup:
     def _launch(self) -> None:
         """Create the workers; ``self._starting`` holds their ``info`` calls, which answer once each has started."""
         cfg = self.cfg
-        runtime_env = worker_envs.runtime_env(cfg.worker_env) if cfg.backend == "vllm" else None
+        envs = [None] * cfg.num_workers
+        if cfg.backend == "vllm":  # each worker's node finds its own vLLM venv
+            envs = cluster.get(self.virtual.run_on_bundles(worker_envs.node_runtime_env, cfg.worker_env))
         remote_cls = ray.remote(_worker_class(cfg.backend))
-        options = self.virtual.actor_options(runtime_env)
         folders = folders_for_workers(self.virtual, self.model)  # fetched on each worker's node, in the main venv
         self.workers = [
-            remote_cls.options(scheduling_strategy=self.virtual.strategy(i), **options).remote(
+            remote_cls.options(
+                scheduling_strategy=self.virtual.strategy(i), **self.virtual.actor_options(envs[i])
+            ).remote(
                 model_path=folders[i],
                 dtype=cfg.dtype,
                 threads=cfg.threads_per_worker,

@@ -8,19 +8,18 @@ the uninterrupted curve. Nothing passes through another node's disk, the control
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import ray
 import torch
 
-from engine import checkpointing, cluster
+from engine import checkpointing, cluster, worker_envs
 from engine.algorithms.sft import sft_loss
-from engine.config import RayConfig, load_config
+from engine.config import GenerationConfig, RayConfig, load_config
+from engine.generation.group import GenerationGroup
 from engine.models.loading import ModelSource
 from engine.policy.shards import ShardSource
 from engine.storage import ArtifactStore
-from tests.conftest import connect_embedded_ray
+from tests.conftest import connect_embedded_ray, multinode_cluster
 from tests.integration.conftest import BATCH, STEPS
 from tests.integration.test_fsdp2 import assert_same_curve, make_policy, train_curve
 
@@ -31,27 +30,16 @@ NODES = ("a", "b", "c")
 def three_nodes(tmp_path_factory):
     """The cluster's address and each worker node's scratch root; the embedded Ray of the other tests is stopped
     for the module and started again after it."""
-    from ray.cluster_utils import Cluster
-
     was_up = ray.is_initialized()
     cluster.shutdown()
-    for key, value in cluster.LOCAL_RAY_ENV.items():  # loopback only, as the embedded Ray
-        os.environ.setdefault(key, value)
     scratch = {node: tmp_path_factory.mktemp(f"node_{node}") for node in NODES}
-    nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "node_ip_address": "127.0.0.1"})
+    no_envs = {"c": {"POSTTRAIN_ENVS_DIR": str(tmp_path_factory.mktemp("node_c_envs"))}}  # c has no vLLM venv built
     try:
-        for node in NODES:
-            nodes.add_node(
-                num_cpus=1,
-                resources={f"node_{node}": 1},
-                node_ip_address="127.0.0.1",
-                env_vars={"POSTTRAIN_SCRATCH": str(scratch[node])},
-            )
-        cluster.connect(RayConfig(address=nodes.address))
-        yield scratch
+        with multinode_cluster(scratch, no_envs) as nodes:
+            cluster.connect(RayConfig(address=nodes.address))
+            yield scratch
+            cluster.shutdown()
     finally:
-        cluster.shutdown()
-        nodes.shutdown()
         if was_up:
             connect_embedded_ray()
 
@@ -124,3 +112,17 @@ def test_ranks_on_two_nodes_commit_their_own_shards_and_a_group_on_other_nodes_r
     model = AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32)
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     assert (export / "tokenizer.json").is_file() and model.num_parameters() == base.num_parameters()
+
+
+def test_a_node_without_the_vllm_venv_says_so_in_one_line_naming_it(three_nodes, tiny_model_dir):
+    """The generation worker's node, not the controller, finds the vLLM venv: c has none built."""
+    occupants = [occupy("a"), occupy("b")]
+    try:
+        with pytest.raises(worker_envs.WorkerEnvMissing) as missing:
+            GenerationGroup(GenerationConfig(backend="vllm"), tiny_model_dir)
+        (line,) = str(missing.value).splitlines()
+        assert line.startswith("node ") and line.endswith("run: posttrain env build vllm")
+        assert worker_envs.python_for("vllm").is_file()  # the controller has it
+    finally:
+        for occupant in occupants:
+            ray.kill(occupant)
