@@ -25,6 +25,7 @@ from tests.e2e.test_sft_cli import stage_runs, summary_of
 pytestmark = [pytest.mark.slow, pytest.mark.extended]
 
 SHORT = {
+    "policy.world_size": 2,  # the trainer ranks on two nodes, the vLLM worker on a third
     "sft.max_steps": 30,
     "grpo.max_steps": 6,
     "grpo.val_every": 3,

@@ -126,3 +126,39 @@ def test_a_node_without_the_vllm_venv_says_so_in_one_line_naming_it(three_nodes,
     finally:
         for occupant in occupants:
             ray.kill(occupant)
+
+
+@pytest.mark.extended
+def test_megatron_tensor_parallel_split_across_two_nodes_resumes_on_another_pair(
+    three_nodes, tiny_model_dir, examples, tmp_path
+):
+    """TP=2 with its two ranks on two nodes (gloo over loopback) follows the one-rank FSDP2 curve; its checkpoint
+    is committed from both nodes, and a TP=2 group on another pair of nodes continues from it on the same curve."""
+    data, pad = examples
+    store = ArtifactStore(f"file://{tmp_path}/store", tmp_path / "controller_cache")
+    reference = make_policy(tiny_model_dir, pad, world_size=1, token_budget=100_000)
+    try:
+        want = train_curve(reference, data)
+    finally:
+        reference.shutdown()
+    megatron = {"policy.backend": "megatron", "policy.megatron.tensor_parallel": 2}
+    occupant = occupy("c")
+    first = make_policy(tiny_model_dir, pad, world_size=2, token_budget=100_000, **megatron)
+    try:
+        first_nodes = {info["node"] for info in first.info()}
+        curve = train_curve(first, data, steps=2)
+        uri = checkpointing.save_checkpoint(store, first, "stages/sft/megatron", {"step": 2})
+    finally:
+        first.shutdown()
+        ray.kill(occupant)
+    occupant = occupy("a")
+    resumed = make_policy(tiny_model_dir, pad, world_size=2, token_budget=100_000, **megatron)
+    try:
+        resumed_nodes = {info["node"] for info in resumed.info()}
+        resumed.load_checkpoint(ShardSource(store.handle(), uri))
+        rest = [resumed.train(data[s * BATCH : (s + 1) * BATCH], sft_loss) for s in range(2, STEPS)]
+    finally:
+        resumed.shutdown()
+        ray.kill(occupant)
+    assert len(first_nodes) == len(resumed_nodes) == 2 and first_nodes != resumed_nodes
+    assert_same_curve(curve + rest, want)
