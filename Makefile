@@ -47,7 +47,7 @@ test: setup browser azurite
 	$(VENV)/bin/python -m pytest -m "not extended" --durations=25
 
 # everything, the end-to-end tests marked `extended` included (resume after SIGKILL, retries, LoRA, DPO, distillation,
-# tool use, the reward model, the other recipes, gs:// and az:// stores, Ray job submission): about 70 min here
+# tool use, the reward model, the other recipes, gs:// and az:// stores, Ray job submission, many nodes): about 80 min here
 test-all: setup browser azurite
 	$(VENV)/bin/python -m pytest --durations=25
 
