@@ -46,12 +46,10 @@ def run_dpo(spec: dict, model, tokenizer, steps: list[dict]):
     from trl import DPOConfig, DPOTrainer
 
     from bench.trl_common import step_timer, trainer_args
-    from engine.data.preferences import pair_messages
 
-    pairs = []
-    for index, row in enumerate(_rows(spec)[: spec["batch_size"] * spec["max_steps"]]):
-        chosen, rejected = pair_messages(row, index, None)
-        pairs.append({"prompt": chosen[:-1], "chosen": chosen[-1:], "rejected": rejected[-1:]})
+    # posttrain's normalized preference rows hold TRL's own columns: the prompt's messages and each response's
+    rows = _rows(spec)[: spec["batch_size"] * spec["max_steps"]]
+    pairs = [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]} for r in rows]
     config = DPOConfig(
         per_device_train_batch_size=spec["batch_size"],
         max_length=spec["max_seq_len"],
