@@ -72,3 +72,23 @@ def test_a_critic_started_from_a_given_model_keys_the_grpo_stage_by_its_files(tm
     stages.train_grpo(runtime(tmp_path, **ppo), start, data, None, None)
     first, grpo, edited = keyed
     assert "critic" in first and "critic" not in grpo and edited["critic"] != first["critic"]
+
+
+def test_a_hub_model_reaches_the_workers_at_the_commit_the_stage_was_keyed_on(tmp_path, tiny_model_dir):
+    """The controller resolves a hub id to a snapshot; a node that resolves the source later gets that snapshot even
+    where the hub's ``main`` has moved on since."""
+    from engine.models.loading import ModelSource, resolve_model
+
+    store = ArtifactStore(f"file://{tmp_path}/store", tmp_path / "cache" / "artifacts")
+    repo = tmp_path / "cache" / "hub" / "models--org--tiny"
+    keyed, newer = "a" * 40, "b" * 40
+    for commit in (keyed, newer):
+        shutil.copytree(tiny_model_dir, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(keyed)
+    folder = resolve_model("org/tiny", store, tmp_path / "cache")
+    source = ModelSource.resolved("org/tiny", store, folder)
+    (repo / "refs" / "main").write_text(newer)  # the hub moved on
+    assert folder.name == keyed and source.revision == keyed
+    assert source.local() == folder
+    assert resolve_model("org/tiny", store, tmp_path / "cache").name == newer  # what an unpinned fetch would load
