@@ -23,7 +23,7 @@ from engine.config import GRPOConfig, PipelineConfig
 from engine.data import sources
 from engine.data.datasets import build_splits, resolve_sources, write_jsonl
 from engine.errors import ConfigError, DataError, ModelLoadError
-from engine.models.loading import ModelSource, resolve_model
+from engine.models.loading import ModelSource, hub_revision, resolve_model
 from engine.storage import ArtifactRef, ArtifactStore
 
 if TYPE_CHECKING:
@@ -129,9 +129,8 @@ def model_digest(rt: Runtime, local: Path, name: str | None = None) -> str:
     manifest = rt.store.manifest(name) if name.startswith(rt.store.root + "/") else None
     if manifest is not None:
         return manifest.digest()
-    if "://" in name or Path(name).expanduser().is_dir():
-        return folder_digest(local, rt.cache_dir / "digests")
-    return f"hub:{name}@{local.name}"  # a hub snapshot's folder is named by its commit
+    revision = hub_revision(name, local)
+    return folder_digest(local, rt.cache_dir / "digests") if revision is None else f"hub:{name}@{revision}"
 
 
 def prepare_data(rt: Runtime) -> StageResult:

@@ -91,6 +91,12 @@ def resolve_model(name: str, store: ArtifactStore, cache_dir: Path, revision: st
     return _download_hub(name, cache_dir, revision)
 
 
+def hub_revision(name: str, folder: Path) -> str | None:
+    """The commit of the hub snapshot ``folder`` that ``name`` resolved to (a snapshot's folder is named by its
+    commit); None where ``name`` is a URI or a folder, ``resolve_model``'s other cases."""
+    return None if "://" in name or Path(name).expanduser().is_dir() else folder.name
+
+
 @dataclass(frozen=True)
 class ModelSource:
     """A model as any node finds it, for the workers that load it there: ``name`` as ``resolve_model`` takes it,
@@ -104,8 +110,7 @@ class ModelSource:
     @classmethod
     def resolved(cls, name: str, store: ArtifactStore, folder: Path) -> "ModelSource":
         """The source of ``name``, which the controller resolved to ``folder``."""
-        from_hub = "://" not in name and not Path(name).expanduser().is_dir()  # resolve_model's last case
-        return cls(name, store.handle(), folder.name if from_hub else None)  # a snapshot is named by its commit
+        return cls(name, store.handle(), hub_revision(name, folder))
 
     def local(self) -> Path:
         """The model's folder on this node."""
