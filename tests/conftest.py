@@ -232,6 +232,11 @@ def multinode_cluster(
         nodes.shutdown()
 
 
+def files_under(root: Path) -> list[str]:
+    """The files below ``root`` (none if it does not exist), as sorted relative paths: what a node's scratch holds."""
+    return sorted(str(path.relative_to(root)) for path in root.rglob("*") if path.is_file())
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """One embedded Ray for every in-process integration test (the CLI tests start their own)."""

@@ -19,7 +19,7 @@ from types import SimpleNamespace
 import pytest
 
 from engine.storage import ArtifactStore
-from tests.conftest import POSTTRAIN, multinode_cluster, run_cli
+from tests.conftest import POSTTRAIN, files_under, multinode_cluster, run_cli
 from tests.e2e.test_sft_cli import stage_runs, summary_of
 
 pytestmark = [pytest.mark.slow, pytest.mark.extended]
@@ -72,7 +72,7 @@ def assert_same_outcome(summary: dict, reference: dict) -> None:
 
 def fetched(root: Path) -> set[str]:
     """The digests of the artifacts a node's scratch root holds; fails on anything else left there."""
-    files = [str(path.relative_to(root)) for path in root.rglob("*") if path.is_file()] if root.exists() else []
+    files = files_under(root)
     assert all(name.startswith("artifacts/") for name in files), files  # no staged shards left behind
     return {name.split("/")[1].removeprefix(".").removesuffix(".lock") for name in files}
 

@@ -19,7 +19,7 @@ from engine.generation.group import GenerationGroup
 from engine.models.loading import ModelSource
 from engine.policy.shards import ShardSource
 from engine.storage import ArtifactStore
-from tests.conftest import connect_embedded_ray, multinode_cluster
+from tests.conftest import connect_embedded_ray, files_under, multinode_cluster
 from tests.integration.conftest import BATCH, STEPS
 from tests.integration.test_fsdp2 import assert_same_curve, make_policy, train_curve
 
@@ -56,10 +56,6 @@ def occupy(node: str) -> ray.actor.ActorHandle:
     occupant = Occupant.options(resources={f"node_{node}": 1}).remote()
     ray.get(occupant.node.remote())
     return occupant
-
-
-def files_under(root) -> list[str]:
-    return sorted(str(path.relative_to(root)) for path in root.rglob("*") if path.is_file())
 
 
 def test_ranks_on_two_nodes_commit_their_own_shards_and_a_group_on_other_nodes_resumes_from_the_store(
