@@ -13,6 +13,7 @@ import torch
 
 from engine.generation.interfaces import Completion, SamplingParams
 from engine.generation.sampling import sample_seed
+from engine.models.loading import skip_sklearn_in_transformers
 from engine.profiling import Profiled
 from engine.weight_broadcast import RefitReceiver
 from engine.weight_sync import WeightManifest, check_manifest, gather_checked, manifest_of
@@ -20,6 +21,7 @@ from engine.weight_sync import WeightManifest, check_manifest, gather_checked, m
 
 class HFGenerationWorker(Profiled, RefitReceiver):
     def __init__(self, model_path: str, dtype: str = "float32", threads: int = 1, **_: Any):
+        skip_sklearn_in_transformers()
         from transformers import AutoModelForCausalLM, AutoTokenizer
         from transformers.utils import logging as hf_logging
 

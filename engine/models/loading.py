@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import sys
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,17 @@ if TYPE_CHECKING:
     from engine.cluster import VirtualCluster
 
 REQUIRED_FILES = ("config.json",)
+
+
+def skip_sklearn_in_transformers() -> None:
+    """Have this process's transformers treat scikit-learn as absent.
+
+    transformers imports scikit-learn (and scipy and pandas with it: about 3 s of a worker's start on 2 cores) whenever
+    it is installed, for a feature of assisted generation that posttrain never uses; mlflow brings it into the
+    environment. Trainer and generation workers, whose processes run none of the user's code, call this before their
+    first transformers import: a ``None`` entry in ``sys.modules`` makes ``importlib.util.find_spec`` report the
+    package missing."""
+    sys.modules.setdefault("sklearn", None)
 
 
 def _check_folder(path: Path, label: str) -> Path:

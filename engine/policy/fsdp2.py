@@ -26,7 +26,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from engine.config import LoraConfig, OptimizerConfig, PolicyConfig
 from engine.data.batching import MicroBatch, unpack_token_values
 from engine.models import lora
-from engine.models.loading import set_config_dtype
+from engine.models.loading import set_config_dtype, skip_sklearn_in_transformers
 from engine.models.logprobs import token_logprobs_from_logits
 from engine.policy import process_group
 from engine.policy.interfaces import LossFn
@@ -61,6 +61,7 @@ class FSDP2PolicyWorker(Profiled, RefitSender, StoreTransfers):
         self.total_steps = total_steps
         self.seed = seed
         torch.set_num_threads(self.policy.threads_per_worker)
+        skip_sklearn_in_transformers()
 
     # ------------------------------------------------------------------------------ set-up
 
