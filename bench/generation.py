@@ -56,6 +56,7 @@ class RawVLLM:
     def __init__(self, model_path: str, cfg: dict):
         from vllm import LLM
 
+        torch.set_num_threads(cfg["threads_per_worker"])  # as our worker does: the engine keeps the count it finds
         self.llm = LLM(
             model=model_path,
             dtype=cfg["dtype"],
@@ -161,12 +162,12 @@ def main() -> None:
         machine,
         "\n".join(table)
         + f"\n\n64 prompts x 8 samples x up to 32 new tokens, temperature 1.0; {args.rounds} alternating rounds per "
-        "backend, median. Each is one Ray actor with 2 CPUs reserved (the same bundle and venv for both vLLM "
+        "backend, median. Each is one Ray actor with 2 torch threads (the same bundle and venv for both vLLM "
         "actors). Our vLLM worker sends one seeded request per sample (exact resume: a sample's seed depends on "
         "(seed, step, prompt, sample) only) and skips vLLM's detokenization unless stop strings need it, decoding "
         "the texts once; raw vLLM is one request per prompt with n=8, logprobs of the sampled tokens and vLLM's "
-        "own detokenization. Refit: 2 FSDP2 ranks -> 1 vLLM worker through the Ray object store, names/shapes "
-        "checked before vLLM's in-place reload.",
+        "own detokenization. Refit: 2 FSDP2 ranks -> 1 vLLM worker by the default collective (a gloo broadcast of "
+        "the weight buckets), names/shapes checked before vLLM's in-place reload.",
     )
 
 

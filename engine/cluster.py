@@ -204,22 +204,26 @@ class VirtualCluster:
 
 
 def placement() -> dict[str, Any]:
-    """Where the calling actor runs: its node and the GPUs Ray gave it (what ``CUDA_VISIBLE_DEVICES`` holds);
-    empty outside Ray."""
+    """Where the calling actor runs: its node, the GPUs Ray gave it (what ``CUDA_VISIBLE_DEVICES`` holds) and its torch
+    threads; empty outside Ray."""
+    import torch
+
     if not ray.is_initialized():
         return {}
     return {
         "node": ray.get_runtime_context().get_node_id(),
         "gpu_ids": [str(i) for i in ray.get_gpu_ids()],
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        "threads": torch.get_num_threads(),
     }
 
 
 def log_placement(role: str, infos: Sequence[dict[str, Any]]) -> None:
-    """One line per worker of a group that started: which node, which GPUs (the workers' ``placement()``)."""
+    """One line per worker of a group that started: which node, which GPUs, how many threads (``placement()``)."""
     for index, info in enumerate(infos):
         gpus = info.get("cuda_visible_devices") or "none"
-        log.info("%s worker %d on node %s, CUDA_VISIBLE_DEVICES=%s", role, index, str(info.get("node"))[:12], gpus)
+        node, threads = str(info.get("node"))[:12], info.get("threads")
+        log.info("%s worker %d on node %s, threads=%s, CUDA_VISIBLE_DEVICES=%s", role, index, node, threads, gpus)
 
 
 class WorkerGroup:

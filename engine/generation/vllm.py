@@ -83,6 +83,7 @@ class VLLMGenerationWorker(Profiled, RefitReceiver):
         max_model_len: int = 512,
         kv_cache_bytes: int = 1 << 30,
         seed: int = 0,
+        threads: int = 1,
         lora_rank: int = 0,
         lora_alpha: float = 0.0,
         tensor_parallel_size: int = 1,
@@ -90,6 +91,9 @@ class VLLMGenerationWorker(Profiled, RefitReceiver):
     ):
         from vllm import LLM
 
+        # before the engine starts: vLLM's CPU worker keeps the thread count it finds, which in a Ray actor is the
+        # bundle's OMP_NUM_THREADS (1 for a one-CPU bundle), not the config's
+        torch.set_num_threads(threads)
         parallel = {}
         if tensor_parallel_size > 1:  # its shards run as processes inside this actor, on the GPUs of its bundle
             parallel = {"tensor_parallel_size": tensor_parallel_size, "distributed_executor_backend": "mp"}

@@ -100,7 +100,7 @@ def test_sft_stage_runs_as_a_ray_job_on_the_declared_gpus(ray_head, tmp_path):
     logs = out.stdout + out.stderr
     assert f"submitted train_sft as Ray job {stages['train_sft'].submission_id}" in logs
     assert "sft:" in logs  # the job's own progress lines, followed by the task
-    placed = dict(re.findall(r"policy worker (\d) on node \w+, CUDA_VISIBLE_DEVICES=(\S+)", logs))
+    placed = dict(re.findall(r"policy worker (\d) on node \w+, threads=\d+, CUDA_VISIBLE_DEVICES=(\S+)", logs))
     assert sorted(placed.values()) == ["0", "1"], logs[-3000:]  # one declared GPU each, none shared
 
     too_many = run_cli(["run", "sft", *as_job(ray_head, **{**tiny, "policy.gpus_per_worker": 2})], cwd=tmp_path)

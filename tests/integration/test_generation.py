@@ -37,7 +37,7 @@ def vllm_group(ray_local, tiny_model_dir):
         worker_envs.python_for("vllm")
     except worker_envs.WorkerEnvMissing as missing:
         pytest.fail(str(missing), pytrace=False)  # a missing environment is a broken install, not a skip
-    group = GenerationGroup(GenerationConfig(backend="vllm"), tiny_model_dir)
+    group = GenerationGroup(GenerationConfig(backend="vllm", threads_per_worker=2), tiny_model_dir)
     yield group
     group.shutdown()
 
@@ -72,6 +72,7 @@ def test_vllm_runs_in_its_own_environment(vllm_group):
 
     info = vllm_group.call("info")[0]
     assert info["vllm"] == "0.32.0" and "/envs/vllm-" in info["python"]
+    assert info["threads"] == 2  # the config's, not the one thread Ray's OMP_NUM_THREADS gives the bundle
     assert prefect.__version__.startswith("3.9")  # the driver keeps the newest Prefect
     with pytest.raises(ImportError):
         import vllm  # noqa: F401
